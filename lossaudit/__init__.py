@@ -1,0 +1,43 @@
+"""lossaudit: does a training stack compute the same loss and gradient under gradient
+accumulation, padding and data parallelism as on the full batch?
+
+    >>> import lossaudit
+    >>> report = lossaudit.check("llama", microbatches=[4])
+    >>> report.cases            # a pandas DataFrame, one row per case
+    >>> report.assert_clean()   # raises DivergenceError (an AssertionError) on a finding
+"""
+
+from __future__ import annotations
+
+from .errors import DivergenceError, EnvironmentProblem, LossauditError, UsageError
+from .reductions import StepTokens, register_reduction
+
+__version__ = "0.1.0"
+
+
+def check(model: str, **options):
+    """Audit ``model`` and return a :class:`lossaudit.report.Report`.
+
+    Options are the fields of :class:`lossaudit.config.CheckConfig`; ``path`` is accepted
+    for ``paths`` and sequences may be lists.
+    """
+    from .config import CheckConfig
+    from .harness import audit
+
+    if "path" in options:
+        options["paths"] = options.pop("path")
+    for key in ("paths", "microbatches", "reductions", "paddings", "groupings"):
+        if isinstance(options.get(key), (list, str)):
+            value = options[key]
+            options[key] = tuple([value] if isinstance(value, str) else value)
+    for key in ("trainer_args", "config_args"):
+        if isinstance(options.get(key), dict):
+            options[key] = tuple((k, str(v)) for k, v in options[key].items())
+    progress = options.pop("progress", None)
+    return audit(CheckConfig(model=model, **options), progress)
+
+
+__all__ = [
+    "check", "register_reduction", "StepTokens",
+    "LossauditError", "UsageError", "DivergenceError", "EnvironmentProblem",
+]

@@ -1,0 +1,125 @@
+"""The settings of one audit: a frozen dataclass, validated up front, every problem at once.
+
+Precedence: CLI flags (or keyword arguments of ``lossaudit.check``) over these defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from .batch import BatchSpec
+from .errors import UsageError
+from .layouts import GROUPINGS, PADDINGS
+from .reductions import DEFAULT_REDUCTIONS
+from .tokens import TASKS
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DEFAULT_MICROBATCHES = (1, 2, 4, 8)
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    model: str = _help("model_type, save_pretrained directory, or cached hub id", "")
+    task: str | None = _help("causal-lm, seq2seq, token-classification, sequence-classification")
+    paths: tuple[str, ...] | None = _help("paths to audit (default: every path that applies)")
+    microbatches: tuple[int, ...] | None = _help("values of k (default 1,2,4,8 capped by the batch size)")
+    reductions: tuple[str, ...] = _help("reductions for the reduction path", DEFAULT_REDUCTIONS)
+    paddings: tuple[str, ...] = _help("padding sides", PADDINGS)
+    groupings: tuple[str, ...] = _help("how sequences are grouped into microbatches", GROUPINGS)
+    world_size: int = _help("data-parallel ranks", 1)
+    batch_size: int = _help("sequences per optimizer step", 8)
+    max_length: int = _help("longest sequence, in tokens", 32)
+    min_length: int = _help("shortest sequence, in tokens", 4)
+    prompt_masking: bool = _help("mask a prompt prefix on every other sequence", True)
+    empty_sequences: int = _help("sequences with no target token at all", 0)
+    seed: int = _help("seed for the model weights and the batch", 0)
+    device: str = _help("torch device", "cpu")
+    dtype: str = _help("model dtype", "float32")
+    trainer_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for TrainingArguments", ())
+    config_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for the model config", ())
+    allow_pickle: bool = _help("allow pickle checkpoints (loaded with weights_only=True)", False)
+    trust_remote_code: bool = _help("run code shipped with a model directory", False)
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise UsageError(*problems)
+
+    def problems(self) -> list[str]:
+        p = []
+        if not self.model:
+            p.append("no MODEL given")
+        if self.task is not None and self.task not in TASKS:
+            p.append(f"unknown --task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.batch_size < 1:
+            p.append("--batch-size must be at least 1")
+        for k in self.microbatches or ():
+            if k < 1 or k > self.batch_size:
+                p.append(f"--microbatches {k}: must be between 1 and the batch size ({self.batch_size})")
+        if self.world_size < 1:
+            p.append("--world-size must be at least 1")
+        if self.min_length < 2 or self.max_length < self.min_length:
+            p.append("need 2 <= --min-length <= --max-length")
+        if not 0 <= self.empty_sequences < self.batch_size:
+            p.append("--empty-sequences must leave at least one sequence with targets")
+        if self.dtype not in DTYPES:
+            p.append(f"unknown --dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            p.append(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or mps")
+        p += _registry_problems(self)
+        p += [f"unknown padding {x!r}" for x in self.paddings if x not in PADDINGS]
+        p += [f"unknown grouping {x!r}" for x in self.groupings if x not in GROUPINGS]
+        return p
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        if self.microbatches is not None:
+            return self.microbatches
+        return tuple(k for k in DEFAULT_MICROBATCHES if k <= self.batch_size)
+
+    @property
+    def batch_spec(self) -> BatchSpec:
+        return BatchSpec(self.batch_size, self.max_length, self.min_length, self.prompt_masking,
+                         self.empty_sequences, self.seed)
+
+    def with_(self, **changes) -> "CheckConfig":
+        return replace(self, **changes)
+
+
+def _registry_problems(config: "CheckConfig") -> list[str]:
+    from .paths import PATHS
+    from .reductions import resolve_reduction
+
+    problems = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
+    for name in config.reductions:
+        try:
+            resolve_reduction(name)
+        except UsageError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(CheckConfig)}
+
+
+def parse_value(text: str):
+    """A KEY=VALUE value as Python would read it: int, float, bool, None, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

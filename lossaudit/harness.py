@@ -1,0 +1,121 @@
+"""The audit: build the model and batch, take the reference, run every path on every
+layout, judge each case. Returns a Report; writes nothing (the CLI does)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .batch import make_batch
+from .config import CheckConfig, parse_value
+from .environment import environment
+from .errors import EnvironmentProblem, UsageError
+from .forward import forward
+from .grads import trainable
+from .layouts import Layout, microbatches, plan_layouts
+from .models import load_model
+from .paths import PATHS, AuditContext, LogitPath, Measurement
+from .reference import compute_reference
+from .report import CASE_COLUMNS, Report
+from .tokens import target_mask, token_losses
+from .reductions import StepTokens
+from .verdicts import Tolerance, judge, loss_rel_err
+
+Progress = Callable[[str], None]
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def prepare(config: CheckConfig) -> AuditContext:
+    overrides = {k: parse_value(v) for k, v in config.config_args}
+    loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
+                        allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("--device cuda: no CUDA device is available")
+    model = loaded.model.to(device=device, dtype=_dtype(config.dtype))
+    model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
+    batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task)
+    params = trainable(model)
+    reference = compute_reference(model, batch, params, device)
+    return AuditContext(model, batch, reference, params, device, config, loaded)
+
+
+def selected_paths(config: CheckConfig, task: str) -> list[str]:
+    if config.paths is None:
+        return [name for name in PATHS if task in PATHS.get(name).tasks]
+    for name in config.paths:
+        if task not in PATHS.get(name).tasks:
+            raise UsageError(f"path {name!r} does not apply to task {task}")
+    return list(config.paths)
+
+
+def run_layout(ctx: AuditContext, layout: Layout, logit_paths: list[LogitPath]) -> list[Measurement]:
+    """One forward per microbatch, shared by every logit path."""
+    mbs = microbatches(ctx.batch, layout)
+    step = StepTokens(tuple(target_mask(mb.labels, ctx.batch.task) for mb in mbs))
+    for path in logit_paths:
+        path.start(ctx, layout, step)
+    wants_labels = any(p.wants_labels for p in logit_paths)
+
+    for index, mb in enumerate(mbs):
+        outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=wants_labels,
+                                    num_items_in_batch=step.total if wants_labels else None)
+        losses = token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task)
+        for path in logit_paths:
+            path.microbatch(index, mb, outputs, losses, rejected)
+    return [m for p in logit_paths for m in p.finish()]
+
+
+def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
+    say = progress or (lambda _msg: None)
+    say(f"building {config.model}")
+    ctx = prepare(config)
+    task = ctx.batch.task
+    names = selected_paths(config, task)
+    built = [PATHS.get(n).build(config) for n in names]
+    logit_paths = [p for p in built if isinstance(p, LogitPath)]
+    step_paths = [p for p in built if not isinstance(p, LogitPath)]
+    layouts = plan_layouts(ctx.batch, config.ks, paddings=config.paddings, groupings=config.groupings,
+                           world_size=config.world_size)
+    measurements: list[Measurement] = []
+    for i, layout in enumerate(layouts):
+        say(f"[{i + 1}/{len(layouts)}] {layout.name}")
+        if logit_paths:
+            measurements += run_layout(ctx, layout, logit_paths)
+        for path in step_paths:
+            measurements += path.run(ctx, layout)
+    tolerance = Tolerance.measure(config.dtype, measurements, ctx.reference)
+    rows = [_case(m, ctx, tolerance) for m in measurements]
+    cases = pd.DataFrame(rows) if rows else pd.DataFrame(columns=CASE_COLUMNS)
+    cases = cases[CASE_COLUMNS + [c for c in cases.columns if c not in CASE_COLUMNS]]
+    return Report(
+        environment=environment(device=config.device, dtype=config.dtype, seed=config.seed),
+        model={"name": config.model, "task": task, "parameters": ctx.loaded.parameters,
+               "source": ctx.loaded.source, "class": type(ctx.model).__name__},
+        cases=cases,
+        tolerance=tolerance.to_dict(),
+        batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
+               "target_tokens": ctx.reference.count, "reference_loss": ctx.reference.loss},
+    )
+
+
+def _case(m: Measurement, ctx: AuditContext, tol: Tolerance) -> dict:
+    verdict, detail = judge(m, tol, ctx.reference, ctx.batch)
+    g = m.grads
+    nan = float("nan")
+    return {
+        "path": m.path, "reduction": m.reduction, "microbatches": m.layout.microbatches,
+        "padding": m.layout.padding, "grouping": m.layout.grouping, "world_size": m.layout.world_size,
+        "tokens": list(m.counts), "loss": m.loss, "reference_loss": ctx.reference.loss,
+        "loss_abs_err": abs(m.loss - ctx.reference.loss), "loss_rel_err": loss_rel_err(m, ctx.reference),
+        "grad_rel_err": g.rel_err if g else nan, "grad_cosine": g.cosine if g else nan,
+        "grad_max_abs": g.max_abs if g else nan, "grad_scale": g.scale if g else nan,
+        "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
+        "verdict": verdict, "expected": bool(m.expected), "detail": detail, **m.extra,
+    }

@@ -1,0 +1,169 @@
+"""Build or load the model under audit: a tiny random model from a ``model_type``, a local
+``save_pretrained`` directory, or a hub id already in the local cache (never downloads)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import EnvironmentProblem, UsageError
+from .registry import did_you_mean
+from .tokens import TASKS
+
+# What "tiny" means; only keys the config already has are set.
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "d_model": 64,
+    "d_ff": 128,
+    "d_kv": 16,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    name: str
+    task: str
+    source: str  # "tiny", "directory" or "cache"
+    config_overrides: dict = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.model.config, "pad_token_id", None)
+        return int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
+
+
+def _auto_classes() -> dict:
+    import transformers as tf
+
+    return {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+        "token-classification": tf.AutoModelForTokenClassification,
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+    }
+
+
+def supported_tasks(config) -> list[str]:
+    classes = _auto_classes()
+    return [t for t in TASKS if type(config) in classes[t]._model_mapping]
+
+
+def tiny_config(model_type: str, overrides: dict | None = None):
+    """The model type's default config made tiny, rebuilt so derived fields stay consistent."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    kwargs = {k: v for k, v in TINY.items() if hasattr(base, k)}
+    for key, value in base.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            kwargs[key] = 0.0
+    vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", TINY["vocab_size"]))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = getattr(base, key, None)
+        if isinstance(value, int) and value >= vocab:
+            kwargs[key] = {"bos_token_id": 1, "eos_token_id": 2}.get(key, 0)
+    kwargs.update(overrides or {})
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _choose_task(config, task: str | None, name: str) -> str:
+    tasks = supported_tasks(config)
+    if task is None:
+        if not tasks:
+            raise UsageError(f"model {name!r} has no head for any of: {', '.join(TASKS)}")
+        return tasks[0]
+    if task not in tasks:
+        raise UsageError(f"model {name!r} has no {task} head; it supports: {', '.join(tasks) or 'none'}")
+    return task
+
+
+def _model_types() -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    return list(CONFIG_MAPPING.keys())
+
+
+def load_model(
+    name: str,
+    *,
+    task: str | None = None,
+    seed: int = 0,
+    config_overrides: dict | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Resolve MODEL: a directory, then a model_type, then a hub id in the local cache."""
+    if os.path.isdir(name):
+        return _from_pretrained(name, name, "directory", task, config_overrides, allow_pickle, trust_remote_code)
+    if name in _model_types():
+        config = tiny_config(name, config_overrides)
+        task = _choose_task(config, task, name)
+        torch.manual_seed(seed)
+        model = _auto_classes()[task].from_config(config)
+        return LoadedModel(model, name, task, "tiny", dict(config_overrides or {}))
+    if "/" in name and not name.startswith((".", "/")):
+        return _from_pretrained(name, name, "cache", task, config_overrides, allow_pickle, trust_remote_code)
+    raise UsageError(
+        f"unknown model {name!r}: not a directory, a transformers model_type or a cached hub id"
+        + did_you_mean(name, _model_types())
+    )
+
+
+def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_remote_code) -> LoadedModel:
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if source == "directory" and not (local / "config.json").is_file():
+        raise UsageError(f"{path}: no config.json (is this a directory written by save_pretrained?)")
+    if source == "directory" and not allow_pickle and not list(local.glob("*.safetensors")):
+        if list(local.glob("*.bin")) or list(local.glob("*.pt")):
+            raise UsageError(
+                f"{path}: weights are a pickle checkpoint, which can run code when loaded; "
+                "convert to safetensors or pass --allow-pickle"
+            )
+    try:
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, **(overrides or {})
+        )
+        task = _choose_task(config, task, name)
+        model = _auto_classes()[task].from_pretrained(
+            path,
+            config=config,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load {name!r} ({source}): {first}") from None
+    except ImportError as exc:
+        raise EnvironmentProblem(f"cannot load {name!r}: {exc}") from None
+    return LoadedModel(model, name, task, source, dict(overrides or {}))

@@ -1,0 +1,60 @@
+"""The reference every case is compared with: the full batch, one microbatch, the token
+mean of the per-token losses, computed here in float64 from the model's logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Batch
+from .forward import forward
+from .grads import Params, grads_of
+from .layouts import Layout, full_batch, microbatches, pad
+from .reductions import Reduction, StepTokens, Weight
+from .tokens import target_mask, token_losses
+
+
+@dataclass
+class Reference:
+    loss: float
+    count: int  # target tokens in the step
+    grads: dict[str, torch.Tensor]
+    sequence_losses: list[torch.Tensor]  # per sequence: float64 aligned token losses, 0 off-target
+
+    def step_loss(self, batch: Batch, layout: Layout, reduction: Reduction) -> float:
+        """What ``reduction`` gives on ``layout``, from the reference's token losses (no forward)."""
+        step = step_tokens(batch, layout)
+        total = 0.0
+        for group, mask, weight in zip(layout.groups, step.masks, reduction.weights(step)):
+            losses = pad([self.sequence_losses[i] for i in group], 0, layout.padding, length=mask.shape[1])
+            total += float(weighted_sum(weight, losses))
+        return total
+
+
+def step_tokens(batch: Batch, layout: Layout) -> StepTokens:
+    return StepTokens(tuple(target_mask(mb.labels, batch.task) for mb in microbatches(batch, layout)))
+
+
+def weighted_sum(weight: Weight, losses: torch.Tensor) -> torch.Tensor:
+    """Sum of weighted token losses; ``losses`` is 0 where there is no target."""
+    if isinstance(weight, torch.Tensor):
+        return (weight.to(losses) * losses).sum()
+    return losses.sum() * weight
+
+
+def compute_reference(model, batch: Batch, params: Params, device: torch.device, *, label_smoothing: float = 0.0) -> Reference:
+    mb = full_batch(batch)
+    outputs, _ = forward(model, mb, device)
+    losses = token_losses(outputs.logits, mb.labels.to(device), batch.task, label_smoothing=label_smoothing)
+    mask = target_mask(mb.labels, batch.task)
+    count = int(mask.sum())
+    loss = losses.sum() / count
+    grads = grads_of(loss, params, retain_graph=False)
+    widths = [int(target_mask(s.labels[None], batch.task).shape[1]) for s in batch.samples]
+    return Reference(
+        loss=float(loss.detach()),
+        count=count,
+        grads={n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)},
+        sequence_losses=[losses[i, :w].detach().cpu() for i, w in enumerate(widths)],
+    )

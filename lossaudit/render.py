@@ -1,0 +1,105 @@
+"""One report, several renderings: JSON (the contract), CSV, Markdown. Writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UsageError
+from .report import SUMMARY_COLUMNS, Report
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    columns = list(frame.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame.itertuples(index=False):
+        cells = (_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_frame(report: Report) -> pd.DataFrame:
+    """Worst error per (path, reduction) and k: the pivot a person reads first."""
+    cases = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
+        lambda r: f":{r}" if isinstance(r, str) else ""))
+    table = cases.pivot_table(index="label", columns="microbatches", values="grad_rel_err",
+                              aggfunc="max", dropna=False, sort=False)
+    table.columns = [f"k={k}" for k in table.columns]
+    return table
+
+
+def findings_table(report: Report) -> str:
+    findings = report.worst_first(report.findings)
+    columns = SUMMARY_COLUMNS + ["detail"]
+    return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
+
+
+def render_markdown(report: Report) -> str:
+    env = report.environment
+    model = report.model
+    tol = report.tolerance
+    out = [
+        f"# lossaudit report: {model.get('name')} ({model.get('task')})",
+        "",
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
+        f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
+        "",
+        f"Reference: full batch, token mean in float64, loss {report.batch.get('reference_loss', float('nan')):.6g} "
+        f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
+        f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
+        "",
+        "## Worst gradient relative error per path and k",
+        "",
+        markdown_table(summary_frame(report).reset_index().rename(columns={"label": "path:reduction"})),
+        "",
+        "## Findings",
+        "",
+        findings_table(report) if len(report.findings) else "None: every audited case matches the reference.",
+        "",
+        "## All cases",
+        "",
+        markdown_table(report.worst_first()[SUMMARY_COLUMNS + ["expected", "detail"]]),
+        "",
+    ]
+    return "\n".join(out)
+
+
+RENDERERS = {
+    "report.json": lambda r: json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n",
+    "cases.csv": lambda r: r.cases.to_csv(index=False),
+    "report.md": render_markdown,
+}
+
+
+def write_report(report: Report, out: Path) -> list[Path]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, render in RENDERERS.items():
+            write_atomic(out / name, render(report))
+            written.append(out / name)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return written

@@ -1,0 +1,102 @@
+"""The report: every case of one run as one pandas DataFrame, plus its environment.
+
+The JSON layout is the public contract of shared/DESIGN.md (``lossaudit.report/1``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import DivergenceError, UsageError
+
+SCHEMA = "lossaudit.report/1"
+CASE_COLUMNS = [
+    "path", "reduction", "microbatches", "padding", "grouping", "world_size", "tokens",
+    "loss", "reference_loss", "loss_abs_err", "loss_rel_err", "grad_rel_err", "grad_cosine",
+    "grad_max_abs", "grad_scale", "worst_param", "worst_param_rel_err", "verdict", "expected", "detail",
+]
+SUMMARY_COLUMNS = ["path", "reduction", "microbatches", "padding", "grouping", "loss_rel_err", "grad_rel_err", "verdict"]
+
+
+@dataclass
+class Report:
+    environment: dict
+    model: dict
+    cases: pd.DataFrame
+    tolerance: dict = field(default_factory=dict)
+    batch: dict = field(default_factory=dict)
+
+    @property
+    def findings(self) -> pd.DataFrame:
+        """Cases that fail the run: not matching, and not a known-different harness reduction."""
+        bad = (self.cases["verdict"] != "match") & ~self.cases["expected"].astype(bool)
+        return self.cases[bad]
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if len(self.findings) else 0
+
+    def worst_first(self, frame: pd.DataFrame | None = None) -> pd.DataFrame:
+        frame = self.cases if frame is None else frame
+        order = frame["verdict"].map({"error": 0, "diverge": 1, "match": 2})
+        keyed = frame.assign(_o=order, _g=frame["grad_rel_err"].fillna(math.inf))
+        return keyed.sort_values(["_o", "_g"], ascending=[True, False]).drop(columns=["_o", "_g"])
+
+    def assert_clean(self) -> "Report":
+        if len(self.findings):
+            from .render import findings_table
+
+            raise DivergenceError(findings_table(self))
+        return self
+
+    def to_dict(self) -> dict:
+        cases = [
+            {k: _json_value(v) for k, v in row.items()}
+            for row in self.cases.to_dict(orient="records")
+        ]
+        return {
+            "schema": SCHEMA,
+            "environment": self.environment,
+            "model": self.model,
+            "tolerance": self.tolerance,
+            "batch": self.batch,
+            "cases": cases,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("cases"), list):
+            raise UsageError(f"not a lossaudit report (expected schema {SCHEMA!r})")
+        cases = pd.DataFrame(data["cases"])
+        for column in CASE_COLUMNS:
+            if column not in cases:
+                cases[column] = None
+        return cls(data.get("environment", {}), data.get("model", {}), cases,
+                   data.get("tolerance", {}), data.get("batch", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such report") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot read report: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+
+
+def _json_value(value):
+    """NaN and Inf are not JSON: they become null (the verdict and detail say why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_value(value.item())
+    return value

@@ -1,0 +1,66 @@
+"""The one place that knows label shifting, ``ignore_index`` and token counting.
+
+Every other module asks this one which logits a label scores and how many target
+tokens a batch holds, so a miscount can only live here (and is tested here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+TASKS = ("causal-lm", "seq2seq", "token-classification", "sequence-classification")
+
+
+def align(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair each scored logit row with its target label.
+
+    causal-lm: position t predicts token t+1, so logits drop the last position and
+    labels drop the first. seq2seq and token classification score each label where it
+    stands. Sequence classification has one label per sequence.
+    Returns logits (B, T', C) and targets (B, T').
+    """
+    if task == "causal-lm":
+        return logits[:, :-1, :], labels[:, 1:]
+    if task == "sequence-classification":
+        return logits.unsqueeze(1), labels.reshape(-1, 1)
+    return logits, labels
+
+
+def target_mask(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Bool (B, T'): which aligned positions carry a target."""
+    if task == "causal-lm":
+        labels = labels[:, 1:]
+    elif task == "sequence-classification":
+        labels = labels.reshape(-1, 1)
+    return labels != IGNORE_INDEX
+
+
+def targets_per_sequence(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Long (B,): target tokens in each sequence."""
+    return target_mask(labels, task).sum(dim=1)
+
+
+def count_targets(labels: torch.Tensor, task: str) -> int:
+    """Target tokens in a batch: the ``num_items_in_batch`` of a correct step."""
+    return int(target_mask(labels, task).sum())
+
+
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, task: str, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-target cross entropy in float64, shape (B, T'); exactly 0 where no target.
+
+    The logits are upcast before the softmax, so the loss (not the model) is float64.
+    """
+    scored, targets = align(logits, labels, task)
+    flat = scored.reshape(-1, scored.shape[-1]).to(torch.float64)
+    losses = F.cross_entropy(
+        flat,
+        targets.reshape(-1).to(flat.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    return losses.view(targets.shape)

@@ -1,0 +1,96 @@
+"""Tolerances, verdicts and the explanation a finding carries."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .batch import Batch
+from .paths.base import Measurement
+from .reductions import REDUCTIONS
+from .reference import Reference
+
+# Smallest and largest relative error a dtype's rounding may explain. The measured noise
+# floor (spread of the correct num_items reduction over layouts) moves the tolerance
+# between them; a model whose noise passes the cap is itself a finding.
+FLOOR = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+CAP_FACTOR = 100.0
+NOISE_FACTOR = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    dtype: str
+    rtol: float  # on loss_rel_err and grad_rel_err
+    noise_floor: float  # measured: worst num_items error over all layouts
+    floor: float
+    cap: float
+
+    @classmethod
+    def measure(cls, dtype: str, measurements: list[Measurement], reference: Reference) -> "Tolerance":
+        floor = FLOOR[dtype]
+        cap = floor * CAP_FACTOR
+        noise = 0.0
+        for m in measurements:
+            if m.path == "reduction" and m.reduction == "num_items" and m.grads is not None:
+                errors = (loss_rel_err(m, reference), m.grads.rel_err)
+                if all(math.isfinite(e) for e in errors):
+                    noise = max(noise, *errors)
+        return cls(dtype, min(max(floor, NOISE_FACTOR * noise), cap), noise, floor, cap)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loss_rel_err(m: Measurement, reference: Reference) -> float:
+    return abs(m.loss - reference.loss) / abs(reference.loss) if reference.loss else abs(m.loss)
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def judge(m: Measurement, tol: Tolerance, reference: Reference, batch: Batch) -> tuple[str, str]:
+    """(verdict, detail) for one measurement."""
+    tokens = f"target tokens per microbatch {m.counts}"
+    if m.error:
+        return "error", m.error
+    g = m.grads
+    if not _finite(m.loss) or (g is not None and g.nonfinite_param):
+        empty = [i for i, c in enumerate(m.counts) if c == 0]
+        if empty:
+            which = ", ".join(f"{i + 1} of {len(m.counts)}" for i in empty)
+            return "diverge", (
+                f"microbatch {which} holds zero target tokens: its token mean is 0/0, "
+                f"so the step's loss and gradient are NaN ({tokens})"
+            )
+        where = f"; first non-finite gradient in {g.nonfinite_param}" if g and g.nonfinite_param else ""
+        return "error", f"non-finite loss {m.loss}{where}"
+    rel = loss_rel_err(m, reference)
+    if rel <= tol.rtol and (g is None or g.rel_err <= tol.rtol):
+        return "match", m.note
+    return "diverge", "; ".join(x for x in (m.note, likely_cause(m, reference, batch, tol), tokens) if x)
+
+
+def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolerance) -> str:
+    k = m.layout.microbatches
+    if m.path == "reduction":
+        if m.reduction == "num_items":
+            return "the correct reduction misses: the model's output depends on padding or grouping (position ids, attention mask)"
+        reduction = REDUCTIONS.get(m.reduction) if m.reduction in REDUCTIONS else None
+        return f"{m.reduction}: {reduction.doc}" if reduction and reduction.doc else ""
+    near = max(tol.rtol * 10, 1e-4) * abs(reference.loss)
+    for name, factor, cause in (
+        ("num_items", k, f"{k}x the token mean: the correct sum over N, multiplied by k"),
+        ("num_items", 1 / k, f"1/{k} of the token mean: divided by k on top of the token count"),
+        ("mean_of_means", 1, "each microbatch's token mean divided by k (num_items_in_batch not used)"),
+        ("mean_of_means", k, "each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored"),
+        ("sum", 1, "the token sum: never divided by the token count"),
+        ("sequence_mean", 1, "each sequence weighted equally, not each token"),
+    ):
+        if name in REDUCTIONS and abs(m.loss - factor * reference.step_loss(batch, m.layout, REDUCTIONS.get(name))) <= near:
+            return f"loss equals {cause}"
+    g = m.grads
+    if g is not None and _finite(g.cosine, g.scale) and g.cosine > 1 - 1e-6:
+        return f"gradient is {g.scale:.4g}x the reference in the same direction"
+    return f"loss is {m.loss / reference.loss:.4g}x the reference" if reference.loss else ""
