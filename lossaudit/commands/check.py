@@ -1,0 +1,111 @@
+"""``lossaudit check MODEL``: audit one model and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+
+HELP = "audit one model"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model_type (built tiny), save_pretrained directory, or cached hub id")
+    p.add_argument("--task", help="causal-lm, seq2seq, token-classification, sequence-classification")
+    p.add_argument("--path", dest="paths", action="append", help="path to audit (repeatable; default all)")
+    p.add_argument("--microbatches", type=_ints, help="values of k, e.g. 1,2,4,8")
+    p.add_argument("--reductions", type=_names, help="reductions, e.g. mean_of_means,num_items or module:function")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--trainer-arg", dest="trainer_args", type=_key_value, action="append", default=[])
+    p.add_argument("--config-arg", dest="config_args", type=_key_value, action="append", default=[])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--min-length", type=int, default=4)
+    p.add_argument("--empty-sequences", type=int, default=0, help="sequences with no target token")
+    p.add_argument("--no-prompt-masking", dest="prompt_masking", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickle checkpoints (weights_only)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", type=Path, help="report directory (default reports/MODEL-TASK/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..config import CheckConfig
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite")}
+    for key in ("paths", "trainer_args", "config_args"):
+        options[key] = tuple(options[key]) if options[key] is not None else None
+    if options["reductions"] is None:
+        del options["reductions"]
+    options["trainer_args"] = options["trainer_args"] or ()
+    options["config_args"] = options["config_args"] or ()
+    return CheckConfig(**options)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or name).strip("-") or "model"
+
+
+def check_out(out: Path | None, overwrite: bool) -> None:
+    """Fail before any work if the report cannot be written or would replace one."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if (out / "report.json").exists() and not overwrite:
+        raise UsageError(f"--out {out}: already holds a report; pass --overwrite to replace it")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+
+
+def default_out(model: str, task: str) -> Path:
+    """reports/MODEL-TASK/, or -2, -3, ... beside it: an earlier report is never replaced."""
+    base = Path("reports") / f"{_slug(model)}-{task}"
+    out, n = base, 1
+    while (out / "report.json").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..harness import audit
+    from ..render import write_report
+    from ..terminal import progress_printer, summary
+
+    check_out(args.out, args.overwrite)
+    config = config_from_args(args)
+    say = progress_printer()
+    report = audit(config, say)
+    if say:
+        sys.stderr.write("\r\033[K")
+    out = args.out or default_out(config.model, report.model["task"])
+    written = write_report(report, out)
+    print(summary(report, written))
+    return report.exit_status
