@@ -53,6 +53,9 @@ class GradDiff:
     worst_param: str  # the tensor with the largest relative error
     worst_rel_err: float
     nonfinite_param: str | None = None  # first tensor holding NaN or Inf
+    # (name, relative error) per tensor in model order: floats only, never gradient copies,
+    # so a report can keep them for its worst cases and show where a divergence lives
+    per_tensor: tuple[tuple[str, float], ...] = ()
 
 
 def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]]) -> GradDiff:
@@ -60,6 +63,7 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
     max_abs = worst_rel = 0.0
     worst = ""
     nonfinite = None
+    per_tensor = []
     for name, g in grads:
         r = reference[name].to(torch.float64)
         g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=torch.float64)
@@ -71,6 +75,7 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
         got2, dot = got2 + float(g.square().sum()), dot + float((g * r).sum())
         max_abs = max(max_abs, float(d.abs().max())) if d.numel() else max_abs
         rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+        per_tensor.append((name, rel))
         if not rel <= worst_rel:  # also takes NaN
             worst, worst_rel = name, rel
     return GradDiff(
@@ -81,4 +86,5 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
         worst_param=worst,
         worst_rel_err=worst_rel,
         nonfinite_param=nonfinite,
+        per_tensor=tuple(per_tensor),
     )

@@ -3,6 +3,7 @@ layout, judge each case. Returns a Report; writes nothing (the CLI does)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable
 
@@ -102,7 +103,27 @@ def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
         tolerance=tolerance.to_dict(),
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
                "target_tokens": ctx.reference.count, "reference_loss": ctx.reference.loss},
+        tensor_errors=worst_tensor_errors(cases, measurements),
     )
+
+
+def worst_tensor_errors(cases: pd.DataFrame, measurements: list[Measurement]) -> list[dict]:
+    """Per-tensor errors for the worst finding and for the expected case that bends the
+    gradient's direction most (lowest cosine); only these are kept, as plain floats."""
+    has_grads = cases["grad_rel_err"].map(lambda e: isinstance(e, float) and math.isfinite(e))
+    diverging = cases[has_grads & (cases["verdict"] == "diverge")]
+    findings = diverging[~diverging["expected"]].sort_values("grad_rel_err", ascending=False)
+    expected = diverging[diverging["expected"]].sort_values(["grad_cosine", "grad_rel_err"], ascending=[True, False])
+    kept = []
+    for frame in (findings, expected):
+        if len(frame):
+            row, grads = frame.iloc[0], measurements[frame.index[0]].grads
+            kept.append({**{k: row[k] for k in TENSOR_CASE_KEYS}, "tensors": [list(t) for t in grads.per_tensor]})
+    return kept
+
+
+TENSOR_CASE_KEYS = ("path", "reduction", "microbatches", "grouping", "padding", "world_size",
+                    "verdict", "expected", "grad_rel_err", "grad_cosine")
 
 
 def _case(m: Measurement, ctx: AuditContext, tol: Tolerance) -> dict:
@@ -117,5 +138,6 @@ def _case(m: Measurement, ctx: AuditContext, tol: Tolerance) -> dict:
         "grad_rel_err": g.rel_err if g else nan, "grad_cosine": g.cosine if g else nan,
         "grad_max_abs": g.max_abs if g else nan, "grad_scale": g.scale if g else nan,
         "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
-        "verdict": verdict, "expected": bool(m.expected), "detail": detail, **m.extra,
+        "verdict": verdict, "expected": bool(m.expected), "detail": detail,
+        "microbatch_losses": ctx.reference.microbatch_losses(ctx.batch, m.layout), **m.extra,
     }

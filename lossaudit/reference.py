@@ -31,6 +31,17 @@ class Reference:
             total += float(weighted_sum(weight, losses))
         return total
 
+    def microbatch_losses(self, batch: Batch, layout: Layout) -> list[float]:
+        """Each microbatch's token mean of the reference's token losses (NaN where it holds
+        no target): the numbers ``mean_of_means`` averages."""
+        targets = batch.targets
+        means = []
+        for group in layout.groups:
+            count = sum(targets[i] for i in group)
+            total = sum(float(self.sequence_losses[i].sum()) for i in group)
+            means.append(total / count if count else float("nan"))
+        return means
+
 
 def step_tokens(batch: Batch, layout: Layout) -> StepTokens:
     return StepTokens(tuple(target_mask(mb.labels, batch.task) for mb in microbatches(batch, layout)))

@@ -1,4 +1,4 @@
-"""One report, several renderings: JSON (the contract), CSV, Markdown. Writes are atomic."""
+"""One report, several renderings: JSON (the contract), CSV, Markdown, HTML. Writes are atomic."""
 
 from __future__ import annotations
 
@@ -56,19 +56,29 @@ def findings_table(report: Report) -> str:
     return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
 
 
-def render_markdown(report: Report) -> str:
+def describe(report: Report) -> tuple[str, str, str]:
+    """Title, environment sentence and reference sentence, shared by Markdown and HTML."""
     env = report.environment
     model = report.model
     tol = report.tolerance
-    out = [
-        f"# lossaudit report: {model.get('name')} ({model.get('task')})",
-        "",
+    return (
+        f"lossaudit report: {model.get('name')} ({model.get('task')})",
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
         f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
-        "",
         f"Reference: full batch, token mean in float64, loss {report.batch.get('reference_loss', float('nan')):.6g} "
         f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
         f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
+    )
+
+
+def render_markdown(report: Report) -> str:
+    title, environment, reference = describe(report)
+    out = [
+        f"# {title}",
+        "",
+        environment,
+        "",
+        reference,
         "",
         "## Worst gradient relative error per path and k",
         "",
@@ -86,10 +96,17 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out)
 
 
+def render_html(report: Report) -> str:
+    from .html_report import render_html as render  # imports matplotlib only when asked
+
+    return render(report)
+
+
 RENDERERS = {
     "report.json": lambda r: json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n",
     "cases.csv": lambda r: r.cases.to_csv(index=False),
     "report.md": render_markdown,
+    "report.html": render_html,
 }
 
 

@@ -30,6 +30,8 @@ class Report:
     cases: pd.DataFrame
     tolerance: dict = field(default_factory=dict)
     batch: dict = field(default_factory=dict)
+    # per-tensor gradient errors of the worst case(s) only: [{case fields..., "tensors": [[name, err]]}]
+    tensor_errors: list = field(default_factory=list)
 
     @property
     def findings(self) -> pd.DataFrame:
@@ -65,6 +67,7 @@ class Report:
             "model": self.model,
             "tolerance": self.tolerance,
             "batch": self.batch,
+            "tensor_errors": _json_value(self.tensor_errors),
             "cases": cases,
         }
 
@@ -77,7 +80,7 @@ class Report:
             if column not in cases:
                 cases[column] = None
         return cls(data.get("environment", {}), data.get("model", {}), cases,
-                   data.get("tolerance", {}), data.get("batch", {}))
+                   data.get("tolerance", {}), data.get("batch", {}), data.get("tensor_errors") or [])
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
@@ -97,6 +100,12 @@ def _json_value(value):
     """NaN and Inf are not JSON: they become null (the verdict and detail say why)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if hasattr(value, "item"):  # numpy scalars
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalars
         return _json_value(value.item())
+    if hasattr(value, "tolist"):  # numpy arrays (a list column read back from pandas)
+        return _json_value(value.tolist())
     return value

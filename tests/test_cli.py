@@ -32,6 +32,7 @@ def test_check_writes_the_report_and_exits_0(tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["schema"] == "lossaudit.report/1" and report["cases"]
     assert (tmp_path / "r" / "cases.csv").exists() and (tmp_path / "r" / "report.md").exists()
+    assert (tmp_path / "r" / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert "no findings" in result.stdout and "k=2" in result.stdout
 
 
