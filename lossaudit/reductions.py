@@ -79,7 +79,8 @@ def sequence_mean(step: StepTokens) -> list[Weight]:
     """Each sequence's token mean, averaged over the step's sequences that have targets."""
     per_seq = [m.sum(dim=1, keepdim=True) for m in step.masks]
     sequences = sum(int((n > 0).sum()) for n in per_seq)
-    return [m / (n.clamp(min=1) * max(sequences, 1)) for m, n in zip(step.masks, per_seq)]
+    # float64: a bool mask over a long count would give float32 weights, 3e-8 off
+    return [m.to(torch.float64) / (n.clamp(min=1) * max(sequences, 1)) for m, n in zip(step.masks, per_seq)]
 
 
 register_reduction("mean_of_means", mean_of_means, expected=True, doc="each microbatch's token mean, divided by k")
