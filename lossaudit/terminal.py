@@ -1,15 +1,40 @@
-"""What a person sees in the terminal: progress, a compact table, the worst finding first."""
+"""What a person sees in the terminal: progress, a compact table, the worst finding first.
+
+The summary is built once as styled segments; ``summary`` joins their text (the plain form,
+used whenever stdout is not a terminal, with ``--no-color`` or with ``NO_COLOR`` set), and
+``print_summary`` hands the same segments to rich for colour. rich is imported lazily.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
+import os
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
-from .render import summary_frame
-from .report import Report
+if TYPE_CHECKING:  # the CLI imports this module to parse arguments: keep pandas out of it
+    from .report import Report
 
 MAX_FINDINGS_SHOWN = 10
+Segment = tuple[str, str | None]  # (text, rich style)
+Line = list[Segment]
+PROGRESS_STEP = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")  # the harness's "[i/n] layout" messages
+
+
+def add_color_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-color", dest="color", action="store_false",
+                        help="plain text even on a terminal (NO_COLOR in the environment does the same)")
+
+
+def use_color(stream=sys.stdout, requested: bool = True) -> bool:
+    """Colour only on a terminal, unless --no-color, NO_COLOR (no-color.org) or TERM=dumb."""
+    if not requested or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def progress_printer(stream=sys.stderr):
@@ -24,41 +49,112 @@ def progress_printer(stream=sys.stderr):
     return say
 
 
+@contextlib.contextmanager
+def progress(*, color: bool, stream=sys.stderr) -> Iterator:
+    """A progress callback for ``harness.audit``: a rich bar over the layouts when colour is
+    on, the plain rewritten line on a terminal otherwise, nothing when not a terminal.
+    The bar or line is cleared on exit, so the summary starts on a clean line."""
+    if not stream.isatty():
+        yield None
+        return
+    if not color:
+        say = progress_printer(stream)
+        try:
+            yield say
+        finally:
+            stream.write("\r\033[K")
+            stream.flush()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(file=stream, highlight=False), transient=True)
+    task = bar.add_task("starting", total=None)
+
+    def say(message: str) -> None:
+        step = PROGRESS_STEP.match(message)
+        if step:  # layout i of n has started: i - 1 are done
+            done, total, message = int(step[1]) - 1, int(step[2]), step[3]
+            bar.update(task, completed=done, total=total, description=message)
+        else:
+            bar.update(task, description=message)
+
+    with bar:
+        yield say
+
+
 def _err(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "nan"
     return f"{value:.1e}"
 
 
-def summary(report: Report, written: list[Path]) -> str:
+def _err_style(value, rtol: float, expected: bool) -> str:
+    if value is None or not isinstance(value, float) or math.isnan(value) or value > rtol:
+        return "yellow" if expected else "bold red"
+    return "green"
+
+
+def summary_lines(report: Report, written: list[Path]) -> list[Line]:
     model, tol = report.model, report.tolerance
-    lines = [
-        f"lossaudit: {model['name']} ({model['task']}, {model['parameters']:,} parameters), "
-        f"{len(report.cases)} cases, tolerance {tol['rtol']:.1e} (noise floor {tol['noise_floor']:.1e})",
-        "",
-        "worst gradient relative error per path and k  (* = expected to differ, not a finding)",
+    lines: list[Line] = [
+        [("lossaudit: ", "bold"), (f"{model['name']} ", "bold cyan"),
+         (f"({model['task']}, {model['parameters']:,} parameters), {len(report.cases)} cases, "
+          f"tolerance {tol['rtol']:.1e} (noise floor {tol['noise_floor']:.1e})", None)],
+        [],
+        [("worst gradient relative error per path and k  (* = expected to differ, not a finding)", "bold")],
     ]
+    from .render import summary_frame
+
     table = summary_frame(report)
     expected = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
         lambda r: f":{r}" if isinstance(r, str) else "")).groupby("label")["expected"].all()
     width = max(len(label) for label in table.index) + 2
-    lines.append(" " * width + "".join(f"{c:>10}" for c in table.columns))
+    lines.append([(" " * width + "".join(f"{c:>10}" for c in table.columns), "dim")])
     for label, row in table.iterrows():
-        mark = "*" if expected.get(label, False) else " "
-        lines.append(f"{label + mark:<{width}}" + "".join(f"{_err(v):>10}" for v in row))
-    findings = report.worst_first(report.findings)
-    lines.append("")
-    if len(findings):
-        lines.append(f"{len(findings)} FINDING(S), worst first:")
-        for row in findings.head(MAX_FINDINGS_SHOWN).itertuples():
-            what = row.path + (f":{row.reduction}" if isinstance(row.reduction, str) else "")
-            lines.append(f"  {row.verdict.upper():8} {what} k={row.microbatches} {row.grouping} pad-{row.padding}: "
-                         f"loss err {_err(row.loss_rel_err)}, grad err {_err(row.grad_rel_err)}"
-                         f" (worst {row.worst_param}) - {row.detail}")
-        if len(findings) > MAX_FINDINGS_SHOWN:
-            lines.append(f"  ... and {len(findings) - MAX_FINDINGS_SHOWN} more in the report")
-    else:
-        lines.append("no findings: every audited path matches the float64 reference")
+        known = bool(expected.get(label, False))
+        mark = "*" if known else " "
+        lines.append([(f"{label + mark:<{width}}", "dim" if known else None)]
+                     + [(f"{_err(v):>10}", _err_style(v, tol["rtol"], known)) for v in row])
+    lines.append([])
+    lines += _findings_lines(report)
     if written:
-        lines.append(f"report: {written[0].parent}/ ({', '.join(p.name for p in written)})")
-    return "\n".join(lines)
+        lines.append([(f"report: {written[0].parent}/ ({', '.join(p.name for p in written)})", "dim")])
+    return lines
+
+
+def _findings_lines(report: Report) -> list[Line]:
+    findings = report.worst_first(report.findings)
+    if not len(findings):
+        return [[("no findings: every audited path matches the float64 reference", "bold green")]]
+    lines: list[Line] = [[(f"{len(findings)} FINDING(S), worst first:", "bold red")]]
+    for row in findings.head(MAX_FINDINGS_SHOWN).itertuples():
+        what = row.path + (f":{row.reduction}" if isinstance(row.reduction, str) else "")
+        lines.append([("  ", None), (f"{row.verdict.upper():8}", "bold red" if row.verdict == "diverge" else "bold yellow"),
+                      (f" {what} k={row.microbatches} {row.grouping} pad-{row.padding}: "
+                       f"loss err {_err(row.loss_rel_err)}, grad err {_err(row.grad_rel_err)}"
+                       f" (worst {row.worst_param}) - {row.detail}", None)])
+    if len(findings) > MAX_FINDINGS_SHOWN:
+        lines.append([(f"  ... and {len(findings) - MAX_FINDINGS_SHOWN} more in the report", None)])
+    return lines
+
+
+def summary(report: Report, written: list[Path]) -> str:
+    """The plain-text summary."""
+    return "\n".join("".join(text for text, _ in line) for line in summary_lines(report, written))
+
+
+def print_summary(report: Report, written: list[Path], *, color: bool, stream=sys.stdout) -> None:
+    """The summary in colour through rich, or exactly ``summary`` as plain text."""
+    if not color:
+        print(summary(report, written), file=stream)
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    # Text, not markup: a model name or detail holding "[...]" is printed as it is
+    console = Console(file=stream, force_terminal=True, color_system="standard", highlight=False,
+                      soft_wrap=True, emoji=False)
+    for line in summary_lines(report, written):
+        console.print(Text.assemble(*[(text, style or "") for text, style in line]))

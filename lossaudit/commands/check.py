@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..terminal import add_color_argument
 
 HELP = "audit one model"
 
@@ -52,12 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", type=Path, help="report directory (default reports/MODEL-TASK/)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    add_color_argument(p)
 
 
 def config_from_args(args: argparse.Namespace):
     from ..config import CheckConfig
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite", "color")}
     for key in ("paths", "trainer_args", "config_args"):
         options[key] = tuple(options[key]) if options[key] is not None else None
     if options["reductions"] is None:
@@ -97,15 +99,13 @@ def default_out(model: str, task: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..harness import audit
     from ..render import write_report
-    from ..terminal import progress_printer, summary
+    from ..terminal import print_summary, progress, use_color
 
     check_out(args.out, args.overwrite)
     config = config_from_args(args)
-    say = progress_printer()
-    report = audit(config, say)
-    if say:
-        sys.stderr.write("\r\033[K")
+    with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
+        report = audit(config, say)
     out = args.out or default_out(config.model, report.model["task"])
     written = write_report(report, out)
-    print(summary(report, written))
+    print_summary(report, written, color=use_color(sys.stdout, args.color))
     return report.exit_status
