@@ -78,6 +78,10 @@ def _losses(values) -> str:
 
 def plot_sections(report: Report) -> list[str]:
     """The plots, each with a heading and a sentence on how to read it."""
+    try:
+        import matplotlib  # noqa: F401  (a dependency; without it the tables still render)
+    except ImportError:
+        return ['<p class="note">The plots need matplotlib: pip install matplotlib.</p>']
     cases = report.cases
     out = ["<h2>Gradient error against token-count imbalance</h2>",
            '<p class="note">Each point is a layout; a reduction that weighs every token the same stays at '

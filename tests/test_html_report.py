@@ -54,6 +54,12 @@ def test_everything_taken_from_the_report_is_escaped():
     assert page.count('<img alt="') == 3
 
 
+def test_without_matplotlib_the_tables_still_render(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import raises ImportError
+    page = render_html(_planted_report())
+    assert "<img" not in page and "need matplotlib" in page and "<table>" in page
+
+
 def test_the_page_is_self_contained(finding_report):
     page = render_html(finding_report)
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
