@@ -1,6 +1,7 @@
 """The terminal summary: colour on a terminal only, the same text either way."""
 
 import io
+import json
 import os
 import pty
 import re
@@ -69,13 +70,25 @@ def test_coloured_summary_is_the_plain_summary_plus_colour():
     assert "1 FINDING(S)" in plain.getvalue()
 
 
-def _cli_on_a_pty(tmp_path, **env):
-    """Run the CLI with stdout and stderr on a pseudo-terminal, as a person's shell would."""
+SHOW = """
+import sys
+from lossaudit.report import Report
+from lossaudit.terminal import print_summary, progress, use_color
+
+report = Report.load(sys.argv[1])
+with progress(color=use_color(sys.stderr), stream=sys.stderr) as say:
+    say("building"); say("[1/2] k=2 contiguous pad-right"); say("[2/2] k=4 contiguous pad-right")
+print_summary(report, [], color=use_color(sys.stdout))
+"""
+
+
+def _on_a_pty(tmp_path, **env) -> str:
+    """Show a report with stdout and stderr on a pseudo-terminal, as a person's shell would."""
+    (tmp_path / "report.json").write_text(json.dumps(_report().to_dict()))
     master, slave = pty.openpty()
     environ = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     environ.update(PYTHONPATH=str(ROOT), TERM="xterm", **env)
-    proc = subprocess.Popen([sys.executable, "-m", "lossaudit", "check", "llama", "--microbatches", "2",
-                             "--path", "model", "--out", str(tmp_path / "r")],
+    proc = subprocess.Popen([sys.executable, "-c", SHOW, str(tmp_path / "report.json")],
                             stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=environ, cwd=ROOT)
     os.close(slave)
     chunks = []
@@ -88,12 +101,21 @@ def _cli_on_a_pty(tmp_path, **env):
             break
         chunks.append(data)
     os.close(master)
-    assert proc.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")
-    return b"".join(chunks).decode(errors="replace")
+    output = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(timeout=120) == 0, output
+    return output
 
 
 def test_a_terminal_gets_colour_and_no_color_gets_plain_text(tmp_path):
-    coloured = _cli_on_a_pty(tmp_path / "a")
-    assert COLOUR.search(coloured) and "no findings" in COLOUR.sub("", coloured)
-    plain = _cli_on_a_pty(tmp_path / "b", NO_COLOR="1")
-    assert not COLOUR.search(plain) and "no findings" in plain
+    coloured = _on_a_pty(tmp_path)
+    assert COLOUR.search(coloured) and "1 FINDING(S)" in COLOUR.sub("", coloured)
+    plain = _on_a_pty(tmp_path, NO_COLOR="1")
+    assert not COLOUR.search(plain)
+    assert summary(_report(), []).splitlines()[-1] in plain
+
+
+def test_check_takes_no_color():
+    from lossaudit.cli import build_parser
+
+    assert build_parser().parse_args(["check", "llama", "--no-color"]).color is False
+    assert build_parser().parse_args(["check", "llama"]).color is True
