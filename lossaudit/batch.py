@@ -1,4 +1,16 @@
-"""Deterministic batches of varied length, with padding and prompt masking in the labels."""
+"""Deterministic batches of varied length, with padding and prompt masking in the labels.
+
+What a sample holds depends on the task (the labels are what the model is scored on):
+
+- causal-lm: ``input_ids`` (T,) and ``labels`` (T,) = the ids, -100 on the prompt;
+- seq2seq: encoder ``input_ids`` (S,), decoder ``labels`` (T,) and ``decoder_input_ids`` (T,)
+  = the start token then the targets shifted right (as the model's own shift would build them);
+- token-classification: ``input_ids`` (T,), ``labels`` (T,) class ids, -100 on ignored tokens
+  (a leading special token, sub-word continuations);
+- sequence-classification: ``input_ids`` (T,), ``labels`` () one class id per sequence.
+
+A sequence made "empty" (``--empty-sequences``) has every label -100.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokens import IGNORE_INDEX, targets_per_sequence
+from .tokens import IGNORE_INDEX, shift_right, targets_per_sequence
 
 FIRST_TOKEN_ID = 3  # ids below this are left to pad/bos/eos
 
@@ -25,8 +37,9 @@ class BatchSpec:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    input_ids: torch.Tensor  # (T,) long
-    labels: torch.Tensor  # (T,) long, IGNORE_INDEX where nothing is predicted
+    input_ids: torch.Tensor  # (T,) long; the encoder's input for seq2seq
+    labels: torch.Tensor  # long, IGNORE_INDEX where nothing is scored; shape per task (module doc)
+    decoder_input_ids: torch.Tensor | None = None  # (T_dec,) seq2seq only
 
 
 @dataclass(frozen=True)
@@ -44,28 +57,90 @@ class Batch:
 
     @property
     def targets(self) -> list[int]:
-        """Target tokens per sequence (what a correct step counts)."""
+        """Targets per sequence (tokens, or 1/0 for a sequence label): what a correct step counts."""
         return [int(targets_per_sequence(s.labels[None], self.task)) for s in self.samples]
 
 
-def make_batch(spec: BatchSpec, *, vocab_size: int, pad_id: int, task: str = "causal-lm") -> Batch:
-    """Draw ``spec.batch_size`` causal-LM samples from ``spec.seed``.
+@dataclass(frozen=True, slots=True)
+class Vocab:
+    """The id ranges a batch may draw from."""
 
-    The first label of each sequence is always ignored: nothing predicts the first token,
-    and keeping it ignored makes the target set the same under left and right padding.
-    """
+    size: int  # token ids are drawn from [FIRST_TOKEN_ID, size)
+    pad_id: int
+    num_labels: int = 0  # classes of a classification head
+    decoder_start_id: int = 0  # seq2seq: the decoder's first input token
+
+
+def make_batch(spec: BatchSpec, *, vocab_size: int, pad_id: int, task: str = "causal-lm",
+               num_labels: int = 0, decoder_start_id: int = 0) -> Batch:
+    """Draw ``spec.batch_size`` samples for ``task`` from ``spec.seed``."""
+    vocab = Vocab(max(vocab_size, FIRST_TOKEN_ID + 1), pad_id, num_labels, decoder_start_id)
+    if task in ("token-classification", "sequence-classification") and num_labels < 2:
+        raise ValueError(f"{task} needs at least 2 labels, got {num_labels}")
     g = torch.Generator().manual_seed(spec.seed)
-    high = max(vocab_size, FIRST_TOKEN_ID + 1)
+    draw = _DRAW[task]
     samples = []
     for i in range(spec.batch_size):
-        length = int(torch.randint(spec.min_length, spec.max_length + 1, (1,), generator=g))
-        ids = torch.randint(FIRST_TOKEN_ID, high, (length,), generator=g)
-        labels = ids.clone()
-        prompt = 1
-        if i >= spec.batch_size - spec.empty_sequences:
-            prompt = length  # all prompt: zero targets
-        elif spec.prompt_masking and i % 2 == 1:
-            prompt = int(torch.randint(1, length, (1,), generator=g))
-        labels[:prompt] = IGNORE_INDEX
-        samples.append(Sample(ids, labels))
+        empty = i >= spec.batch_size - spec.empty_sequences
+        masked = spec.prompt_masking and i % 2 == 1
+        samples.append(draw(spec, vocab, g, empty=empty, masked=masked))
     return Batch(tuple(samples), task, pad_id)
+
+
+def _randint(low: int, high: int, g: torch.Generator, size: tuple = (1,)) -> torch.Tensor:
+    return torch.randint(low, high, size, generator=g)
+
+
+def _ids(spec: BatchSpec, vocab: Vocab, g: torch.Generator) -> torch.Tensor:
+    length = int(_randint(spec.min_length, spec.max_length + 1, g))
+    return _randint(FIRST_TOKEN_ID, vocab.size, g, (length,))
+
+
+def _causal(spec, vocab, g, *, empty, masked) -> Sample:
+    """The first label is always ignored: nothing predicts the first token, and keeping it
+    ignored makes the target set the same under left and right padding."""
+    ids = _ids(spec, vocab, g)
+    labels = ids.clone()
+    prompt = len(ids) if empty else int(_randint(1, len(ids), g)) if masked else 1
+    labels[:prompt] = IGNORE_INDEX
+    return Sample(ids, labels)
+
+
+def _seq2seq(spec, vocab, g, *, empty, masked) -> Sample:
+    """Every decoder position is scored (the start token predicts the first target); a masked
+    sequence ignores a forced decoder prefix (a language tag, a task prompt)."""
+    source = _ids(spec, vocab, g)
+    targets = _ids(spec, vocab, g)
+    labels = targets.clone()
+    prompt = len(targets) if empty else int(_randint(1, len(targets), g)) if masked else 0
+    labels[:prompt] = IGNORE_INDEX
+    return Sample(source, labels, shift_right(targets, vocab.decoder_start_id))
+
+
+def _token_classification(spec, vocab, g, *, empty, masked) -> Sample:
+    """Position 0 stands for a special token ([CLS]) and is ignored; a masked sequence also
+    ignores about a third of its tokens, scattered, as sub-word continuations are."""
+    ids = _ids(spec, vocab, g)
+    labels = _randint(0, vocab.num_labels, g, (len(ids),))
+    ignored = torch.zeros(len(ids), dtype=torch.bool)
+    ignored[0] = True
+    if masked:
+        ignored[1:] = torch.rand(len(ids) - 1, generator=g) < 1 / 3
+    if empty:
+        ignored[:] = True
+    labels[ignored] = IGNORE_INDEX
+    return Sample(ids, labels)
+
+
+def _sequence_classification(spec, vocab, g, *, empty, masked) -> Sample:
+    ids = _ids(spec, vocab, g)
+    label = IGNORE_INDEX if empty else int(_randint(0, vocab.num_labels, g))
+    return Sample(ids, torch.tensor(label))
+
+
+_DRAW = {
+    "causal-lm": _causal,
+    "seq2seq": _seq2seq,
+    "token-classification": _token_classification,
+    "sequence-classification": _sequence_classification,
+}

@@ -17,9 +17,17 @@ def _forward_params(cls: type) -> frozenset[str]:
 
 
 def model_inputs(model: torch.nn.Module, mb: Microbatch, device: torch.device) -> dict:
+    """The inputs every path gives the model for ``mb`` (labels excepted).
+
+    A seq2seq model gets its decoder inputs from the batch, never from its own shift of the
+    labels, so every path scores the same decoder sequence whether it passes labels or not.
+    """
     accepted = _forward_params(type(model))
     inputs = {"input_ids": mb.input_ids.to(device), "attention_mask": mb.attention_mask.to(device)}
-    if "position_ids" in accepted:
+    if mb.decoder_input_ids is not None:
+        inputs["decoder_input_ids"] = mb.decoder_input_ids.to(device)
+        inputs["decoder_attention_mask"] = mb.decoder_attention_mask.to(device)
+    elif "position_ids" in accepted:  # encoder-decoders place positions themselves
         inputs["position_ids"] = mb.position_ids.to(device)
     if "use_cache" in accepted:
         inputs["use_cache"] = False

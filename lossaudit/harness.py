@@ -41,7 +41,8 @@ def prepare(config: CheckConfig) -> AuditContext:
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
     model = loaded.model.to(device=device, dtype=_dtype(config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
-    batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task)
+    batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task,
+                       num_labels=loaded.num_labels, decoder_start_id=loaded.decoder_start_id)
     params = trainable(model)
     reference = compute_reference(model, batch, params, device)
     return AuditContext(model, batch, reference, params, device, config, loaded)

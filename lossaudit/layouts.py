@@ -28,10 +28,12 @@ class Layout:
 
 @dataclass(frozen=True, slots=True)
 class Microbatch:
-    input_ids: torch.Tensor  # (B_m, T_m)
+    input_ids: torch.Tensor  # (B_m, T_m); the encoder's input for seq2seq
     attention_mask: torch.Tensor  # (B_m, T_m)
     position_ids: torch.Tensor  # (B_m, T_m), counted over real tokens only
-    labels: torch.Tensor  # (B_m, T_m)
+    labels: torch.Tensor  # (B_m, T_m); seq2seq (B_m, T_dec); sequence classification (B_m,)
+    decoder_input_ids: torch.Tensor | None = None  # (B_m, T_dec), seq2seq only
+    decoder_attention_mask: torch.Tensor | None = None  # (B_m, T_dec), seq2seq only
 
 
 def _chunks(order: list[int], k: int) -> tuple[tuple[int, ...], ...]:
@@ -84,17 +86,32 @@ def pad(rows: list[torch.Tensor], value: int, side: str, length: int | None = No
     return out
 
 
+def _mask(rows: list[torch.Tensor], side: str) -> torch.Tensor:
+    return pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, side)
+
+
+def _labels(samples: list, task: str, side: str) -> torch.Tensor:
+    if task == "sequence-classification":  # one label per sequence: nothing to pad
+        return torch.stack([s.labels.reshape(()) for s in samples])
+    return pad([s.labels for s in samples], IGNORE_INDEX, side)
+
+
 def collate(batch: Batch, indices: tuple[int, ...], padding: str) -> Microbatch:
-    """Pad the chosen sequences to the longest among them, as a data collator does."""
+    """Pad the chosen sequences to the longest among them, as a data collator does
+    (a seq2seq collator pads the decoder side the same way, labels with -100)."""
     samples = [batch.samples[i] for i in indices]
-    lengths = [torch.ones(len(s.input_ids), dtype=torch.long) for s in samples]
-    mask = pad(lengths, 0, padding)
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    mask = _mask([s.input_ids for s in samples], padding)
+    decoder = {}
+    if batch.task == "seq2seq":
+        rows = [s.decoder_input_ids for s in samples]
+        decoder = {"decoder_input_ids": pad(rows, batch.pad_id, padding),
+                   "decoder_attention_mask": _mask(rows, padding)}
     return Microbatch(
         input_ids=pad([s.input_ids for s in samples], batch.pad_id, padding),
         attention_mask=mask,
-        position_ids=position_ids,
-        labels=pad([s.labels for s in samples], IGNORE_INDEX, padding),
+        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+        labels=_labels(samples, batch.task, padding),
+        **decoder,
     )
 
 

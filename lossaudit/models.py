@@ -33,6 +33,14 @@ TINY = {
     "num_layers": 2,
     "num_decoder_layers": 2,
     "num_heads": 4,
+    "encoder_layers": 2,  # BART-style encoder-decoders
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "shared_expert_intermediate_size": 64,
+    "num_labels": 3,  # classification heads: more than two classes, so no binary shortcut hides
 }
 
 
@@ -50,12 +58,29 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        """Token ids the batch may use: the input embedding's rows (and the LM head's, if any)."""
+        sizes = [self.model.get_input_embeddings().weight.shape[0]]
+        head = self.model.get_output_embeddings()
+        if head is not None and self.task in ("causal-lm", "seq2seq"):
+            sizes.append(head.weight.shape[0])
+        return int(min(sizes))
 
     @property
     def pad_id(self) -> int:
         pad = getattr(self.model.config, "pad_token_id", None)
         return int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of a classification head; 0 for language-model heads."""
+        if self.task in ("token-classification", "sequence-classification"):
+            return int(self.model.config.num_labels)
+        return 0
+
+    @property
+    def decoder_start_id(self) -> int:
+        start = getattr(self.model.config, "decoder_start_token_id", None)
+        return int(start) if isinstance(start, int) else self.pad_id
 
 
 def _auto_classes() -> dict:
@@ -83,6 +108,8 @@ def tiny_config(model_type: str, overrides: dict | None = None):
     for key, value in base.to_dict().items():
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             kwargs[key] = 0.0
+    # generic classification heads read classifier_dropout, falling back to 0.1 when unset
+    kwargs.setdefault("classifier_dropout", 0.0)
     vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", TINY["vocab_size"]))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         value = getattr(base, key, None)
@@ -94,6 +121,10 @@ def tiny_config(model_type: str, overrides: dict | None = None):
 
 def _choose_task(config, task: str | None, name: str) -> str:
     tasks = supported_tasks(config)
+    if getattr(config, "is_encoder_decoder", False) and "seq2seq" in tasks:
+        # an encoder-decoder is a seq2seq model first; its causal-LM class is the bare decoder
+        tasks.remove("seq2seq")
+        tasks.insert(0, "seq2seq")
     if task is None:
         if not tasks:
             raise UsageError(f"model {name!r} has no head for any of: {', '.join(TASKS)}")
@@ -101,6 +132,18 @@ def _choose_task(config, task: str | None, name: str) -> str:
     if task not in tasks:
         raise UsageError(f"model {name!r} has no {task} head; it supports: {', '.join(tasks) or 'none'}")
     return task
+
+
+def _ensure_pad_for_pooling(config, task: str, name: str, *, tiny: bool) -> None:
+    """Decoder sequence classifiers pool the last token that is not ``pad_token_id``; without
+    one they refuse batches of more than one sequence. A tiny model gets id 0 (never drawn as
+    a token); a user's model must say which id pads."""
+    if task != "sequence-classification" or getattr(config, "pad_token_id", 0) is not None:
+        return
+    if not tiny:
+        raise UsageError(f"model {name!r} has no pad_token_id, which sequence classification needs "
+                         "to find each sequence's last token; pass --config-arg pad_token_id=ID")
+    config.pad_token_id = 0
 
 
 def _model_types() -> list[str]:
@@ -124,6 +167,7 @@ def load_model(
     if name in _model_types():
         config = tiny_config(name, config_overrides)
         task = _choose_task(config, task, name)
+        _ensure_pad_for_pooling(config, task, name, tiny=True)
         torch.manual_seed(seed)
         model = _auto_classes()[task].from_config(config)
         return LoadedModel(model, name, task, "tiny", dict(config_overrides or {}))
@@ -152,6 +196,7 @@ def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_re
             path, local_files_only=True, trust_remote_code=trust_remote_code, **(overrides or {})
         )
         task = _choose_task(config, task, name)
+        _ensure_pad_for_pooling(config, task, name, tiny=False)
         model = _auto_classes()[task].from_pretrained(
             path,
             config=config,

@@ -28,6 +28,12 @@ def align(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.
     return logits, labels
 
 
+def shift_right(targets: torch.Tensor, start_id: int) -> torch.Tensor:
+    """A seq2seq decoder's inputs for ``targets`` (T,): the start token, then the targets
+    without the last one, so position t is scored on target t (``align`` does not shift)."""
+    return torch.cat([targets.new_tensor([start_id]), targets[:-1]])
+
+
 def target_mask(labels: torch.Tensor, task: str) -> torch.Tensor:
     """Bool (B, T'): which aligned positions carry a target."""
     if task == "causal-lm":

@@ -81,10 +81,11 @@ def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolera
         return f"{m.reduction}: {reduction.doc}" if reduction and reduction.doc else ""
     near = max(tol.rtol * 10, 1e-4) * abs(reference.loss)
     for name, factor, cause in (
+        # with equal counts per microbatch the first two coincide; the ignored count is the likelier story
+        ("mean_of_means", k, "each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored"),
         ("num_items", k, f"{k}x the token mean: the correct sum over N, multiplied by k"),
         ("num_items", 1 / k, f"1/{k} of the token mean: divided by k on top of the token count"),
         ("mean_of_means", 1, "each microbatch's token mean divided by k (num_items_in_batch not used)"),
-        ("mean_of_means", k, "each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored"),
         ("sum", 1, "the token sum: never divided by the token count"),
         ("sequence_mean", 1, "each sequence weighted equally, not each token"),
     ):

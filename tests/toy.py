@@ -55,3 +55,49 @@ def toy_context(batch: Batch, model: ToyLM | None = None) -> AuditContext:
     params = trainable(model)
     reference = compute_reference(model, batch, params, torch.device("cpu"))
     return AuditContext(model, batch, reference, params, torch.device("cpu"), config=None)
+
+
+CLASSES = 3
+
+
+class ToyHeads(torch.nn.Module):
+    """Float64 toys for the other heads, exact under any padding: a position's logits depend on
+    its own token, plus (seq2seq) the masked mean of the encoder's embeddings; a sequence
+    classifier scores the masked mean of its sequence."""
+
+    def __init__(self, task: str, *, honour_num_items: bool = True, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        outputs = VOCAB if task == "seq2seq" else CLASSES
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, 6, generator=g, dtype=torch.float64))
+        self.head = torch.nn.Parameter(torch.randn(6, outputs, generator=g, dtype=torch.float64))
+        self.task, self.honour_num_items = task, honour_num_items
+
+    def _masked_mean(self, ids, mask):
+        mask = torch.ones_like(ids) if mask is None else mask
+        return (self.embed[ids] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, 6)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None, num_items_in_batch=None):
+        if self.task == "seq2seq":
+            hidden = self.embed[decoder_input_ids] + self._masked_mean(input_ids, attention_mask)[:, None]
+        elif self.task == "sequence-classification":
+            hidden = self._masked_mean(input_ids, attention_mask)
+        else:
+            hidden = self.embed[input_ids]
+        logits = hidden @ self.head
+        loss = None
+        if labels is not None:
+            flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            if num_items_in_batch is not None and self.honour_num_items:
+                loss = F.cross_entropy(flat, targets, reduction="sum") / num_items_in_batch
+            else:
+                loss = F.cross_entropy(flat, targets)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def toy_task_batch(task: str, batch_size: int, *, max_length: int = 12, seed: int = 0, empty: int = 0) -> Batch:
+    from lossaudit.batch import BatchSpec, make_batch
+
+    spec = BatchSpec(batch_size, max_length, 2, True, empty, seed)
+    return make_batch(spec, vocab_size=VOCAB, pad_id=0, task=task, num_labels=CLASSES, decoder_start_id=1)

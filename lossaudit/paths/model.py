@@ -4,6 +4,7 @@ per microbatch, summed over the step, as a correct accumulation loop would use i
 from __future__ import annotations
 
 from ..grads import GradAccumulator, compare_grads, grads_of
+from ..tokens import TASKS
 from .base import PATHS, LogitPath, Measurement, PathSpec
 
 
@@ -46,6 +47,6 @@ class ModelPath(LogitPath):
 
 PATHS.register(
     "model",
-    PathSpec("model", lambda config: ModelPath(), ("causal-lm", "seq2seq", "token-classification"),
+    PathSpec("model", lambda config: ModelPath(), TASKS,
              "the model's own loss with num_items_in_batch"),
 )
