@@ -11,38 +11,8 @@ import torch
 
 from .errors import EnvironmentProblem, UsageError
 from .registry import did_you_mean
+from .tiny import tiny_config
 from .tokens import TASKS
-
-# What "tiny" means; only keys the config already has are set.
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 256,
-    "max_position_embeddings": 256,
-    "num_local_experts": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "d_model": 64,
-    "d_ff": 128,
-    "d_kv": 16,
-    "num_layers": 2,
-    "num_decoder_layers": 2,
-    "num_heads": 4,
-    "encoder_layers": 2,  # BART-style encoder-decoders
-    "decoder_layers": 2,
-    "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4,
-    "encoder_ffn_dim": 128,
-    "decoder_ffn_dim": 128,
-    "shared_expert_intermediate_size": 64,
-    "num_labels": 3,  # classification heads: more than two classes, so no binary shortcut hides
-}
-
 
 @dataclass
 class LoadedModel:
@@ -97,26 +67,6 @@ def _auto_classes() -> dict:
 def supported_tasks(config) -> list[str]:
     classes = _auto_classes()
     return [t for t in TASKS if type(config) in classes[t]._model_mapping]
-
-
-def tiny_config(model_type: str, overrides: dict | None = None):
-    """The model type's default config made tiny, rebuilt so derived fields stay consistent."""
-    from transformers import AutoConfig
-
-    base = AutoConfig.for_model(model_type)
-    kwargs = {k: v for k, v in TINY.items() if hasattr(base, k)}
-    for key, value in base.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
-            kwargs[key] = 0.0
-    # generic classification heads read classifier_dropout, falling back to 0.1 when unset
-    kwargs.setdefault("classifier_dropout", 0.0)
-    vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", TINY["vocab_size"]))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-        value = getattr(base, key, None)
-        if isinstance(value, int) and value >= vocab:
-            kwargs[key] = {"bos_token_id": 1, "eos_token_id": 2}.get(key, 0)
-    kwargs.update(overrides or {})
-    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def _choose_task(config, task: str | None, name: str) -> str:
