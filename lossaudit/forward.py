@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import torch
 
+from .aux import aux_spec
 from .layouts import Microbatch
 
 
@@ -31,6 +32,8 @@ def model_inputs(model: torch.nn.Module, mb: Microbatch, device: torch.device) -
         inputs["position_ids"] = mb.position_ids.to(device)
     if "use_cache" in accepted:
         inputs["use_cache"] = False
+    if "output_router_logits" in accepted and aux_spec(model) is not None:
+        inputs["output_router_logits"] = True  # a MoE model trains with its router aux loss on
     return inputs
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from .aux import AuxAccumulator, aux_fields
 from .batch import make_batch
 from .config import CheckConfig, parse_value
 from .environment import environment
@@ -23,7 +24,7 @@ from .reference import compute_reference
 from .report import CASE_COLUMNS, Report
 from .tokens import target_mask, token_losses
 from .reductions import StepTokens
-from .verdicts import Tolerance, judge, loss_rel_err
+from .verdicts import Tolerance, judge, loss_rel_err, reference_loss, target_loss
 
 Progress = Callable[[str], None]
 
@@ -64,13 +65,18 @@ def run_layout(ctx: AuditContext, layout: Layout, logit_paths: list[LogitPath]) 
     for path in logit_paths:
         path.start(ctx, layout, step)
     wants_labels = any(p.wants_labels for p in logit_paths)
+    aux = AuxAccumulator(ctx, layout.microbatches) if ctx.reference.aux else None
 
     for index, mb in enumerate(mbs):
         outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=wants_labels,
                                     num_items_in_batch=step.total if wants_labels else None)
         losses = token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task)
+        if aux:
+            aux.add(outputs, mb)
         for path in logit_paths:
             path.microbatch(index, mb, outputs, losses, rejected)
+    if aux:
+        ctx.aux_target = (layout, aux.result())  # read by paths' finish through aux.layout_aux
     return [m for p in logit_paths for m in p.finish()]
 
 
@@ -103,7 +109,9 @@ def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
         cases=cases,
         tolerance=tolerance.to_dict(),
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
-               "target_tokens": ctx.reference.count, "reference_loss": ctx.reference.loss},
+               "target_tokens": ctx.reference.count, "reference_loss": ctx.reference.loss,
+               **({"reference_aux_loss": ctx.reference.aux.value, "aux_coef": ctx.reference.aux.spec.coef}
+                  if ctx.reference.aux else {})},
         tensor_errors=worst_tensor_errors(cases, measurements),
     )
 
@@ -134,11 +142,12 @@ def _case(m: Measurement, ctx: AuditContext, tol: Tolerance) -> dict:
     return {
         "path": m.path, "reduction": m.reduction, "microbatches": m.layout.microbatches,
         "padding": m.layout.padding, "grouping": m.layout.grouping, "world_size": m.layout.world_size,
-        "tokens": list(m.counts), "loss": m.loss, "reference_loss": ctx.reference.loss,
-        "loss_abs_err": abs(m.loss - ctx.reference.loss), "loss_rel_err": loss_rel_err(m, ctx.reference),
+        "tokens": list(m.counts), "loss": m.loss, "reference_loss": reference_loss(m, ctx.reference),
+        "loss_abs_err": abs(m.loss - target_loss(m, ctx.reference)), "loss_rel_err": loss_rel_err(m, ctx.reference),
         "grad_rel_err": g.rel_err if g else nan, "grad_cosine": g.cosine if g else nan,
         "grad_max_abs": g.max_abs if g else nan, "grad_scale": g.scale if g else nan,
         "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
         "verdict": verdict, "expected": bool(m.expected), "detail": detail,
-        "microbatch_losses": ctx.reference.microbatch_losses(ctx.batch, m.layout), **m.extra,
+        "microbatch_losses": ctx.reference.microbatch_losses(ctx.batch, m.layout),
+        **aux_fields(m, ctx.reference), **m.extra,
     }

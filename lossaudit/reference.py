@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .aux import ReferenceAux, aux_spec, reference_aux
 from .batch import Batch
 from .forward import forward
 from .grads import Params, grads_of
@@ -21,6 +22,7 @@ class Reference:
     count: int  # target tokens in the step
     grads: dict[str, torch.Tensor]
     sequence_losses: list[torch.Tensor]  # per sequence: float64 aligned token losses, 0 off-target
+    aux: ReferenceAux | None = None  # MoE: the full batch's router aux loss (aux.py)
 
     def step_loss(self, batch: Batch, layout: Layout, reduction: Reduction) -> float:
         """What ``reduction`` gives on ``layout``, from the reference's token losses (no forward)."""
@@ -61,6 +63,7 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
     mask = target_mask(mb.labels, batch.task)
     count = int(mask.sum())
     loss = losses.sum() / count
+    aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
     grads = grads_of(loss, params, retain_graph=False)
     widths = [int(target_mask(s.labels[None], batch.task).shape[1]) for s in batch.samples]
     return Reference(
@@ -68,4 +71,5 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
         count=count,
         grads={n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)},
         sequence_losses=[losses[i, :w].detach().cpu() for i, w in enumerate(widths)],
+        aux=aux,
     )

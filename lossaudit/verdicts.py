@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .aux import aux_info, carried_aux
 from .batch import Batch
 from .paths.base import Measurement
 from .reductions import REDUCTIONS
@@ -42,8 +43,20 @@ class Tolerance:
         return asdict(self)
 
 
+def target_loss(m: Measurement, reference: Reference) -> float:
+    """What the case's loss must equal: the token-mean reference, plus coef times the layout's
+    mean aux loss when the path trains with a router aux loss (aux.py)."""
+    return reference.loss + (m.aux_target.contribution if m.aux_target is not None else 0.0)
+
+
+def reference_loss(m: Measurement, reference: Reference) -> float:
+    """The reference objective reported beside a case: with an aux loss, the full batch's."""
+    return reference.loss + (m.aux_target.coef * m.aux_target.full if m.aux_target is not None else 0.0)
+
+
 def loss_rel_err(m: Measurement, reference: Reference) -> float:
-    return abs(m.loss - reference.loss) / abs(reference.loss) if reference.loss else abs(m.loss)
+    target = target_loss(m, reference)
+    return abs(m.loss - target) / abs(target) if target else abs(m.loss)
 
 
 def _finite(*values: float) -> bool:
@@ -67,12 +80,39 @@ def judge(m: Measurement, tol: Tolerance, reference: Reference, batch: Batch) ->
         where = f"; first non-finite gradient in {g.nonfinite_param}" if g and g.nonfinite_param else ""
         return "error", f"non-finite loss {m.loss}{where}"
     rel = loss_rel_err(m, reference)
+    info = aux_info(m, reference) if m.aux_target is not None else ""
     if rel <= tol.rtol and (g is None or g.rel_err <= tol.rtol):
-        return "match", m.note
-    return "diverge", "; ".join(x for x in (m.note, likely_cause(m, reference, batch, tol), tokens) if x)
+        return "match", "; ".join(x for x in (m.note, info) if x)
+    return "diverge", "; ".join(x for x in (m.note, likely_cause(m, reference, batch, tol), tokens, info) if x)
 
 
 def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolerance) -> str:
+    if m.aux_target is None:
+        return _ce_cause(m, m.loss, reference, batch, tol)
+    carried, _ = carried_aux(m, reference)
+    ce = m.loss - m.aux_target.coef * carried
+    if abs(ce - reference.loss) <= tol.rtol * abs(reference.loss):
+        ce_cause = "the cross-entropy part matches the reference"
+    else:
+        ce_cause = "cross entropy: " + _ce_cause(m, ce, reference, batch, tol)
+    return "; ".join(x for x in (aux_cause(m, carried), ce_cause) if x)
+
+
+def aux_cause(m: Measurement, carried: float) -> str:
+    """How the step's aux loss compares with the mean over microbatches it should carry."""
+    k, mean = m.layout.microbatches, m.aux_target.mean
+    ratio = carried / mean if mean else math.nan
+    if k > 1 and abs(ratio - k) <= 1e-3 * k:
+        return f"aux loss summed over {k} microbatches: {k}x their mean"
+    if abs(ratio - 1) <= 1e-3:
+        return ""
+    if carried == 0:
+        return "the step carries no router aux loss"
+    return f"aux loss is {ratio:.4g}x its mean over microbatches"
+
+
+def _ce_cause(m: Measurement, loss: float, reference: Reference, batch: Batch, tol: Tolerance) -> str:
+    """The likely cause behind a cross-entropy ``loss`` that misses the reference."""
     k = m.layout.microbatches
     if m.path == "reduction":
         if m.reduction == "num_items":
@@ -89,9 +129,9 @@ def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolera
         ("sum", 1, "the token sum: never divided by the token count"),
         ("sequence_mean", 1, "each sequence weighted equally, not each token"),
     ):
-        if name in REDUCTIONS and abs(m.loss - factor * reference.step_loss(batch, m.layout, REDUCTIONS.get(name))) <= near:
+        if name in REDUCTIONS and abs(loss - factor * reference.step_loss(batch, m.layout, REDUCTIONS.get(name))) <= near:
             return f"loss equals {cause}"
     g = m.grads
     if g is not None and _finite(g.cosine, g.scale) and g.cosine > 1 - 1e-6:
         return f"gradient is {g.scale:.4g}x the reference in the same direction"
-    return f"loss is {m.loss / reference.loss:.4g}x the reference" if reference.loss else ""
+    return f"loss is {loss / reference.loss:.4g}x the reference" if reference.loss else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -12,6 +13,7 @@ from ..layouts import Layout, Microbatch
 from ..registry import Registry
 
 if TYPE_CHECKING:
+    from ..aux import LayoutAux
     from ..batch import Batch
     from ..config import CheckConfig
     from ..models import LoadedModel
@@ -33,6 +35,11 @@ class Measurement:
     note: str = ""  # facts the path knows about itself, for the detail
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    # MoE: the aux loss this step carried (sum of each microbatch's aux times the weight the
+    # path gave it), when the path knows it, and the layout's aux target when the path's
+    # objective includes the router aux loss (then it is judged against CE + coef * mean aux)
+    aux: float | None = None
+    aux_target: "LayoutAux | None" = None
 
 
 @dataclass
@@ -46,6 +53,7 @@ class AuditContext:
     device: torch.device
     config: "CheckConfig"
     loaded: "LoadedModel | None" = None
+    aux_target: "tuple[Layout, LayoutAux] | None" = None  # the latest layout's, see aux.layout_aux
 
 
 class LogitPath:
@@ -68,9 +76,18 @@ class StepPath:
     """A path that runs a whole optimizer step its own way (Trainer, accelerate, ...)."""
 
     name = ""
+    with_aux = True  # the step trains on the model's own loss, a MoE router aux loss included
 
     def run(self, ctx: AuditContext, layout: Layout) -> list[Measurement]:
         raise NotImplementedError
+
+    def target(self, ctx: AuditContext, layout: Layout) -> "tuple[Mapping, LayoutAux | None]":
+        """What a correct step on ``layout`` equals: the gradient to compare with, and the aux
+        target to set on its Measurement (None unless a MoE model trains with its aux loss)."""
+        from ..aux import layout_aux
+
+        aux = layout_aux(ctx, layout) if self.with_aux else None
+        return (aux.target_grads(ctx.reference.grads) if aux else ctx.reference.grads), aux
 
 
 @dataclass(frozen=True)

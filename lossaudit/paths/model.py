@@ -1,8 +1,13 @@
 """The ``model`` path: the model's own loss, ``forward(labels=..., num_items_in_batch=N)``
-per microbatch, summed over the step, as a correct accumulation loop would use it."""
+per microbatch, summed over the step, as a correct accumulation loop would use it.
+
+A MoE model's loss includes coef * its router aux loss (``output_router_logits=True``); the
+path records the aux each microbatch reported, so the case can tell its cross-entropy part
+from its aux part (see aux.py)."""
 
 from __future__ import annotations
 
+from ..aux import layout_aux
 from ..grads import GradAccumulator, compare_grads, grads_of
 from ..tokens import TASKS
 from .base import PATHS, LogitPath, Measurement, PathSpec
@@ -16,15 +21,19 @@ class ModelPath(LogitPath):
         self.ctx, self.layout, self.counts = ctx, layout, step.counts
         self.acc = GradAccumulator(ctx.params)
         self.loss = 0.0
+        self.aux: float | None = None
         self.rejected = False
 
     def microbatch(self, index, mb, outputs, losses, num_items_rejected):
-        loss = outputs.loss
+        loss, scale = outputs.loss, 1.0
         if num_items_rejected:  # the pre-4.46 recipe: the microbatch mean over k
             self.rejected = True
-            loss = loss / len(self.counts)
-        self.acc.add(grads_of(loss, self.ctx.params))
-        self.loss += float(loss.detach())
+            scale = 1.0 / len(self.counts)
+        self.acc.add(grads_of(loss * scale, self.ctx.params))
+        self.loss += float(loss.detach()) * scale
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None and self.ctx.reference.aux is not None:
+            self.aux = (self.aux or 0.0) + float(aux.detach()) * scale
 
     def finish(self):
         note = (
@@ -32,15 +41,21 @@ class ModelPath(LogitPath):
             if self.rejected
             else ""
         )
+        target = layout_aux(self.ctx, self.layout)
+        reference = target.target_grads(self.ctx.reference.grads) if target else self.ctx.reference.grads
+        if target is not None and self.aux is None:
+            self.aux = 0.0  # a MoE model whose loss carries no aux: say so rather than guess
         return [
             Measurement(
                 path=self.name,
                 reduction=None,
                 layout=self.layout,
                 loss=self.loss,
-                grads=compare_grads(self.ctx.reference.grads, self.acc.items()),
+                grads=compare_grads(reference, self.acc.items()),
                 counts=self.counts,
                 note=note,
+                aux=self.aux,
+                aux_target=target,
             )
         ]
 
