@@ -69,7 +69,7 @@ def _names(*names: str, value) -> dict[str, Any]:
 # name -> tiny value, or a function of (default value, every default value of the config).
 SIZE_RULES: dict[str, Any] = {
     **_names("hidden_size", "d_model", "n_embd", "embed_dim", "word_embed_proj_dim", "embedding_size",
-             "lru_width", "hidden_size_global", "cross_attention_hidden_size", "out_hidden_size",
+             "lru_width", "hidden_size_global", "emb_dim", "cross_attention_hidden_size", "out_hidden_size",
              "projector_input_dim", "projector_output_dim", "vision_output_dim", "adapter_in_dim",
              "adapter_out_dim", "adapter_input_size", value=WIDTH),
     **_names("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size", "encoder_ffn_dim",
@@ -108,6 +108,8 @@ SIZE_RULES: dict[str, Any] = {
     **_names("attn_layer_period", "expert_layer_period", value=2),
     **_names("attn_layer_offset", "expert_layer_offset", value=_at_most(1)),
     **_names("num_nextn_predict_layers", "num_mtp_layers", value=_at_most(1)),
+    # layers that reuse an earlier layer's key/value cache: the few kept layers all make their own
+    "num_kv_shared_layers": 0,
     # state-space and linear-attention mixers
     **_names("state_size", "ssm_state_size", "mamba_d_state", "time_step_rank", "mamba_dt_rank",
              value=16),
@@ -125,7 +127,7 @@ SIZE_RULES: dict[str, Any] = {
 
 # Rules by name pattern, for the fields no exact name above covers.
 PATTERN_RULES: tuple[tuple[re.Pattern, Any], ...] = (
-    (re.compile(r"vocab_size"), _at_most(VOCAB)),  # per-layer-input, n-gram, type vocabularies
+    (re.compile(r"vocab_size|_vocab$"), _at_most(VOCAB)),  # per-layer-input, n-gram, hash, type vocabularies
     (re.compile(r"hidden_size_per_layer"), _at_most(HEAD_DIM)),
 )
 
@@ -148,6 +150,9 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "decod
 # reasons that are not the loss reduction: every such rate is 0.
 RANDOM_IN_TRAINING = re.compile(r"drop|pdrop|jitter|noise|mask_(time|feature)_prob|layerdrop")
 
+QSA_INDEXER = {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
+               "indexer_budget": 8, "indexer_compress_ratio": 4}
+
 # Model types that need one more setting than the rules give; each says why.
 QUIRKS: dict[str, tuple[dict, str]] = {
     "mamba2": ({"num_heads": 2 * WIDTH // HEAD_DIM}, "its heads (num_heads) tile hidden_size * expand"),
@@ -158,6 +163,11 @@ QUIRKS: dict[str, tuple[dict, str]] = {
                  "the default config leaves layer_types None, which the model indexes"),
     "cohere_compass_text": ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
                             "the default rope_parameters are not keyed by layer type as the model reads them"),
+    "xmod": ({"default_language": "en_XX"}, "X-MOD routes through a language adapter and has no default language"),
+    "zamba": ({"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid"] * 2},
+              "its shared attention block is tied across hybrid layers: it needs two of them"),
+    "qwen4_exp_text": (QSA_INDEXER, "its default config has indexed-attention layers but leaves their indexer unset"),
+    "qwen4_exp": ({"text_config": QSA_INDEXER}, "as qwen4_exp_text"),
     # a sliding layer's head_dim is its qk_nope + qk_rope (192 + 64 by default), shrunk with them
     "dots3_note_text": ({"head_dim": HEAD_DIM // 2 + 12}, "its sliding layers' head_dim is their qk_nope + qk_rope"),
     "dots3_note": ({"text_config": {"head_dim": HEAD_DIM // 2 + 12}}, "as dots3_note_text"),

@@ -45,3 +45,19 @@ class AuxLoop:
                                     aux=self.aux, aux_target=target)]
 
         return _AuxLoop()
+
+# A sweep auditor with planted failures, by model type; the other types are audited for real.
+def sweep_auditor(job):
+    import os
+    import time
+
+    from lossaudit.sweep import audit_model
+
+    if job.model_type == "llama":  # a crash that takes the whole process down
+        os.abort()
+    if job.model_type == "gpt2":  # a hang
+        time.sleep(3600)
+    if job.model_type == "mixtral":  # eats memory past the worker's cap
+        hog = [bytearray(256 << 20) for _ in range(64)]
+        return hog
+    return audit_model(job)

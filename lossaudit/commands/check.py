@@ -73,13 +73,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or name).strip("-") or "model"
 
 
-def check_out(out: Path | None, overwrite: bool) -> None:
-    """Fail before any work if the report cannot be written or would replace one."""
+def check_out(out: Path | None, overwrite: bool, name: str = "report.json") -> None:
+    """Fail before any work if the report (``name``) cannot be written or would replace one."""
     if out is None:
         return
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
-    if (out / "report.json").exists() and not overwrite:
+    if (out / name).exists() and not overwrite:
         raise UsageError(f"--out {out}: already holds a report; pass --overwrite to replace it")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
