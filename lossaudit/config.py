@@ -60,11 +60,16 @@ class CheckConfig:
             p.append(f"unknown --task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.batch_size < 1:
             p.append("--batch-size must be at least 1")
+        ranks = max(self.world_size, 1)
         for k in self.microbatches or ():
-            if k < 1 or k > self.batch_size:
-                p.append(f"--microbatches {k}: must be between 1 and the batch size ({self.batch_size})")
+            if k < 1 or k * ranks > self.batch_size:
+                most = f"the batch size over --world-size ({self.batch_size // ranks})" if ranks > 1 else \
+                    f"the batch size ({self.batch_size})"
+                p.append(f"--microbatches {k}: must be between 1 and {most}")
         if self.world_size < 1:
             p.append("--world-size must be at least 1")
+        elif self.world_size > self.batch_size:
+            p.append(f"--world-size {self.world_size}: more ranks than sequences in the batch ({self.batch_size})")
         if self.min_length < 2 or self.max_length < self.min_length:
             p.append("need 2 <= --min-length <= --max-length")
         if not 0 <= self.empty_sequences < self.batch_size:
@@ -82,7 +87,7 @@ class CheckConfig:
     def ks(self) -> tuple[int, ...]:
         if self.microbatches is not None:
             return self.microbatches
-        return tuple(k for k in DEFAULT_MICROBATCHES if k <= self.batch_size)
+        return tuple(k for k in DEFAULT_MICROBATCHES if k * self.world_size <= self.batch_size)
 
     @property
     def batch_spec(self) -> BatchSpec:

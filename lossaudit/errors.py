@@ -32,3 +32,7 @@ class DivergenceError(LossauditError, AssertionError):
     """An audited path does not match the reference. pytest shows it as a failure."""
 
     exit_status = 1
+
+
+class RankFailure(EnvironmentProblem):
+    """A data-parallel rank raised, died or hung. Paths turn it into ``error`` cases."""

@@ -51,10 +51,13 @@ def prepare(config: CheckConfig) -> AuditContext:
 
 def selected_paths(config: CheckConfig, task: str) -> list[str]:
     if config.paths is None:
-        return [name for name in PATHS if task in PATHS.get(name).tasks]
+        return [name for name in PATHS if task in PATHS.get(name).tasks and not PATHS.get(name).missing()]
     for name in config.paths:
-        if task not in PATHS.get(name).tasks:
+        spec = PATHS.get(name)
+        if task not in spec.tasks:
             raise UsageError(f"path {name!r} does not apply to task {task}")
+        if spec.missing():
+            raise EnvironmentProblem(f"path {name!r} needs {', '.join(spec.missing())}: pip install {' '.join(spec.missing())}")
     return list(config.paths)
 
 
@@ -92,12 +95,12 @@ def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
     layouts = plan_layouts(ctx.batch, config.ks, paddings=config.paddings, groupings=config.groupings,
                            world_size=config.world_size)
     measurements: list[Measurement] = []
-    for i, layout in enumerate(layouts):
-        say(f"[{i + 1}/{len(layouts)}] {layout.name}")
-        if logit_paths:
+    if logit_paths:
+        for i, layout in enumerate(layouts):
+            say(f"[{i + 1}/{len(layouts)}] {layout.name}")
             measurements += run_layout(ctx, layout, logit_paths)
-        for path in step_paths:
-            measurements += path.run(ctx, layout)
+    for path in step_paths:
+        measurements += path.run_layouts(ctx, layouts, say)
     tolerance = Tolerance.measure(config.dtype, measurements, ctx.reference)
     rows = [_case(m, ctx, tolerance) for m in measurements]
     cases = pd.DataFrame(rows) if rows else pd.DataFrame(columns=CASE_COLUMNS)

@@ -18,12 +18,18 @@ class Layout:
     microbatches: int
     grouping: str
     padding: str
-    groups: tuple[tuple[int, ...], ...]  # sequence indices of each microbatch
-    world_size: int = 1
+    groups: tuple[tuple[int, ...], ...]  # sequence indices of each microbatch, rank-major
+    world_size: int = 1  # data-parallel ranks; len(groups) == world_size * microbatches
 
     @property
     def name(self) -> str:
-        return f"k={self.microbatches} {self.grouping} pad-{self.padding}"
+        ranks = f" x{self.world_size} ranks" if self.world_size > 1 else ""
+        return f"k={self.microbatches}{ranks} {self.grouping} pad-{self.padding}"
+
+    def rank_groups(self, rank: int) -> tuple[tuple[int, ...], ...]:
+        """The k microbatches rank ``rank`` accumulates: rank r holds groups[r*k:(r+1)*k]."""
+        k = self.microbatches
+        return self.groups[rank * k : (rank + 1) * k]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +66,31 @@ def plan_layouts(
     groupings: tuple[str, ...] = GROUPINGS,
     world_size: int = 1,
 ) -> list[Layout]:
-    """Every distinct layout; two groupings that give the same microbatches count once."""
+    """Every distinct layout; two groupings that give the same microbatches count once.
+
+    With ``world_size`` N the batch is cut into N*k microbatches and rank r takes the
+    r-th run of k. The groupings keep their meaning across ranks: ``imbalanced`` gives
+    rank 0 the sequences with the fewest targets, so ranks see uneven token counts and a
+    per-rank normalisation cannot hide.
+    """
     seen: set = set()
     layouts = []
     for k in microbatches:
         for grouping in groupings:
-            groups = group(batch, k, grouping)
+            groups = group(batch, world_size * k, grouping)
             for padding in paddings:
-                key = (frozenset(frozenset(g) for g in groups), padding)
-                if key not in seen:
-                    seen.add(key)
-                    layouts.append(Layout(k, grouping, padding, groups, world_size))
+                layout = Layout(k, grouping, padding, groups, world_size)
+                if _identity(layout) not in seen:
+                    seen.add(_identity(layout))
+                    layouts.append(layout)
     return layouts
+
+
+def _identity(layout: Layout) -> tuple:
+    """What makes two layouts compute different things: each rank's set of microbatches
+    (order within a rank does not matter to a sum) and the padding side."""
+    ranks = tuple(frozenset(frozenset(g) for g in layout.rank_groups(r)) for r in range(layout.world_size))
+    return ranks, layout.padding
 
 
 def pad(rows: list[torch.Tensor], value: int, side: str, length: int | None = None) -> torch.Tensor:

@@ -61,3 +61,22 @@ def sweep_auditor(job):
         hog = [bytearray(256 << 20) for _ in range(64)]
         return hog
     return audit_model(job)
+
+# Planted accelerate recipes: (model, inputs, labels, task, counts) -> the loss given to
+# accelerator.backward. See lossaudit.paths.accelerate.
+
+def _token_sum(model, inputs, labels, task):
+    from lossaudit.paths.accelerate import token_sum
+
+    return token_sum(model, inputs, labels, task)
+
+
+def unnormalised_sum(model, inputs, labels, task, counts):
+    """The token sum of each microbatch, never divided by a token count."""
+    return _token_sum(model, inputs, labels, task)
+
+
+def per_rank_mean(model, inputs, labels, task, counts):
+    """Each rank divides by its own token count (the count is never gathered): right on one
+    process, wrong as soon as ranks hold different numbers of targets and DDP averages them."""
+    return _token_sum(model, inputs, labels, task) * counts.k / counts.local

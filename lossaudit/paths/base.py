@@ -89,6 +89,15 @@ class StepPath:
         aux = layout_aux(ctx, layout) if self.with_aux else None
         return (aux.target_grads(ctx.reference.grads) if aux else ctx.reference.grads), aux
 
+    def run_layouts(self, ctx: AuditContext, layouts: list[Layout], say: Callable[[str], None]) -> list[Measurement]:
+        """Every layout of the run. A path that pays a start-up cost once per run (spawning
+        data-parallel ranks) overrides this; the default runs one layout after another."""
+        measurements = []
+        for i, layout in enumerate(layouts):
+            say(f"{self.name} [{i + 1}/{len(layouts)}] {layout.name}")
+            measurements += self.run(ctx, layout)
+        return measurements
+
 
 @dataclass(frozen=True)
 class PathSpec:
@@ -96,6 +105,12 @@ class PathSpec:
     build: Callable[["CheckConfig"], LogitPath | StepPath]
     tasks: tuple[str, ...]  # tasks the path applies to
     doc: str = ""
+    requires: tuple[str, ...] = ()  # optional packages the path imports (left out by default without them)
+
+    def missing(self) -> list[str]:
+        import importlib.util
+
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 PATHS: Registry[PathSpec] = Registry("path")

@@ -1,0 +1,128 @@
+"""Run one function on N data-parallel ranks through ``torch.distributed``, started here.
+
+``run_ranks(fn, payload, world_size)`` spawns N fresh interpreters (torch.multiprocessing,
+start method ``spawn``), joins them into one process group (gloo on CPU, nccl on CUDA, rank
+r on ``cuda:r``) through a file store in a private temporary directory, calls
+``fn(rank, world_size, payload, device)`` in each, and returns what each rank returned.
+
+The payload travels by ``torch.save`` to that directory, so every rank owns a private copy
+of the model and the parent's weights are never touched. A rank that raises, dies or hangs
+past the timeout ends the whole run: the other ranks are terminated and joined (no zombies)
+and ``RankFailure`` carries one line saying which rank and why.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from .errors import RankFailure
+
+DEFAULT_TIMEOUT_S = 900.0
+GRACE_S = 5.0  # how long a terminated rank may take to exit before it is killed
+
+RankFn = Callable[[int, int, Any, torch.device], Any]
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def run_ranks(fn: RankFn, payload: Any, world_size: int, *, device_type: str = "cpu",
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Each rank's return value (``fn`` must be a module-level function: it is pickled)."""
+    if device_type == "cuda" and world_size > torch.cuda.device_count():
+        raise RankFailure(f"{world_size} ranks on CUDA need {world_size} GPUs; {torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory(prefix="lossaudit-ranks-") as tmp:
+        workdir = Path(tmp)
+        try:
+            torch.save(payload, workdir / "payload.pt")
+        except Exception as exc:  # an unpicklable model: say so, as a rank would
+            raise RankFailure(f"cannot send the job to the ranks: {_one_line(exc)}") from None
+        context = mp.start_processes(_rank_main, args=(fn, world_size, str(workdir), device_type, timeout_s),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        try:
+            _join(context, workdir, timeout_s)
+        finally:
+            _stop(context.processes)
+        return [_load(workdir / f"result-{rank}.pt") for rank in range(world_size)]
+
+
+def _join(context, workdir: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise RankFailure(f"ranks did not finish within {timeout_s:g}s (a rank waiting in a collective?)")
+    except ProcessException as exc:  # join() has already terminated the other ranks
+        raise RankFailure(_reason(exc, workdir)) from None
+
+
+def _reason(exc: ProcessException, workdir: Path) -> str:
+    written = workdir / f"error-{exc.error_index}.txt"
+    if written.exists():
+        return f"rank {exc.error_index}: {written.read_text().strip()}"
+    return f"rank {exc.error_index}: {_one_line(exc)}"  # died without a word (signal, OOM kill)
+
+
+def _stop(processes) -> None:
+    """Terminate what is still running, then reap every process."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(GRACE_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if isinstance(exc, ProcessException) or not lines:
+        return lines[-1] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}"
+
+
+def _rank_main(rank: int, fn: RankFn, world_size: int, workdir: str, device_type: str, timeout_s: float) -> None:
+    """The body of one spawned rank."""
+    workdir_path = Path(workdir)
+    # What launchers (torchrun, accelerate launch) would set; libraries read these.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    torch.set_num_threads(max(1, _cores() // world_size))  # ranks share the machine's cores
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    try:
+        torch.distributed.init_process_group(
+            backend_for(device_type), init_method=(workdir_path / "store").as_uri(), rank=rank,
+            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        try:
+            payload = torch.load(workdir_path / "payload.pt", weights_only=False, map_location="cpu")
+            result = fn(rank, world_size, payload, device)
+        finally:
+            torch.distributed.destroy_process_group()
+        if result is not None:
+            torch.save(result, workdir_path / f"result-{rank}.pt")
+    except BaseException as exc:
+        (workdir_path / f"error-{rank}.txt").write_text(_one_line(exc))
+        raise

@@ -1,0 +1,287 @@
+"""The ``accelerate`` path: a plain PyTorch loop driven by accelerate, as its docs show it.
+
+Each recipe is one case per layout (its name goes in the ``reduction`` column):
+
+- ``naive`` — the loop of accelerate's gradient-accumulation guide:
+  ``with accelerator.accumulate(model): loss = model(**batch).loss; accelerator.backward(loss)``.
+  ``backward`` divides each microbatch's token mean by k (and DDP averages over ranks): a mean
+  of means, known to differ from the token mean on uneven token counts. Shown, never a finding.
+- ``token_count`` — the guide's "Gradient accumulation on training samples of variable size":
+  pre-load the k microbatches, count their target tokens, ``accelerator.gather`` the count over
+  processes, ``loss = token_sum * k * num_processes / num_items_in_batch`` (because ``backward``
+  divides by k and DDP averages over processes), ``no_sync`` on all but the last microbatch,
+  one optimizer step. Audited.
+- ``token_count_accumulate`` — the same loss inside ``accelerator.accumulate(model)``. Audited.
+
+The optimizer is SGD with lr 1 and nothing else, so the update it applies is minus the
+gradient, compared with the reference gradient. The weights are restored after every step.
+With ``--world-size N`` the steps run on N spawned ranks (``lossaudit.distributed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from ..batch import Batch
+from ..distributed import DEFAULT_TIMEOUT_S, run_ranks
+from ..errors import RankFailure
+from ..forward import model_inputs
+from ..grads import compare_grads, trainable
+from ..layouts import Layout, Microbatch, collate
+from ..registry import Registry
+from ..tokens import TASKS, count_targets, token_losses
+from .base import PATHS, Measurement, PathSpec, StepPath
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """What a recipe knows when it computes one microbatch's loss."""
+
+    k: int  # gradient_accumulation_steps
+    world_size: int  # accelerator.num_processes
+    local: int  # target tokens in this rank's k microbatches
+    total: int  # the local counts gathered over processes and summed: the step's target tokens
+
+
+# (model, inputs from forward.model_inputs, labels, task, counts) -> the loss given to accelerator.backward
+LossFn = Callable[[torch.nn.Module, dict, torch.Tensor, str, TokenCounts], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    loss: LossFn
+    loop: str  # "accumulate" (accelerator.accumulate per microbatch) or "manual" (no_sync, one step)
+    expected: bool = False  # known to differ from the token mean: shown, never a finding
+    doc: str = ""
+
+
+RECIPES: Registry[Recipe] = Registry("accelerate recipe")
+
+
+def model_loss(model, inputs, labels, task, counts):
+    """``model(**batch).loss``: the model's own mean over this microbatch's targets."""
+    return model(**inputs, labels=labels).loss
+
+
+def token_sum(model, inputs, labels, task) -> torch.Tensor:
+    """The guide's summing criterion; label alignment comes from ``tokens`` (float64)."""
+    return token_losses(model(**inputs).logits, labels, task).sum()
+
+
+def token_count_loss(model, inputs, labels, task, counts):
+    return token_sum(model, inputs, labels, task) * counts.k * counts.world_size / counts.total
+
+
+NAIVE_DOC = ("naive accelerate loop: model(**batch).loss is each microbatch's token mean and "
+             "accelerator.backward divides it by k (DDP averages over ranks), a mean of means that "
+             "differs from the token mean when microbatches hold different numbers of target tokens")
+RECIPES.register("naive", Recipe("naive", model_loss, "accumulate", expected=True, doc=NAIVE_DOC))
+RECIPES.register("token_count", Recipe(
+    "token_count", token_count_loss, "manual",
+    doc="accelerate docs, variable-size samples: token sum * k * num_processes / gathered token count"))
+RECIPES.register("token_count_accumulate", Recipe(
+    "token_count_accumulate", token_count_loss, "accumulate",
+    doc="the docs' token-count loss inside accelerator.accumulate()"))
+DEFAULT_RECIPES = ("naive", "token_count", "token_count_accumulate")
+
+
+def accumulate_loop(accelerator, model, optimizer, batches, loss_fn) -> list[torch.Tensor]:
+    """accelerate's guide: an ``accumulate`` block per microbatch; step and zero_grad in each
+    (the prepared optimizer only acts when accelerate syncs, every k-th microbatch)."""
+    losses = []
+    for inputs, labels in batches:
+        with accelerator.accumulate(model):
+            loss = loss_fn(model, inputs, labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
+def manual_loop(accelerator, model, optimizer, batches, loss_fn) -> list[torch.Tensor]:
+    """The guide's variable-size skeleton: no_sync on all but the last microbatch, one step."""
+    losses = []
+    for i, (inputs, labels) in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext if last or accelerator.num_processes == 1 else model.no_sync
+        with sync():
+            loss = loss_fn(model, inputs, labels)
+            accelerator.backward(loss)
+        losses.append(loss.detach())
+    optimizer.step()
+    optimizer.zero_grad()
+    return losses
+
+
+LOOPS = {"accumulate": accumulate_loop, "manual": manual_loop}
+
+
+class UpdateProbe:
+    """Reads the update an optimizer applies, exactly, and puts the weights back.
+
+    Just before the optimizer steps, the weights are set to zero, so SGD(lr=1) leaves exactly
+    -grad in them: no rounding of ``w - g`` in the model's dtype blurs the comparison.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = trainable(model)
+        self.saved = [p.detach().clone() for _, p in self.params]
+        self.steps = 0
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            for _, p in self.params:
+                p.zero_()
+
+    def gradient(self) -> list[tuple[str, torch.Tensor | None]]:
+        """The applied update as a gradient (update = -lr * grad, lr = 1); None if no step ran."""
+        if self.steps == 0:
+            return [(n, None) for n, _ in self.params]
+        return [(n, -p.detach().cpu().clone()) for n, p in self.params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, p), w in zip(self.params, self.saved):
+                p.copy_(w)
+                p.grad = None
+
+
+@dataclass
+class StepOutcome:
+    gradient: list[tuple[str, torch.Tensor | None]]  # minus the applied update, per parameter
+    loss: float  # what the update is the gradient of: sum of backward's losses / (k * ranks)
+    optimizer_steps: int
+
+
+def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Recipe, *, k: int, task: str,
+             device: torch.device) -> StepOutcome:
+    """One optimizer step of ``recipe`` on this process's k microbatches."""
+    from accelerate import Accelerator
+
+    probe = UpdateProbe(model)
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k)
+    try:
+        optimizer = torch.optim.SGD([p for _, p in probe.params], lr=1.0)  # no momentum, decay, clipping
+        probe.watch(optimizer)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        # inputs are built for the unwrapped model: DDP's forward(*args, **kwargs) hides which it takes
+        batches = [(model_inputs(model, mb, device), mb.labels.to(device)) for mb in microbatches]
+        local = sum(count_targets(mb.labels, task) for mb in microbatches)
+        total = int(accelerator.gather(torch.tensor([local], device=device)).sum())
+        counts = TokenCounts(k, accelerator.num_processes, local, total)
+        loss_fn = partial(_call, recipe.loss, task=task, counts=counts)
+        losses = LOOPS[recipe.loop](accelerator, prepared, optimizer, batches, loss_fn)
+        summed = accelerator.reduce(torch.stack([x.to(torch.float64) for x in losses]).sum(), "sum")
+        return StepOutcome(probe.gradient(), float(summed) / (k * counts.world_size), probe.steps)
+    finally:
+        probe.restore()
+        accelerator.sync_gradients = True  # GradientState is process-wide: leave no half-open window
+
+
+def _call(loss: LossFn, model, inputs, labels, *, task, counts):
+    return loss(model, inputs, labels, task, counts)
+
+
+@dataclass
+class RankJob:
+    """What every rank needs: the model, the batch and what to run on it."""
+
+    model: torch.nn.Module
+    batch: Batch
+    layouts: list[Layout]
+    recipes: list[Recipe]
+
+
+def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -> list[StepOutcome] | None:
+    """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches."""
+    model = job.model.to(device)
+    model.train()
+    outcomes = []
+    for layout in job.layouts:
+        mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
+        for recipe in job.recipes:
+            outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device))
+    return outcomes if rank == 0 else None  # every rank holds the same update after the all-reduce
+
+
+class AcceleratePath(StepPath):
+    name = "accelerate"
+
+    def __init__(self, recipes: list[Recipe], *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.recipes = recipes
+        self.timeout_s = timeout_s
+
+    def run(self, ctx, layout):
+        """One layout in this process (world size 1)."""
+        mbs = [collate(ctx.batch, g, layout.padding) for g in layout.rank_groups(0)]
+        measurements = []
+        for recipe in self.recipes:
+            try:
+                outcome = run_step(ctx.model, mbs, recipe, k=layout.microbatches, task=ctx.batch.task,
+                                   device=ctx.device)
+            except Exception as exc:  # the stack under audit failed: an error case, not a crash
+                measurements.append(_failed(ctx, layout, recipe, f"{type(exc).__name__}: {exc}"))
+                continue
+            measurements.append(_measurement(ctx, layout, recipe, outcome))
+        return measurements
+
+    def run_layouts(self, ctx, layouts, say):
+        world_size = layouts[0].world_size if layouts else 1
+        if world_size == 1:
+            return super().run_layouts(ctx, layouts, say)
+        say(f"accelerate: {len(layouts)} layouts on {world_size} ranks")
+        job = RankJob(ctx.model, ctx.batch, layouts, self.recipes)
+        try:
+            outcomes = run_ranks(rank_steps, job, world_size, device_type=ctx.device.type,
+                                 timeout_s=self.timeout_s)[0]
+        except RankFailure as exc:
+            return [_failed(ctx, layout, recipe, str(exc)) for layout in layouts for recipe in self.recipes]
+        pairs = [(layout, recipe) for layout in layouts for recipe in self.recipes]
+        return [_measurement(ctx, layout, recipe, outcome) for (layout, recipe), outcome in zip(pairs, outcomes)]
+
+
+def _counts(ctx, layout: Layout) -> tuple[list[int], list[int]]:
+    """Target tokens per microbatch, and per rank."""
+    per_mb = [sum(ctx.batch.targets[i] for i in g) for g in layout.groups]
+    k = layout.microbatches
+    return per_mb, [sum(per_mb[r * k : (r + 1) * k]) for r in range(layout.world_size)]
+
+
+def _measurement(ctx, layout: Layout, recipe: Recipe, outcome: StepOutcome) -> Measurement:
+    per_mb, per_rank = _counts(ctx, layout)
+    notes = [recipe.doc] if recipe.expected else []
+    if outcome.optimizer_steps != 1:
+        notes.append(f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
+                     f"accumulated microbatches (once expected)")
+    return Measurement(
+        path="accelerate", reduction=recipe.name, layout=layout, loss=outcome.loss,
+        grads=compare_grads(ctx.reference.grads, outcome.gradient), counts=per_mb,
+        expected=recipe.expected, note="; ".join(notes),
+        extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps},
+    )
+
+
+def _failed(ctx, layout: Layout, recipe: Recipe, reason: str) -> Measurement:
+    per_mb, per_rank = _counts(ctx, layout)
+    return Measurement(path="accelerate", reduction=recipe.name, layout=layout, loss=float("nan"), grads=None,
+                       counts=per_mb, expected=recipe.expected, error=reason.splitlines()[0] if reason else "failed",
+                       extra={"rank_tokens": per_rank, "optimizer_steps": 0})
+
+
+PATHS.register(
+    "accelerate",
+    PathSpec("accelerate", lambda config: AcceleratePath([RECIPES.get(n) for n in DEFAULT_RECIPES]), TASKS,
+             "a plain PyTorch loop with Accelerator.accumulate(): naive and token-count recipes",
+             requires=("accelerate",)),
+)
