@@ -45,6 +45,19 @@ class Reference:
         return means
 
 
+    def rank_means(self, batch: Batch, layout: Layout) -> list[float]:
+        """Each data-parallel rank's own token mean (NaN where a rank holds no target): what
+        ranks that normalise by their local count, before DDP averages them, compute."""
+        targets = batch.targets
+        means = []
+        for rank in range(layout.world_size):
+            seqs = [i for group in layout.rank_groups(rank) for i in group]
+            count = sum(targets[i] for i in seqs)
+            total = sum(float(self.sequence_losses[i].sum()) for i in seqs)
+            means.append(total / count if count else float("nan"))
+        return means
+
+
 def step_tokens(batch: Batch, layout: Layout) -> StepTokens:
     return StepTokens(tuple(target_mask(mb.labels, batch.task) for mb in microbatches(batch, layout)))
 

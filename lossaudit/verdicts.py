@@ -131,6 +131,11 @@ def _ce_cause(m: Measurement, loss: float, reference: Reference, batch: Batch, t
     ):
         if name in REDUCTIONS and abs(loss - factor * reference.step_loss(batch, m.layout, REDUCTIONS.get(name))) <= near:
             return f"loss equals {cause}"
+    if m.layout.world_size > 1:
+        means = reference.rank_means(batch, m.layout)
+        if abs(m.loss - sum(means) / len(means)) <= near:
+            return ("loss equals the mean of each rank's own token mean: per-rank normalisation (each rank "
+                    "divides by its local target count, not the count gathered over ranks)")
     g = m.grads
     if g is not None and _finite(g.cosine, g.scale) and g.cosine > 1 - 1e-6:
         return f"gradient is {g.scale:.4g}x the reference in the same direction"

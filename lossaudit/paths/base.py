@@ -94,7 +94,7 @@ class StepPath:
         data-parallel ranks) overrides this; the default runs one layout after another."""
         measurements = []
         for i, layout in enumerate(layouts):
-            say(f"{self.name} [{i + 1}/{len(layouts)}] {layout.name}")
+            say(f"[{i + 1}/{len(layouts)}] {self.name}: {layout.name}")
             measurements += self.run(ctx, layout)
         return measurements
 
