@@ -135,3 +135,10 @@ def test_llama_on_two_ranks_through_the_api():
     rank_tokens = acc.loc["token_count", "rank_tokens"]
     assert len(rank_tokens) == 2 and rank_tokens[0] != rank_tokens[1]
     assert no_children_left() == []
+
+
+def test_cli_rejects_more_microbatches_than_ranks_can_share():
+    from test_cli import assert_usage_error, run
+
+    assert_usage_error(run("check", "llama", "--world-size", "3", "--microbatches", "4"),
+                       "--microbatches 4: must be between 1 and the batch size over --world-size (2)")
