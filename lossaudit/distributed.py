@@ -13,12 +13,13 @@ and ``RankFailure`` carries one line saying which rank and why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -67,9 +68,12 @@ def _join(context, workdir: Path, timeout_s: float) -> None:
 
 
 def _reason(exc: ProcessException, workdir: Path) -> str:
-    written = workdir / f"error-{exc.error_index}.txt"
-    if written.exists():
-        return f"rank {exc.error_index}: {written.read_text().strip()}"
+    """The first rank's error: when one rank fails, its peers then fail in their collectives
+    ("connection reset by peer"), and whichever the parent notices first is not the cause."""
+    written = sorted(workdir.glob("error-*.txt"), key=lambda p: p.stat().st_mtime_ns)
+    if written:
+        rank = written[0].stem.removeprefix("error-")
+        return f"rank {rank}: {written[0].read_text().strip()}"
     return f"rank {exc.error_index}: {_one_line(exc)}"  # died without a word (signal, OOM kill)
 
 
@@ -112,17 +116,26 @@ def _rank_main(rank: int, fn: RankFn, world_size: int, workdir: str, device_type
     if device_type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    try:
+    with _errors_recorded(workdir_path / f"error-{rank}.txt"):
         torch.distributed.init_process_group(
             backend_for(device_type), init_method=(workdir_path / "store").as_uri(), rank=rank,
             world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        try:
+    try:
+        # The error is written before the group is torn down: peers fail as soon as it is,
+        # and the parent names the rank whose error was written first.
+        with _errors_recorded(workdir_path / f"error-{rank}.txt"):
             payload = torch.load(workdir_path / "payload.pt", weights_only=False, map_location="cpu")
             result = fn(rank, world_size, payload, device)
-        finally:
-            torch.distributed.destroy_process_group()
-        if result is not None:
-            torch.save(result, workdir_path / f"result-{rank}.pt")
+            if result is not None:
+                torch.save(result, workdir_path / f"result-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _errors_recorded(path: Path) -> Iterator[None]:
+    try:
+        yield
     except BaseException as exc:
-        (workdir_path / f"error-{rank}.txt").write_text(_one_line(exc))
+        path.write_text(_one_line(exc))
         raise
