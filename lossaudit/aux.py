@@ -174,7 +174,7 @@ def layout_aux(ctx: "AuditContext", layout: "Layout") -> LayoutAux | None:
     from .forward import forward
     from .layouts import microbatches
 
-    acc = AuxAccumulator(ctx, layout.microbatches)
+    acc = AuxAccumulator(ctx, len(layout.groups))  # world_size * k microbatches: DDP averages the ranks
     for mb in microbatches(ctx.batch, layout):
         outputs, _ = forward(ctx.model, mb, ctx.device)
         acc.add(outputs, mb)

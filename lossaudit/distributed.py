@@ -17,6 +17,7 @@ import contextlib
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,6 +56,33 @@ def run_ranks(fn: RankFn, payload: Any, world_size: int, *, device_type: str = "
         finally:
             _stop(context.processes)
         return [_load(workdir / f"result-{rank}.pt") for rank in range(world_size)]
+
+
+@dataclass
+class PortableModel:
+    """A model as ranks can receive it. A transformers model travels as its class, config and
+    weights and is rebuilt in the rank: pickling the module itself fails on the local-function
+    hooks some models install (transformers 5: output capturing on MoE models)."""
+
+    module: torch.nn.Module | None = None
+    cls: type | None = None
+    config: Any = None
+    state: dict | None = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "PortableModel":
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(type(model), "config_class"):
+            return cls(module=model)
+        return cls(cls=type(model), config=config, state={k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        if self.module is not None:
+            return self.module.to(device)
+        model = self.cls(self.config)
+        model.load_state_dict(self.state)
+        dtype = next(iter(self.state.values())).dtype if self.state else None
+        return model.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
 
 
 def _join(context, workdir: Path, timeout_s: float) -> None:

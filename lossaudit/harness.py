@@ -68,7 +68,7 @@ def run_layout(ctx: AuditContext, layout: Layout, logit_paths: list[LogitPath]) 
     for path in logit_paths:
         path.start(ctx, layout, step)
     wants_labels = any(p.wants_labels for p in logit_paths)
-    aux = AuxAccumulator(ctx, layout.microbatches) if ctx.reference.aux else None
+    aux = AuxAccumulator(ctx, len(layout.groups)) if ctx.reference.aux else None  # all ranks' microbatches
 
     for index, mb in enumerate(mbs):
         outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=wants_labels,

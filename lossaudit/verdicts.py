@@ -100,7 +100,7 @@ def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolera
 
 def aux_cause(m: Measurement, carried: float) -> str:
     """How the step's aux loss compares with the mean over microbatches it should carry."""
-    k, mean = m.layout.microbatches, m.aux_target.mean
+    k, mean = len(m.layout.groups), m.aux_target.mean  # microbatches over all ranks
     ratio = carried / mean if mean else math.nan
     if k > 1 and abs(ratio - k) <= 1e-3 * k:
         return f"aux loss summed over {k} microbatches: {k}x their mean"

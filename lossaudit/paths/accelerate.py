@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..batch import Batch
-from ..distributed import DEFAULT_TIMEOUT_S, run_ranks
+from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..errors import RankFailure
 from ..forward import model_inputs
 from ..grads import compare_grads, trainable
@@ -197,7 +197,7 @@ def _call(loss: LossFn, model, inputs, labels, *, task, counts):
 class RankJob:
     """What every rank needs: the model, the batch and what to run on it."""
 
-    model: torch.nn.Module
+    model: PortableModel
     batch: Batch
     layouts: list[Layout]
     recipes: list[Recipe]
@@ -205,7 +205,7 @@ class RankJob:
 
 def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -> list[StepOutcome] | None:
     """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches."""
-    model = job.model.to(device)
+    model = job.model.build(device)
     model.train()
     outcomes = []
     for layout in job.layouts:
@@ -217,6 +217,9 @@ def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -
 
 class AcceleratePath(StepPath):
     name = "accelerate"
+    # The token-count recipes train cross entropy alone (the docs' summing criterion), so they
+    # are compared with the cross-entropy reference; a MoE router aux loss is not part of them.
+    with_aux = False
 
     def __init__(self, recipes: list[Recipe], *, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.recipes = recipes
@@ -241,7 +244,7 @@ class AcceleratePath(StepPath):
         if world_size == 1:
             return super().run_layouts(ctx, layouts, say)
         say(f"accelerate: {len(layouts)} layouts on {world_size} ranks")
-        job = RankJob(ctx.model, ctx.batch, layouts, self.recipes)
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, self.recipes)
         try:
             outcomes = run_ranks(rank_steps, job, world_size, device_type=ctx.device.type,
                                  timeout_s=self.timeout_s)[0]
