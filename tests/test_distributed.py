@@ -142,3 +142,18 @@ def test_cli_rejects_more_microbatches_than_ranks_can_share():
 
     assert_usage_error(run("check", "llama", "--world-size", "3", "--microbatches", "4"),
                        "--microbatches 4: must be between 1 and the batch size over --world-size (2)")
+
+
+def test_a_transformers_model_travels_as_class_config_and_weights():
+    from lossaudit.distributed import PortableModel
+    from lossaudit.models import load_model
+
+    model = load_model("llama", seed=0).model.to(torch.float64)
+    portable = PortableModel.of(model)
+    assert portable.module is None and portable.cls is type(model)
+    rebuilt = portable.build(torch.device("cpu"))
+    assert rebuilt is not model
+    for (name, p), (_, q) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert q.dtype == torch.float64 and torch.equal(p, q), name
+    toy = toy_context(toy_batch([3, 4], [1, 1])).model
+    assert PortableModel.of(toy).module is toy  # any other module travels pickled
