@@ -175,6 +175,9 @@ def rows_from_report(job: Job, report, seconds: float) -> list[dict]:
     rows = []
     for path in job.paths:
         mine = cases[cases["path"] == path]
+        if mine.empty:
+            rows.append(_row(job, path, SKIP, f"the {path} path gave no cases", seconds=round(seconds, 2)))
+            continue
         worst = mine.sort_values("grad_rel_err", ascending=False, na_position="first").iloc[0]
         bad = mine[mine["verdict"] != "match"]
         status = FINDING if len(bad) else PASS
@@ -206,12 +209,20 @@ def classify(bad, sensitive) -> tuple[str, str]:
                         else "the model's loss is reduced wrongly across microbatches: ")
                        + f"{case['detail']} ({_layout(case)})")
     if len(sensitive):
-        worst = _num(sensitive["grad_rel_err"].max())
         causes.append("padding-sensitive")
-        reasons.append(f"the model's logits depend on the layout (pad-{'/'.join(sorted(set(sensitive['padding'])))}): "
-                       f"lossaudit's own correct reduction of them diverges too"
-                       + (f" (grad error up to {worst:.2g})" if worst is not None else "") + ", so no loss can match there")
+        reasons.append(_sensitivity(sensitive))
     return "+".join(causes), "; ".join(reasons)
+
+
+def _sensitivity(sensitive) -> str:
+    sides = f"pad-{'/'.join(sorted(set(sensitive['padding'])))}"
+    errors = sensitive[sensitive["verdict"] == "error"]
+    if len(errors):  # e.g. NaN gradients from a fully masked attention row of a pad position
+        return (f"under {sides} even lossaudit's own correct reduction of the model's logits fails: "
+                f"{errors.iloc[0]['detail']}")
+    worst = _num(sensitive["grad_rel_err"].max())
+    return (f"the model's logits depend on the layout ({sides}): lossaudit's own correct reduction of them "
+            f"diverges too" + (f" (grad error up to {worst:.2g})" if worst is not None else "") + ", so no loss can match there")
 
 
 def _layout(case) -> str:
