@@ -30,6 +30,11 @@ def build_parser() -> Parser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """A library's multi-line message (validation errors, CUDA hints) as one stderr line."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("LOSSAUDIT_DEBUG") == "1"
     try:
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except LossauditError as exc:
         if debug:
             raise
-        print(f"lossaudit: error: {exc}", file=sys.stderr)
+        print(f"lossaudit: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("lossaudit: interrupted", file=sys.stderr)
@@ -48,6 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line, the traceback on request
         if debug:
             raise
-        print(f"lossaudit: internal error: {type(exc).__name__}: {exc} (set LOSSAUDIT_DEBUG=1 for the traceback)",
+        print(f"lossaudit: internal error: {type(exc).__name__}: {_one_line(exc)} (set LOSSAUDIT_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 3

@@ -4,7 +4,6 @@ layout, judge each case. Returns a Report; writes nothing (the CLI does)."""
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import pandas as pd
@@ -15,11 +14,12 @@ from .batch import make_batch
 from .config import CheckConfig, parse_value
 from .environment import environment
 from .errors import EnvironmentProblem, UsageError
+from .faults import has_nonfinite, must_propagate, one_line, out_of_memory_is_environmental
 from .forward import forward
 from .grads import trainable
 from .layouts import Layout, microbatches, plan_layouts
 from .models import load_model
-from .paths import PATHS, AuditContext, LogitPath, Measurement
+from .paths import PATHS, AuditContext, LogitPath, Measurement, StepPath
 from .reference import compute_reference
 from .report import CASE_COLUMNS, Report
 from .tokens import target_mask, token_losses
@@ -62,31 +62,107 @@ def selected_paths(config: CheckConfig, task: str) -> list[str]:
 
 
 def run_layout(ctx: AuditContext, layout: Layout, logit_paths: list[LogitPath]) -> list[Measurement]:
-    """One forward per microbatch, shared by every logit path."""
+    """One forward per microbatch, shared by every logit path.
+
+    A path that raises becomes an error case and the others go on; a forward that raises
+    fails the paths that needed it. The first non-finite logits are named on every case.
+    """
     mbs = microbatches(ctx.batch, layout)
     step = StepTokens(tuple(target_mask(mb.labels, ctx.batch.task) for mb in mbs))
+    failed: dict[int, str] = {}  # id(path) -> one-line reason
     for path in logit_paths:
-        path.start(ctx, layout, step)
-    wants_labels = any(p.wants_labels for p in logit_paths)
+        _attempt(failed, path, "start", path.start, ctx, layout, step)
     aux = AuxAccumulator(ctx, len(layout.groups)) if ctx.reference.aux else None  # all ranks' microbatches
-
+    fault = None
     for index, mb in enumerate(mbs):
-        outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=wants_labels,
-                                    num_items_in_batch=step.total if wants_labels else None)
-        losses = token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task)
+        live = [p for p in logit_paths if id(p) not in failed]
+        if not live:
+            break
+        where = f"microbatch {index + 1} of {len(mbs)}"
+        shared = _shared_forward(ctx, mb, step, live, failed, where)
+        if shared is None:
+            continue
+        outputs, losses, rejected = shared
+        if fault is None and has_nonfinite(outputs.logits):
+            fault = f"NaN/Inf in the logits of {where}"
         if aux:
             aux.add(outputs, mb)
-        for path in logit_paths:
-            path.microbatch(index, mb, outputs, losses, rejected)
-    if aux:
+        for path in live:
+            if id(path) not in failed:
+                _attempt(failed, path, where, path.microbatch, index, mb, outputs, losses, rejected)
+    if aux and any(id(p) not in failed for p in logit_paths):
         ctx.aux_target = (layout, aux.result())  # read by paths' finish through aux.layout_aux
-    return [m for p in logit_paths for m in p.finish()]
+    measurements = []
+    for path in logit_paths:
+        done = None if id(path) in failed else _attempt(failed, path, "finish", path.finish)
+        if done is None:
+            measurements.append(failed_case(ctx, layout, path.name, failed[id(path)]))
+            continue
+        for m in done:
+            m.fault = m.fault or fault
+        measurements += done
+    return measurements
+
+
+def _shared_forward(ctx, mb, step, live, failed, where):
+    """(outputs, token losses, num_items rejected) or None when every live path failed.
+
+    With labels the model runs its own loss code; if that raises, only the paths that asked
+    for it fail and the forward is tried again without labels for the rest."""
+    wants = [p for p in live if p.wants_labels]
+    for with_labels in ([True, False] if wants else [False]):
+        if all(id(p) in failed for p in live):
+            return None
+        try:
+            outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=with_labels,
+                                        num_items_in_batch=step.total if with_labels else None)
+            return outputs, token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task), rejected
+        except Exception as exc:
+            if must_propagate(exc):
+                raise
+            blamed = wants if with_labels else [p for p in live if id(p) not in failed]
+            for path in blamed:
+                failed[id(path)] = f"forward of {where}{' with labels' if with_labels else ''}: {one_line(exc)}"
+    return None
+
+
+def _attempt(failed: dict[int, str], path, where: str, fn, *args):
+    """Call one path's hook; an exception fails that path on this layout only."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if must_propagate(exc):
+            raise
+        failed[id(path)] = f"{path.name} path raised in {where}: {one_line(exc)}"
+        return None
+
+
+def failed_case(ctx: AuditContext, layout: Layout, path: str, reason: str) -> Measurement:
+    return Measurement.failed(path, layout, ctx.batch, reason)
+
+
+def run_step_path(ctx: AuditContext, layouts: list[Layout], path: StepPath, say: Progress) -> list[Measurement]:
+    """All layouts of one step path. ``StepPath.run_layouts`` isolates each layout; this
+    catches what escapes an override of it (a failed start-up), failing every layout."""
+    try:
+        return path.run_layouts(ctx, layouts, say)
+    except Exception as exc:
+        if must_propagate(exc):
+            raise
+        return [failed_case(ctx, layout, path.name, f"{path.name} path raised: {one_line(exc)}") for layout in layouts]
 
 
 def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
+    """Build the model and batch, then run every case. Out of memory ends the run with
+    one message naming the knobs (exit 3)."""
+    with out_of_memory_is_environmental(config):
+        (progress or (lambda _msg: None))(f"building {config.model}")
+        return run_cases(prepare(config), progress)
+
+
+def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
     say = progress or (lambda _msg: None)
-    say(f"building {config.model}")
-    ctx = prepare(config)
+    config = ctx.config
     task = ctx.batch.task
     names = selected_paths(config, task)
     built = [PATHS.get(n).build(config) for n in names]
@@ -100,15 +176,15 @@ def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
             say(f"[{i + 1}/{len(layouts)}] {layout.name}")
             measurements += run_layout(ctx, layout, logit_paths)
     for path in step_paths:
-        measurements += path.run_layouts(ctx, layouts, say)
+        measurements += run_step_path(ctx, layouts, path, say)
     tolerance = Tolerance.measure(config.dtype, measurements, ctx.reference)
     rows = [_case(m, ctx, tolerance) for m in measurements]
     cases = pd.DataFrame(rows) if rows else pd.DataFrame(columns=CASE_COLUMNS)
     cases = cases[CASE_COLUMNS + [c for c in cases.columns if c not in CASE_COLUMNS]]
     return Report(
         environment=environment(device=config.device, dtype=config.dtype, seed=config.seed),
-        model={"name": config.model, "task": task, "parameters": ctx.loaded.parameters,
-               "source": ctx.loaded.source, "class": type(ctx.model).__name__},
+        model={"name": config.model, "task": task, "parameters": sum(p.numel() for p in ctx.model.parameters()),
+               "source": ctx.loaded.source if ctx.loaded else "object", "class": type(ctx.model).__name__},
         cases=cases,
         tolerance=tolerance.to_dict(),
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
@@ -152,5 +228,5 @@ def _case(m: Measurement, ctx: AuditContext, tol: Tolerance) -> dict:
         "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
         "verdict": verdict, "expected": bool(m.expected), "detail": detail,
         "microbatch_losses": ctx.reference.microbatch_losses(ctx.batch, m.layout),
-        **aux_fields(m, ctx.reference), **m.extra,
+        "first_nonfinite": m.fault or (g.nonfinite_param if g else None), **aux_fields(m, ctx.reference), **m.extra,
     }

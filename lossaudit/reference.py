@@ -9,6 +9,7 @@ import torch
 
 from .aux import ReferenceAux, aux_spec, reference_aux
 from .batch import Batch
+from .faults import has_nonfinite
 from .forward import forward
 from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
@@ -23,6 +24,7 @@ class Reference:
     grads: dict[str, torch.Tensor]
     sequence_losses: list[torch.Tensor]  # per sequence: float64 aligned token losses, 0 off-target
     aux: ReferenceAux | None = None  # MoE: the full batch's router aux loss (aux.py)
+    nonfinite: str | None = None  # the first tensor holding NaN/Inf: then nothing can be compared
 
     def step_loss(self, batch: Batch, layout: Layout, reduction: Reduction) -> float:
         """What ``reduction`` gives on ``layout``, from the reference's token losses (no forward)."""
@@ -78,6 +80,7 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
     loss = losses.sum() / count
     aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
     grads = grads_of(loss, params, retain_graph=False)
+    nonfinite = _first_nonfinite(outputs.logits, loss, params, grads)
     widths = [int(target_mask(s.labels[None], batch.task).shape[1]) for s in batch.samples]
     return Reference(
         loss=float(loss.detach()),
@@ -85,4 +88,13 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
         grads={n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)},
         sequence_losses=[losses[i, :w].detach().cpu() for i, w in enumerate(widths)],
         aux=aux,
+        nonfinite=nonfinite,
     )
+
+
+def _first_nonfinite(logits, loss, params: Params, grads) -> str | None:
+    if has_nonfinite(logits):
+        return "the full batch's logits"
+    if has_nonfinite(loss):
+        return "the full batch's loss"
+    return next((f"the gradient of {n}" for (n, _), g in zip(params, grads) if g is not None and has_nonfinite(g)), None)

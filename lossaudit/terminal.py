@@ -37,8 +37,10 @@ def use_color(stream=sys.stdout, requested: bool = True) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
-def progress_printer(stream=sys.stderr):
-    """Progress on one rewritten line when ``stream`` is a terminal; silent otherwise."""
+def progress_printer(stream=None):
+    """Progress on one rewritten line when ``stream`` (default: the current stderr, looked up
+    at call time) is a terminal; silent otherwise."""
+    stream = stream or sys.stderr
     if not stream.isatty():
         return None
 

@@ -68,22 +68,40 @@ def judge(m: Measurement, tol: Tolerance, reference: Reference, batch: Batch) ->
     tokens = f"target tokens per microbatch {m.counts}"
     if m.error:
         return "error", m.error
+    if reference.nonfinite:
+        return "error", f"the reference is not finite (NaN/Inf first in {reference.nonfinite}): nothing can be compared"
     g = m.grads
     if not _finite(m.loss) or (g is not None and g.nonfinite_param):
-        empty = [i for i, c in enumerate(m.counts) if c == 0]
-        if empty:
-            which = ", ".join(f"{i + 1} of {len(m.counts)}" for i in empty)
-            return "diverge", (
-                f"microbatch {which} holds zero target tokens: its token mean is 0/0, "
-                f"so the step's loss and gradient are NaN ({tokens})"
-            )
-        where = f"; first non-finite gradient in {g.nonfinite_param}" if g and g.nonfinite_param else ""
-        return "error", f"non-finite loss {m.loss}{where}"
+        return nonfinite_verdict(m, reference, batch, tokens)
     rel = loss_rel_err(m, reference)
     info = aux_info(m, reference) if m.aux_target is not None else ""
     if rel <= tol.rtol and (g is None or g.rel_err <= tol.rtol):
         return "match", "; ".join(x for x in (m.note, info) if x)
     return "diverge", "; ".join(x for x in (m.note, likely_cause(m, reference, batch, tol), tokens, info) if x)
+
+
+def nonfinite_verdict(m: Measurement, reference: Reference, batch: Batch, tokens: str) -> tuple[str, str]:
+    """NaN or Inf in a case: a named ``diverge`` when a microbatch with zero targets explains
+    it (a token mean of nothing is 0/0), otherwise an ``error`` naming the first tensor."""
+    g = m.grads
+    grad = f"first non-finite gradient in {g.nonfinite_param}" if g and g.nonfinite_param else "gradients finite"
+    empty = [i for i, c in enumerate(m.counts) if c == 0]
+    if m.fault is None and empty and _empty_explains(m, reference, batch):
+        which = ", ".join(f"{i + 1} of {len(m.counts)}" for i in empty)
+        return "diverge", (
+            f"microbatch {which} holds zero target tokens: its token mean is 0/0, "
+            f"so the step's loss and gradient are NaN ({tokens})"
+        )
+    first = m.fault or (f"non-finite loss {m.loss}" if not _finite(m.loss) else "loss finite")
+    return "error", f"{first}; {grad} ({tokens})"
+
+
+def _empty_explains(m: Measurement, reference: Reference, batch: Batch) -> bool:
+    """For a known reduction, whether the reduction itself is NaN on this layout (predicted
+    from the reference's finite token losses); other paths get the benefit of the doubt."""
+    if m.path != "reduction" or m.reduction not in REDUCTIONS:
+        return True
+    return not math.isfinite(reference.step_loss(batch, m.layout, REDUCTIONS.get(m.reduction)))
 
 
 def likely_cause(m: Measurement, reference: Reference, batch: Batch, tol: Tolerance) -> str:

@@ -25,8 +25,12 @@ class ToyLM(torch.nn.Module):
         self.head = torch.nn.Parameter(torch.randn(6, VOCAB, generator=g, dtype=torch.float64))
         self.honour_num_items = honour_num_items
 
+    def scores(self, input_ids):
+        """Logits (B, T, V); tests override this to plant faults before the loss."""
+        return self.embed[input_ids] @ self.head
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None):
-        logits = self.embed[input_ids] @ self.head  # (B, T, V)
+        logits = self.scores(input_ids)  # (B, T, V)
         loss = None
         if labels is not None:
             flat = logits[:, :-1].reshape(-1, VOCAB)

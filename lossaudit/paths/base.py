@@ -33,8 +33,16 @@ class Measurement:
     counts: list[int]  # target tokens per microbatch
     expected: bool = False
     note: str = ""  # facts the path knows about itself, for the detail
-    error: str | None = None
+    error: str | None = None  # the path raised: a one-line reason, the case is an error
+    fault: str | None = None  # the first non-finite tensor the harness saw in this layout (logits)
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, path: str, layout: Layout, batch: "Batch", reason: str) -> "Measurement":
+        """The error case of a path that raised on ``layout``."""
+        counts = [sum(batch.targets[i] for i in g) for g in layout.groups]
+        return cls(path=path, reduction=None, layout=layout, loss=float("nan"), grads=None,
+                   counts=counts, error=reason)
     # MoE: the aux loss this step carried (sum of each microbatch's aux times the weight the
     # path gave it), when the path knows it, and the layout's aux target when the path's
     # objective includes the router aux loss (then it is judged against CE + coef * mean aux)
@@ -95,8 +103,20 @@ class StepPath:
         measurements = []
         for i, layout in enumerate(layouts):
             say(f"[{i + 1}/{len(layouts)}] {self.name}: {layout.name}")
-            measurements += self.run(ctx, layout)
+            measurements += self.run_guarded(ctx, layout)
         return measurements
+
+    def run_guarded(self, ctx: AuditContext, layout: Layout) -> list[Measurement]:
+        """``run``, with an exception turned into this layout's error case (the run goes on);
+        out of memory and lossaudit's own errors still end the run."""
+        from ..faults import must_propagate, one_line
+
+        try:
+            return self.run(ctx, layout)
+        except Exception as exc:
+            if must_propagate(exc):
+                raise
+            return [Measurement.failed(self.name, layout, ctx.batch, f"{self.name} path raised: {one_line(exc)}")]
 
 
 @dataclass(frozen=True)
