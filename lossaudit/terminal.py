@@ -30,8 +30,9 @@ def add_color_argument(parser: argparse.ArgumentParser) -> None:
                         help="plain text even on a terminal (NO_COLOR in the environment does the same)")
 
 
-def use_color(stream=sys.stdout, requested: bool = True) -> bool:
+def use_color(stream=None, requested: bool = True) -> bool:
     """Colour only on a terminal, unless --no-color, NO_COLOR (no-color.org) or TERM=dumb."""
+    stream = stream or sys.stdout  # looked up per call: callers and tests swap sys.stdout
     if not requested or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
         return False
     return bool(getattr(stream, "isatty", lambda: False)())
@@ -52,10 +53,11 @@ def progress_printer(stream=None):
 
 
 @contextlib.contextmanager
-def progress(*, color: bool, stream=sys.stderr) -> Iterator:
+def progress(*, color: bool, stream=None) -> Iterator:
     """A progress callback for ``harness.audit``: a rich bar over the layouts when colour is
     on, the plain rewritten line on a terminal otherwise, nothing when not a terminal.
     The bar or line is cleared on exit, so the summary starts on a clean line."""
+    stream = stream or sys.stderr
     if not stream.isatty():
         yield None
         return
@@ -147,7 +149,8 @@ def summary(report: Report, written: list[Path]) -> str:
     return "\n".join("".join(text for text, _ in line) for line in summary_lines(report, written))
 
 
-def print_summary(report: Report, written: list[Path], *, color: bool, stream=sys.stdout) -> None:
+def print_summary(report: Report, written: list[Path], *, color: bool, stream=None) -> None:
+    stream = stream or sys.stdout
     """The summary in colour through rich, or exactly ``summary`` as plain text."""
     if not color:
         print(summary(report, written), file=stream)
