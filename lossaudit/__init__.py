@@ -37,7 +37,19 @@ def check(model: str, **options):
     return audit(CheckConfig(model=model, **options), progress)
 
 
+def compare(old, new, **thresholds):
+    """Compare report ``new`` with the baseline ``old`` (Reports or paths to report.json).
+
+    ``thresholds`` take the CLI's values: ``max_grad_growth="10x"``, ``max_loss_rel_err=1e-4``,
+    ``strict=True``. Returns a :class:`lossaudit.baseline.Comparison` (``.cases`` is a DataFrame).
+    """
+    from .baseline import compare as compare_reports
+    from .gate import Gate
+
+    return compare_reports(old, new, Gate.parse(**thresholds))
+
+
 __all__ = [
-    "check", "register_reduction", "StepTokens",
+    "check", "compare", "register_reduction", "StepTokens",
     "LossauditError", "UsageError", "DivergenceError", "EnvironmentProblem",
 ]

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..gate import OPTIONS as GATE_OPTIONS
+from ..gate import Gate, add_gate_arguments
 from ..terminal import add_color_argument
 
 HELP = "audit one model"
@@ -53,13 +55,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", type=Path, help="report directory (default reports/MODEL-TASK/)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    p.add_argument("--baseline", type=Path, metavar="FILE",
+                   help="a report.json to compare with after the audit: exit 1 on a regression too")
+    p.add_argument("--replace-baseline", action="store_true",
+                   help="allow --out to write the new report over the --baseline file")
+    add_gate_arguments(p)
     add_color_argument(p)
+
+
+NOT_CONFIG = {"command", "out", "overwrite", "color", "baseline", "replace_baseline"} | {o.dest for o in GATE_OPTIONS}
 
 
 def config_from_args(args: argparse.Namespace):
     from ..config import CheckConfig
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite", "color")}
+    options = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     for key in ("paths", "trainer_args", "config_args"):
         options[key] = tuple(options[key]) if options[key] is not None else None
     if options["reductions"] is None:
@@ -86,6 +96,31 @@ def check_out(out: Path | None, overwrite: bool, name: str = "report.json") -> N
         raise UsageError(f"--out {out}: {parent} is not writable")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_baseline(args: argparse.Namespace):
+    """Load the baseline before any work (a missing or broken one is a usage error), refuse an
+    --out that would write onto it unless --replace-baseline, and refuse gate options without it."""
+    if args.baseline is None:
+        changed = [f"--{o.name}" for o in GATE_OPTIONS
+                   if getattr(args, o.dest) != (False if o.flag else o.kwargs()["default"])]
+        if changed or args.replace_baseline:
+            raise UsageError(f"{', '.join(changed or ['--replace-baseline'])}: only with --baseline FILE")
+        return None
+    from ..report import Report
+
+    baseline = Report.load(args.baseline)
+    if args.out is not None and _same_file(args.out / "report.json", args.baseline) and not args.replace_baseline:
+        raise UsageError(f"--out {args.out} would write over the baseline {args.baseline}; "
+                         "choose another --out, or pass --replace-baseline to replace it")
+    return baseline
+
+
 def default_out(model: str, task: str) -> Path:
     """reports/MODEL-TASK/, or -2, -3, ... beside it: an earlier report is never replaced."""
     base = Path("reports") / f"{_slug(model)}-{task}"
@@ -101,11 +136,30 @@ def run(args: argparse.Namespace) -> int:
     from ..render import write_report
     from ..terminal import print_summary, progress, use_color
 
-    check_out(args.out, args.overwrite)
+    baseline = check_baseline(args)
+    replacing = baseline is not None and args.replace_baseline
+    check_out(args.out, args.overwrite or replacing)
     config = config_from_args(args)
     with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
         report = audit(config, say)
     out = args.out or default_out(config.model, report.model["task"])
     written = write_report(report, out)
     print_summary(report, written, color=use_color(sys.stdout, args.color))
-    return report.exit_status
+    if baseline is None:
+        return report.exit_status
+    return gate_status(report, baseline, args, out)
+
+
+def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:
+    """The combined rule of check --baseline: exit 1 on a regression against the baseline, and
+    exit 1 on a finding of this audit whether or not it is new (check's own rule)."""
+    from ..baseline import compare, render_comparison
+
+    comparison = compare(baseline, report, Gate.from_args(args), old_name=str(args.baseline),
+                         new_name=str(out / "report.json"))
+    print()
+    print(render_comparison(comparison))
+    status = max(report.exit_status, comparison.exit_status)
+    print(f"exit {status}: {len(comparison.regressions)} regression(s) against the baseline, "
+          f"{len(report.findings)} finding(s) in this audit")
+    return status
