@@ -189,9 +189,10 @@ def render_environment(comparison: Comparison) -> list[str]:
     return ["environment (* = changed)"] + _aligned(rows)
 
 
-def render_cases(comparison: Comparison) -> list[str]:
+def render_cases(comparison: Comparison, cases: pd.DataFrame | None = None) -> list[str]:
+    cases = comparison.cases if cases is None else cases
     rows = [["case", "verdict old", "new", "grad err old", "new", "change", "loss err old", "new", "change", "status"]]
-    for r in comparison.cases.to_dict(orient="records"):
+    for r in cases.to_dict(orient="records"):
         rows.append([_case_label(r), str(r["verdict_old"] if r["side"] != "new only" else "-"),
                      str(r["verdict_new"] if r["side"] != "old only" else "-"),
                      _err(r["grad_rel_err_old"]), _err(r["grad_rel_err_new"]), _ratio(r["grad_change"]),
@@ -216,3 +217,47 @@ def render_comparison(comparison: Comparison) -> str:
     lines = [f"lossaudit compare: OLD {comparison.old_name}, NEW {comparison.new_name}", ""]
     lines += render_environment(comparison) + [""] + render_cases(comparison) + ["", verdict_line(comparison)]
     return "\n".join(lines)
+
+
+def failures_text(comparison: Comparison) -> str:
+    """What failed the comparison, for an assertion message: the changed environment, then
+    the regressing (and, under --strict, one-sided) cases."""
+    failing = comparison.cases["regression"] | (comparison.gate.strict & (comparison.cases["side"] != "both"))
+    changed = comparison.environment[comparison.environment["changed"]]
+    env = ", ".join(f"{r.field} {r.old} -> {r.new}" for r in changed.itertuples()) or "no change"
+    lines = [f"{verdict_line(comparison)} against the baseline {comparison.old_name}", f"environment: {env}"]
+    return "\n".join(lines + render_cases(comparison, comparison.cases[failing]))
+
+
+@dataclass
+class GatedReport:
+    """An audit's report and, when a baseline was given, its comparison with it: what the
+    pytest fixture returns. ``assert_clean`` fails on a finding or a failed comparison."""
+
+    report: Report
+    comparison: Comparison | None = None
+
+    @property
+    def cases(self) -> pd.DataFrame:
+        return self.report.cases
+
+    @property
+    def findings(self) -> pd.DataFrame:
+        return self.report.findings
+
+    @property
+    def exit_status(self) -> int:
+        """check --baseline's rule: 1 on a finding or a regression."""
+        return max(self.report.exit_status, self.comparison.exit_status if self.comparison else 0)
+
+    def assert_clean(self) -> "GatedReport":
+        __tracebackhide__ = True  # pytest shows the caller's line and this message, not our frame
+        from .errors import DivergenceError
+        from .render import findings_table
+
+        problems = [findings_table(self.report)] if len(self.report.findings) else []
+        if self.comparison is not None and self.comparison.failed:
+            problems.append(failures_text(self.comparison))
+        if problems:
+            raise DivergenceError("\n\n".join(problems))
+        return self

@@ -50,6 +50,7 @@ class Report:
         return keyed.sort_values(["_o", "_g"], ascending=[True, False]).drop(columns=["_o", "_g"])
 
     def assert_clean(self) -> "Report":
+        __tracebackhide__ = True  # pytest shows the caller's line and this message, not our frame
         if len(self.findings):
             from .render import findings_table
 

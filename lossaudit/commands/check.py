@@ -153,13 +153,13 @@ def run(args: argparse.Namespace) -> int:
 def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:
     """The combined rule of check --baseline: exit 1 on a regression against the baseline, and
     exit 1 on a finding of this audit whether or not it is new (check's own rule)."""
-    from ..baseline import compare, render_comparison
+    from ..baseline import GatedReport, compare, render_comparison
 
     comparison = compare(baseline, report, Gate.from_args(args), old_name=str(args.baseline),
                          new_name=str(out / "report.json"))
     print()
     print(render_comparison(comparison))
-    status = max(report.exit_status, comparison.exit_status)
+    status = GatedReport(report, comparison).exit_status
     print(f"exit {status}: {len(comparison.regressions)} regression(s) against the baseline, "
           f"{len(report.findings)} finding(s) in this audit")
     return status
