@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from .batch import BatchSpec
 from .errors import UsageError
 from .layouts import GROUPINGS, PADDINGS
+from .objective import Objective, objective_problems
 from .reductions import DEFAULT_REDUCTIONS
 from .tokens import TASKS
 
@@ -44,6 +45,7 @@ class CheckConfig:
     dtype: str = _help("model dtype", "float32")
     trainer_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for TrainingArguments", ())
     config_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for the model config", ())
+    loss_fn: str | None = _help("module:function with compute_loss_func's signature (outputs, labels, num_items_in_batch)")
     allow_pickle: bool = _help("allow pickle checkpoints (loaded with weights_only=True)", False)
     trust_remote_code: bool = _help("run code shipped with a model directory", False)
 
@@ -79,6 +81,11 @@ class CheckConfig:
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             p.append(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or mps")
         p += _registry_problems(self)
+        p += objective_problems(self.trainer_args)
+        if self.trainer_args:
+            from .compat import trainer_arg_problems
+
+            p += trainer_arg_problems([k for k, _ in self.trainer_args])
         p += [f"unknown padding {x!r}" for x in self.paddings if x not in PADDINGS]
         p += [f"unknown grouping {x!r}" for x in self.groupings if x not in GROUPINGS]
         return p
@@ -88,6 +95,11 @@ class CheckConfig:
         if self.microbatches is not None:
             return self.microbatches
         return tuple(k for k in DEFAULT_MICROBATCHES if k * self.world_size <= self.batch_size)
+
+    @property
+    def objective(self) -> Objective:
+        """What every path is judged against per token (label smoothing from --trainer-arg)."""
+        return Objective.from_trainer_args(self.trainer_args) if not objective_problems(self.trainer_args) else Objective()
 
     @property
     def batch_spec(self) -> BatchSpec:
@@ -103,6 +115,17 @@ def _registry_problems(config: "CheckConfig") -> list[str]:
     from .reductions import resolve_reduction
 
     problems = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
+    for name in config.paths or ():
+        reason = PATHS.get(name).unavailable(config) if name in PATHS else None
+        if reason:
+            problems.append(f"--path {name}: {reason}")
+    if config.loss_fn:
+        from .paths.loss_fn import resolve_loss_fn
+
+        try:
+            resolve_loss_fn(config.loss_fn)
+        except UsageError as exc:
+            problems.append(str(exc))
     for name in config.reductions:
         try:
             resolve_reduction(name)

@@ -18,11 +18,11 @@ from .faults import has_nonfinite, must_propagate, one_line, out_of_memory_is_en
 from .forward import forward
 from .grads import trainable
 from .layouts import Layout, microbatches, plan_layouts
-from .models import load_model
+from .models import LoadedModel, load_model
 from .paths import PATHS, AuditContext, LogitPath, Measurement, StepPath
 from .reference import compute_reference
 from .report import CASE_COLUMNS, Report
-from .tokens import target_mask, token_losses
+from .tokens import target_mask
 from .reductions import StepTokens
 from .verdicts import Tolerance, judge, loss_rel_err, reference_loss, target_loss
 
@@ -33,10 +33,12 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def prepare(config: CheckConfig) -> AuditContext:
-    overrides = {k: parse_value(v) for k, v in config.config_args}
-    loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
-                        allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditContext:
+    """Build (or take ``loaded``: a model the caller built) the model, the batch and the reference."""
+    if loaded is None:
+        overrides = {k: parse_value(v) for k, v in config.config_args}
+        loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
+                            allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
@@ -45,19 +47,25 @@ def prepare(config: CheckConfig) -> AuditContext:
     batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task,
                        num_labels=loaded.num_labels, decoder_start_id=loaded.decoder_start_id)
     params = trainable(model)
-    reference = compute_reference(model, batch, params, device)
-    return AuditContext(model, batch, reference, params, device, config, loaded)
+    objective = config.objective
+    reference = compute_reference(model, batch, params, device, label_smoothing=objective.label_smoothing)
+    return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective)
 
 
 def selected_paths(config: CheckConfig, task: str) -> list[str]:
+    """The paths asked for, or by default every one that applies to the task and the config."""
     if config.paths is None:
-        return [name for name in PATHS if task in PATHS.get(name).tasks and not PATHS.get(name).missing()]
+        return [name for name in PATHS if task in PATHS.get(name).tasks and not PATHS.get(name).missing()
+                and PATHS.get(name).unavailable(config) is None]
     for name in config.paths:
         spec = PATHS.get(name)
         if task not in spec.tasks:
             raise UsageError(f"path {name!r} does not apply to task {task}")
         if spec.missing():
             raise EnvironmentProblem(f"path {name!r} needs {', '.join(spec.missing())}: pip install {' '.join(spec.missing())}")
+        reason = spec.unavailable(config)
+        if reason:
+            raise UsageError(f"--path {name}: {reason}")
     return list(config.paths)
 
 
@@ -116,7 +124,7 @@ def _shared_forward(ctx, mb, step, live, failed, where):
         try:
             outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=with_labels,
                                         num_items_in_batch=step.total if with_labels else None)
-            return outputs, token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task), rejected
+            return outputs, ctx.objective.token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task), rejected
         except Exception as exc:
             if must_propagate(exc):
                 raise
@@ -190,7 +198,8 @@ def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
                "target_tokens": ctx.reference.count, "reference_loss": ctx.reference.loss,
                **({"reference_aux_loss": ctx.reference.aux.value, "aux_coef": ctx.reference.aux.spec.coef}
-                  if ctx.reference.aux else {})},
+                  if ctx.reference.aux else {}),
+               "objective": ctx.objective.describe()},
         tensor_errors=worst_tensor_errors(cases, measurements),
     )
 

@@ -8,14 +8,12 @@ per-token weights shaped like the microbatch's target mask.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
 
-from .errors import UsageError
-from .registry import Registry
+from .registry import Registry, load_callable
 
 Weight = Union[float, torch.Tensor]
 
@@ -95,11 +93,5 @@ def resolve_reduction(name: str) -> Reduction:
     """A registered name, or ``module:function`` naming a user's weight function."""
     if name in REDUCTIONS or ":" not in name:
         return REDUCTIONS.get(name)
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load reduction {name!r}: {exc}") from None
-    if not callable(fn):
-        raise UsageError(f"reduction {name!r} is not callable")
+    fn = load_callable(name, "reduction")
     return Reduction(name, fn, expected=False, doc=fn.__doc__ or "")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+import importlib
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import UsageError
 
@@ -13,6 +14,20 @@ T = TypeVar("T")
 def did_you_mean(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def load_callable(spec: str, kind: str) -> Callable:
+    """A user's ``module:function``, or a UsageError naming ``kind`` and what went wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{kind} {spec!r}: expected module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load {kind} {spec!r}: {exc}") from None
+    if not callable(fn):
+        raise UsageError(f"{kind} {spec!r} is not callable")
+    return fn
 
 
 class Registry(Generic[T]):

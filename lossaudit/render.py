@@ -46,6 +46,7 @@ def summary_frame(report: Report) -> pd.DataFrame:
         lambda r: f":{r}" if isinstance(r, str) else ""))
     table = cases.pivot_table(index="label", columns="microbatches", values="grad_rel_err",
                               aggfunc="max", dropna=False, sort=False)
+    table = table.reindex(columns=sorted(table.columns))  # k ascending, whichever path ran first
     table.columns = [f"k={k}" for k in table.columns]
     return table
 

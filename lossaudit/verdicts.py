@@ -77,7 +77,10 @@ def judge(m: Measurement, tol: Tolerance, reference: Reference, batch: Batch) ->
     info = aux_info(m, reference) if m.aux_target is not None else ""
     if rel <= tol.rtol and (g is None or g.rel_err <= tol.rtol):
         return "match", "; ".join(x for x in (m.note, info) if x)
-    return "diverge", "; ".join(x for x in (m.note, likely_cause(m, reference, batch, tol), tokens, info) if x)
+    only_loss = ""
+    if g is not None and g.rel_err <= tol.rtol:  # the step trains right; what it reports is wrong
+        only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
+    return "diverge", "; ".join(x for x in (only_loss, m.note, likely_cause(m, reference, batch, tol), tokens, info) if x)
 
 
 def nonfinite_verdict(m: Measurement, reference: Reference, batch: Batch, tokens: str) -> tuple[str, str]:

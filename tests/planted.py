@@ -80,3 +80,39 @@ def per_rank_mean(model, inputs, labels, task, counts):
     """Each rank divides by its own token count (the count is never gathered): right on one
     process, wrong as soon as ranks hold different numbers of targets and DDP averages them."""
     return _token_sum(model, inputs, labels, task) * counts.k / counts.local
+
+
+def _shifted_token_losses(outputs, labels):
+    """Per-token cross entropy of a causal LM's logits, summed: (sum, target count)."""
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].reshape(-1).to(flat.device)
+    total = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
+    return total, (targets != -100).sum()
+
+
+def loss_ignoring_num_items(outputs, labels, num_items_in_batch=None):
+    """A compute_loss_func that takes num_items_in_batch and ignores it: each microbatch's mean."""
+    total, count = _shifted_token_losses(outputs, labels)
+    return total / count
+
+
+def loss_with_num_items(outputs, labels, num_items_in_batch=None):
+    """The correct compute_loss_func: the microbatch's token sum over the step's token count."""
+    total, count = _shifted_token_losses(outputs, labels)
+    return total / (num_items_in_batch if num_items_in_batch is not None else count)
+
+
+def llama_ignoring_num_items():
+    """A Llama whose forward takes num_items_in_batch, so the Trainer passes it, and drops it:
+    each microbatch's loss is its own token mean."""
+    from transformers import LlamaForCausalLM
+
+    class LlamaIgnoringNumItems(LlamaForCausalLM):
+        # named loss_kwargs: how 4.46.0 recognised a model that takes num_items_in_batch
+        def forward(self, *args, num_items_in_batch=None, **loss_kwargs):
+            return super().forward(*args, **loss_kwargs)
+
+    return LlamaIgnoringNumItems

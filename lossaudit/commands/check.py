@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reductions", type=_names, help="reductions, e.g. mean_of_means,num_items or module:function")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--trainer-arg", dest="trainer_args", type=_key_value, action="append", default=[])
+    p.add_argument("--loss-fn", metavar="MODULE:FUNCTION",
+                   help="your compute_loss_func(outputs, labels, num_items_in_batch=None), audited on its own and in the Trainer")
     p.add_argument("--config-arg", dest="config_args", type=_key_value, action="append", default=[])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=32)

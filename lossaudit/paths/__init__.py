@@ -1,6 +1,6 @@
 """The code paths under audit. Importing this package registers the built-in ones."""
 
-from . import accelerate, model, reduction  # noqa: F401  (registration)
+from . import accelerate, model, reduction, loss_fn, trainer  # noqa: F401  (registration, in default order)
 from .base import PATHS, AuditContext, LogitPath, Measurement, PathSpec, StepPath
 
 __all__ = ["PATHS", "AuditContext", "LogitPath", "Measurement", "PathSpec", "StepPath"]

@@ -10,6 +10,7 @@ import torch
 
 from ..grads import GradDiff
 from ..layouts import Layout, Microbatch
+from ..objective import Objective
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class AuditContext:
     config: "CheckConfig"
     loaded: "LoadedModel | None" = None
     aux_target: "tuple[Layout, LayoutAux] | None" = None  # the latest layout's, see aux.layout_aux
+    objective: Objective = Objective()  # what the reference and every reduction compute per token
 
 
 class LogitPath:
@@ -131,6 +133,8 @@ class PathSpec:
         import importlib.util
 
         return [name for name in self.requires if importlib.util.find_spec(name) is None]
+    # why the path cannot run under ``config`` (None: it can); default runs leave it out
+    unavailable: Callable[["CheckConfig"], str | None] = lambda config: None
 
 
 PATHS: Registry[PathSpec] = Registry("path")

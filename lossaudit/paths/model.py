@@ -63,5 +63,7 @@ class ModelPath(LogitPath):
 PATHS.register(
     "model",
     PathSpec("model", lambda config: ModelPath(), TASKS,
-             "the model's own loss with num_items_in_batch"),
+             "the model's own loss with num_items_in_batch",
+             unavailable=lambda config: None if config.objective.plain else
+             f"the model's own loss is plain cross entropy, not the {config.objective.describe()} under audit"),
 )

@@ -1,0 +1,177 @@
+"""One real ``transformers.Trainer`` optimizer step on one layout, and what it did.
+
+The Trainer gets the layout's sequences in the layout's order (a sequential sampler over the
+concatenated microbatches), the layout's padding through the shared collate/model_inputs, and
+plain SGD with lr 1 and no momentum, decay, clipping or warm-up, so that
+``params_before - params_after`` is exactly the gradient the step applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from ..compat import training_arguments, trainer_takes
+from ..forward import model_inputs
+from ..layouts import Layout, collate
+from .base import AuditContext
+
+
+class StepUnavailable(Exception):
+    """The installed Trainer cannot express this step; the message is the one-line reason."""
+
+
+@dataclass
+class StepResult:
+    update: dict[str, torch.Tensor]  # float64 params_before - params_after
+    logged_loss: float  # TrainOutput.training_loss, also log_history's train_loss
+    num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
+    accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> int:
+        return self.order[i]
+
+
+class _Collator:
+    """Sample indices -> the model inputs every other path gives the model, plus labels."""
+
+    def __init__(self, ctx: AuditContext, padding: str):
+        self.ctx, self.padding = ctx, padding
+
+    def __call__(self, indices: list[int]) -> dict:
+        mb = collate(self.ctx.batch, tuple(indices), self.padding)
+        return {**model_inputs(self.ctx.model, mb, torch.device("cpu")), "labels": mb.labels}
+
+
+@lru_cache(maxsize=None)
+def _trainer_class():
+    from transformers import Trainer
+
+    class LayoutTrainer(Trainer):
+        """Feeds sequences in dataset order and records what compute_loss was given."""
+
+        def _get_train_sampler(self, *args, **kwargs):  # 4.40 takes no argument, later ones one
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            n = kwargs.get("num_items_in_batch")
+            self.seen_num_items.append(int(n) if n is not None else None)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return LayoutTrainer
+
+
+def per_device_batch(layout: Layout) -> int:
+    """The Trainer's fixed per-device batch size for ``layout``, or StepUnavailable."""
+    sizes = {len(g) for g in layout.groups}
+    if len(sizes) != 1:
+        total = sum(len(g) for g in layout.groups)
+        raise StepUnavailable(
+            f"the Trainer needs equal microbatches; {total} sequences do not split into "
+            f"{layout.microbatches} of one size (sizes {sorted(len(g) for g in layout.groups)})"
+        )
+    return sizes.pop()
+
+
+def _settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
+    """What the audit sets, by newest name (compat drops what a release lacks)."""
+    return {
+        "output_dir": out,
+        "per_device_train_batch_size": per_device_batch(layout),
+        "gradient_accumulation_steps": layout.microbatches,
+        "max_steps": 1,
+        "learning_rate": 1.0,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,  # 0 turns clipping off in every release
+        "seed": ctx.config.seed if ctx.config is not None else 0,
+        "use_cpu": ctx.device.type == "cpu",
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "dataloader_drop_last": False,
+    }
+
+
+def _build(ctx: AuditContext, layout: Layout, out: str, user_args: dict, compute_loss_func: Callable | None):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    args = training_arguments(_settings(ctx, layout, out), user_args)
+    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    kwargs = {}
+    if compute_loss_func is not None:
+        kwargs["compute_loss_func"] = compute_loss_func
+    trainer = _trainer_class()(
+        model=ctx.model,
+        args=args,
+        train_dataset=_Indices([i for g in layout.groups for i in g]),
+        data_collator=_Collator(ctx, layout.padding),
+        optimizers=(optimizer, schedule),
+        **kwargs,
+    )
+    trainer.seen_num_items = []
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+@contextlib.contextmanager
+def _quiet_and_cheap():
+    """Library chatter off; earlier objects out of the garbage collector's sight (the
+    Trainer runs a full collection at every start, costly with transformers imported)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    gc.freeze()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        gc.unfreeze()
+        hf_logging.set_verbosity(verbosity)
+
+
+def trainer_step(
+    ctx: AuditContext, layout: Layout, *, user_args: dict, compute_loss_func: Callable | None = None
+) -> StepResult:
+    """Run one Trainer step on ``layout``; the model's weights are restored afterwards."""
+    if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
+        from ..compat import transformers_version
+
+        raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
+    per_device_batch(layout)
+    before = {n: p.detach().clone() for n, p in ctx.params}
+    try:
+        with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
+            trainer = _build(ctx, layout, out, user_args, compute_loss_func)
+            result = trainer.train()
+            update = {n: before[n].to(torch.float64) - p.detach().to(torch.float64) for n, p in ctx.params}
+    finally:
+        with torch.no_grad():
+            for n, p in ctx.params:
+                p.copy_(before[n])
+                p.grad = None
+    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
+                      getattr(trainer, "model_accepts_loss_kwargs", None))
