@@ -21,7 +21,7 @@ def llama_report():
 def test_llama_model_path_and_num_items_match(llama_report):
     cases = llama_report.cases
     audited = cases[~cases["expected"]]
-    assert set(audited["path"]) == {"model", "reduction", "accelerate"}
+    assert set(audited["path"]) == {"model", "reduction", "accelerate", "trainer"}
     assert (audited["verdict"] == "match").all(), audited[["path", "reduction", "detail"]]
     assert llama_report.exit_status == 0
     assert llama_report.tolerance["noise_floor"] < llama_report.tolerance["rtol"]
