@@ -160,12 +160,12 @@ def run_step_path(ctx: AuditContext, layouts: list[Layout], path: StepPath, say:
         return [failed_case(ctx, layout, path.name, f"{path.name} path raised: {one_line(exc)}") for layout in layouts]
 
 
-def audit(config: CheckConfig, progress: Progress | None = None) -> Report:
-    """Build the model and batch, then run every case. Out of memory ends the run with
-    one message naming the knobs (exit 3)."""
+def audit(config: CheckConfig, progress: Progress | None = None, *, loaded: LoadedModel | None = None) -> Report:
+    """Build the model (or take ``loaded``) and batch, then run every case. Out of memory ends
+    the run with one message naming the knobs (exit 3)."""
     with out_of_memory_is_environmental(config):
         (progress or (lambda _msg: None))(f"building {config.model}")
-        return run_cases(prepare(config), progress)
+        return run_cases(prepare(config, loaded), progress)
 
 
 def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
