@@ -28,7 +28,7 @@ def rows_by_type(out: Path) -> dict:
 
 def test_a_sweep_writes_its_table_and_exits_1_on_a_finding(tmp_path):
     out = tmp_path / "s"
-    result = sweep("--types", "llama,xlnet,musicgen", "--out", str(out), "--jobs", "2")
+    result = sweep("--types", "llama,xlnet,musicgen", "--out", str(out), "--jobs", "2", "--path", "model")
     assert result.returncode == 1, result.stderr
     data = json.loads((out / "sweep.json").read_text())
     assert {"python", "torch", "transformers"} <= set(data["environment"])
