@@ -115,7 +115,7 @@ def _join(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 def _audited(row: dict) -> bool:
     """Not a harness reduction known to differ (those never fail a run, nor a comparison)."""
     expected = row["expected_new"] if row["side"] != "old only" else row["expected_old"]
-    return not (isinstance(expected, (bool, int)) and bool(expected))
+    return not (pd.notna(expected) and bool(expected))
 
 
 def _judge(row: dict, gate: Gate, floor: float) -> tuple[str, bool]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from .errors import UsageError
 from .gate import Gate, add_pytest_options
 
 MARKER = "lossaudit"
@@ -40,7 +41,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "the lossaudit fixture uses them as defaults, and a marked test that runs no audit runs this one")
     baseline = config.getoption("lossaudit_baseline")
     if baseline is not None:
-        from .errors import UsageError
         from .report import Report
 
         try:  # a missing or broken baseline stops the session before any test runs
@@ -70,15 +70,23 @@ class Auditor:
     def check(self, model: str | None = None, *, baseline: str | Path | None = None, **options):
         """Audit ``model`` (else the marker's, else --lossaudit-model) with the marker's options
         overridden by ``options``; compare with ``baseline`` (else --lossaudit-baseline).
-        Returns a :class:`lossaudit.baseline.GatedReport`: call ``.assert_clean()`` on it."""
+        Returns a :class:`lossaudit.baseline.GatedReport`: call ``.assert_clean()`` on it.
+        Bad options (an unknown model, path, ...) fail the test with lossaudit's one line."""
+        __tracebackhide__ = True
+        try:
+            return self._check(model, baseline, options)
+        except UsageError as exc:
+            problem = str(exc)
+        pytest.fail(f"lossaudit: {problem}", pytrace=False)  # outside the except: no chained traceback
+
+    def _check(self, model, baseline, options):
         import lossaudit
         from .baseline import GatedReport, compare
-        from .errors import UsageError
         from .report import Report
 
         merged = {**self.declared, **options}
-        model = model or merged.pop("model", None) or self._config.getoption("lossaudit_model")
-        merged.pop("model", None)
+        declared_model = merged.pop("model", None)
+        model = model or declared_model or self._config.getoption("lossaudit_model")
         if not model:
             raise UsageError("no model to audit: pass one to lossaudit.check(), mark the test with "
                              "@pytest.mark.lossaudit(model=...), or run pytest with --lossaudit-model")
@@ -96,13 +104,13 @@ def lossaudit(request: pytest.FixtureRequest) -> Auditor:
     return Auditor(request.config, request.node)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    """After the body of a marked test: if it ran no audit itself, run the declared one."""
-    result = yield
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """After the body of a marked test passed (trylast: pytest's own call runs first and a
+    failing body stops here): if it ran no audit itself, run the declared one."""
+    __tracebackhide__ = True
     if item.get_closest_marker(MARKER) is None:
-        return result
+        return
     auditor = getattr(item, "funcargs", {}).get("lossaudit")
     if auditor is None or auditor.audits == 0:
         (auditor or Auditor(item.config, item)).check().assert_clean()
-    return result
