@@ -17,6 +17,14 @@ from .registry import did_you_mean
 # The first release whose Trainer passes num_items_in_batch to the loss (the Oct-2024 fix).
 GA_FIX_RELEASE = "4.46.0"
 
+# Releases after the fix whose Trainer, measured by lossaudit, passes no num_items_in_batch and
+# no longer divides by k either: each step is k times the token mean (see tox.ini, README).
+KFOLD_RELEASES = ("4.47.0", "4.48.0")
+
+# The first release whose Trainer scales a label-smoothed loss for accumulation (measured:
+# 4.46.0 to 5.14.0 give k times the token mean with label_smoothing_factor > 0 and k > 1).
+LABEL_SMOOTHING_GA_FIX_RELEASE = "5.15.0"
+
 # One setting, the names releases gave it, newest first.
 ALIASES = {
     "use_cpu": ("use_cpu", "no_cuda"),
@@ -54,9 +62,25 @@ def transformers_version() -> str:
 
 def release_has_ga_fix(version: str | None = None) -> bool:
     """Whether ``version`` (default: the installed one) is at or after the Oct-2024 fix."""
+    return _at_least(version or transformers_version(), GA_FIX_RELEASE)
+
+
+def trainer_accumulates_right(version: str | None = None) -> bool:
+    """Whether the stock Trainer's accumulated step is the token mean on ``version``, as measured."""
+    version = version or transformers_version()
+    return release_has_ga_fix(version) and version not in KFOLD_RELEASES
+
+
+def label_smoothing_accumulates_right(version: str | None = None) -> bool:
+    """Whether the Trainer's label-smoothed accumulated step is the token mean (measured)."""
+    version = version or transformers_version()
+    return trainer_accumulates_right(version) and _at_least(version, LABEL_SMOOTHING_GA_FIX_RELEASE)
+
+
+def _at_least(version: str, release: str) -> bool:
     from packaging.version import Version
 
-    return Version(version or transformers_version()).release >= Version(GA_FIX_RELEASE).release
+    return Version(version).release >= Version(release).release
 
 
 @lru_cache(maxsize=None)

@@ -237,6 +237,8 @@ def _declared(config) -> dict[str, Any]:
     """The config's dataclass fields with their values after ``__post_init__``."""
     if hasattr(config, "allow_global_per_layer_attribute_access"):  # a heterogeneous config's global values
         config.allow_global_per_layer_attribute_access = True
+    if not dataclasses.is_dataclass(config):  # transformers 4.x: configs hold plain attributes
+        return {k: v for k, v in vars(config).items() if not k.startswith("_")}
     return {f.name: getattr(config, f.name, None) for f in dataclasses.fields(config) if not f.name.startswith("_")}
 
 
@@ -247,14 +249,16 @@ def _layer_overrides(config) -> dict[int, dict]:
 
 
 def _is_config(value) -> bool:
-    from transformers import PreTrainedConfig
+    import transformers
 
-    return isinstance(value, PreTrainedConfig)
+    # PretrainedConfig until transformers 5 renamed it
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    return isinstance(value, base)
 
 
 def _sub_kwargs(parent, name: str, sub) -> dict:
     """A sub-config as a dict for the parent's constructor; the parent's defaults for it kept."""
-    spec = (type(parent).sub_configs_defaults or {}).get(name)
+    spec = (getattr(type(parent), "sub_configs_defaults", None) or {}).get(name)  # transformers 5+
     base = dict(spec.init_kwargs) if spec is not None else {}
     return {**base, "model_type": sub.model_type, **tiny_kwargs(sub)}
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lossaudit
+from lossaudit.compat import label_smoothing_accumulates_right, release_has_ga_fix
 from lossaudit.config import CheckConfig
 from lossaudit.forward import forward
 from lossaudit.harness import prepare
@@ -58,6 +59,13 @@ def test_label_smoothing_by_default_drops_the_model_path_and_the_correct_reducti
     assert (num_items["verdict"] == "match").all()
     full = report.cases[(report.cases["path"] == "trainer") & (report.cases["microbatches"] == 1)]
     assert (full["verdict"] == "match").all(), full["detail"].tolist()  # the Trainer's LabelSmoother, GA off
+    accumulated = report.cases[(report.cases["path"] == "trainer") & (report.cases["microbatches"] == 4)].iloc[0]
+    if label_smoothing_accumulates_right():
+        assert accumulated["verdict"] == "match", accumulated["detail"]
+    elif release_has_ga_fix():  # 4.46.0 .. 5.14: the smoothed microbatch means, summed, not divided by k
+        assert accumulated["verdict"] == "diverge" and "summed over k microbatches" in accumulated["detail"]
+    else:
+        assert accumulated["verdict"] == "diverge" and "divided by k" in accumulated["detail"]
     defaults = lossaudit.check("llama", microbatches=[1], groupings=["contiguous"], paddings=["right"],
                                path=None, trainer_args={"label_smoothing_factor": 0.1}, reductions=["num_items"])
     assert "model" not in set(defaults.cases["path"])

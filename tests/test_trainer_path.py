@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lossaudit
-from lossaudit.compat import GA_FIX_RELEASE, release_has_ga_fix, trainer_takes
+from lossaudit.compat import GA_FIX_RELEASE, release_has_ga_fix, trainer_accumulates_right, trainer_takes
 from lossaudit.config import CheckConfig
 from lossaudit.harness import audit
 from lossaudit.models import LoadedModel, load_model
@@ -18,6 +18,7 @@ from lossaudit.models import LoadedModel, load_model
 import planted
 
 FIXED = release_has_ga_fix()
+RIGHT = trainer_accumulates_right()  # after the fix and not one of the measured k-fold releases
 HAS_LOSS_FUNC = trainer_takes("compute_loss_func")
 ONE_LAYOUT = dict(microbatches=[4], groupings=["imbalanced"], paddings=["right"])  # the widest token spread
 
@@ -45,6 +46,7 @@ def test_release_comparison():
     assert release_has_ga_fix("4.45.2") is False
     assert release_has_ga_fix(GA_FIX_RELEASE) is True
     assert release_has_ga_fix("4.46.0.dev0") is True and release_has_ga_fix("5.23.0") is True
+    assert trainer_accumulates_right("4.47.0") is False and trainer_accumulates_right("4.47.1") is True
 
 
 def test_trainer_step_on_the_installed_transformers():
@@ -52,10 +54,14 @@ def test_trainer_step_on_the_installed_transformers():
     full, accumulated = only(cases_of(report, "trainer", 1)), only(cases_of(report, "trainer", 4))
     assert full["verdict"] == "match", full["detail"]  # GA off: every release is right
     assert full["logged_loss"] == pytest.approx(report.batch["reference_loss"], rel=1e-5)
-    if FIXED:
+    if RIGHT:
         assert accumulated["verdict"] == "match", accumulated["detail"]
         assert accumulated["logged_loss_rel_err"] < 1e-5
         assert accumulated["trainer_num_items"] == [report.batch["target_tokens"]] * 4
+    elif FIXED:  # 4.47.0, 4.48.0: no num_items_in_batch and no division by k either
+        assert accumulated["verdict"] == "diverge" and "summed over k microbatches" in accumulated["detail"]
+        assert "passed no num_items_in_batch" in accumulated["detail"]
+        assert accumulated["logged_loss"] / report.batch["reference_loss"] == pytest.approx(4, rel=0.05)
     else:
         assert accumulated["verdict"] == "diverge"
         assert accumulated["grad_rel_err"] > 0.1
@@ -103,7 +109,8 @@ def test_correct_compute_loss_func_passes_on_its_own_and_in_the_trainer():
     assert only(cases_of(report, "loss-fn", 4, name))["verdict"] == "match"
     for k in (1, 4):
         trained = only(cases_of(report, "trainer", k, name))
-        assert trained["verdict"] == ("match" if HAS_LOSS_FUNC else "error"), trained["detail"]
+        expected = "error" if not HAS_LOSS_FUNC else "match" if RIGHT or k == 1 else "diverge"
+        assert trained["verdict"] == expected, trained["detail"]
 
 
 def test_model_ignoring_num_items_is_found_through_the_trainer():
@@ -111,18 +118,18 @@ def test_model_ignoring_num_items_is_found_through_the_trainer():
                          paddings=("right",))
     case = only(cases_of(audit(config, loaded=_loaded(planted.llama_ignoring_num_items())), "trainer", 4))
     assert case["verdict"] == "diverge"
-    if FIXED:  # the Trainer trusts the model with num_items_in_batch and no longer divides by k
-        assert None not in case["trainer_num_items"]
+    if FIXED:  # the Trainer no longer divides by k, trusting the model with num_items_in_batch
+        assert RIGHT == (None not in case["trainer_num_items"])
         assert "summed over k microbatches" in case["detail"]
         assert case["loss"] / case["reference_loss"] == pytest.approx(4, rel=0.05)
     else:
         assert "token mean divided by k" in case["detail"]
 
 
-def test_the_same_route_with_the_stock_model_passes_after_the_fix():
+def test_the_same_route_with_the_stock_model_passes_where_the_trainer_is_right():
     from transformers import LlamaForCausalLM
 
     config = CheckConfig(model="llama", paths=("trainer",), microbatches=(4,), groupings=("imbalanced",),
                          paddings=("right",))
     case = only(cases_of(audit(config, loaded=_loaded(LlamaForCausalLM)), "trainer", 4))
-    assert case["verdict"] == ("match" if FIXED else "diverge"), case["detail"]
+    assert case["verdict"] == ("match" if RIGHT else "diverge"), case["detail"]
