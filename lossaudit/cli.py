@@ -35,8 +35,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def quiet_libraries() -> None:
+    """transformers' load reports and progress bars would bury lossaudit's own lines (a cut
+    --num-layers checkpoint lists every layer left unloaded); a user's setting wins."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("LOSSAUDIT_DEBUG") == "1"
+    quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:

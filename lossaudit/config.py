@@ -48,6 +48,7 @@ class CheckConfig:
     loss_fn: str | None = _help("module:function with compute_loss_func's signature (outputs, labels, num_items_in_batch)")
     allow_pickle: bool = _help("allow pickle checkpoints (loaded with weights_only=True)", False)
     trust_remote_code: bool = _help("run code shipped with a model directory", False)
+    num_layers: int | None = _help("layers to keep (cuts a checkpoint's depth for a fast audit)")
 
     def __post_init__(self):
         problems = self.problems()
@@ -68,6 +69,8 @@ class CheckConfig:
                 most = f"the batch size over --world-size ({self.batch_size // ranks})" if ranks > 1 else \
                     f"the batch size ({self.batch_size})"
                 p.append(f"--microbatches {k}: must be between 1 and {most}")
+        if self.num_layers is not None and self.num_layers < 1:
+            p.append("--num-layers must be at least 1")
         if self.world_size < 1:
             p.append("--world-size must be at least 1")
         elif self.world_size > self.batch_size:

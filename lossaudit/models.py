@@ -11,7 +11,7 @@ import torch
 
 from .errors import EnvironmentProblem, UsageError
 from .registry import did_you_mean
-from .tiny import tiny_config
+from .tiny import depth_kwargs, tiny_config
 from .tokens import TASKS
 
 @dataclass
@@ -110,26 +110,29 @@ def load_model(
     config_overrides: dict | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    num_layers: int | None = None,
 ) -> LoadedModel:
     """Resolve MODEL: a directory, then a model_type, then a hub id in the local cache."""
     if os.path.isdir(name):
-        return _from_pretrained(name, name, "directory", task, config_overrides, allow_pickle, trust_remote_code)
+        return _from_pretrained(name, name, "directory", task, config_overrides, allow_pickle, trust_remote_code,
+                                num_layers)
     if name in _model_types():
-        config = tiny_config(name, config_overrides)
+        config = tiny_config(name, config_overrides, num_layers)
         task = _choose_task(config, task, name)
         _ensure_pad_for_pooling(config, task, name, tiny=True)
         torch.manual_seed(seed)
         model = _auto_classes()[task].from_config(config)
         return LoadedModel(model, name, task, "tiny", dict(config_overrides or {}))
     if "/" in name and not name.startswith((".", "/")):
-        return _from_pretrained(name, name, "cache", task, config_overrides, allow_pickle, trust_remote_code)
+        return _from_pretrained(name, name, "cache", task, config_overrides, allow_pickle, trust_remote_code,
+                                num_layers)
     raise UsageError(
         f"unknown model {name!r}: not a directory, a transformers model_type or a cached hub id"
         + did_you_mean(name, _model_types())
     )
 
 
-def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_remote_code) -> LoadedModel:
+def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_remote_code, num_layers) -> LoadedModel:
     from transformers import AutoConfig
 
     local = Path(path)
@@ -142,9 +145,12 @@ def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_re
                 "convert to safetensors or pass --allow-pickle"
             )
     try:
-        config = AutoConfig.from_pretrained(
-            path, local_files_only=True, trust_remote_code=trust_remote_code, **(overrides or {})
-        )
+        def load_config(**kwargs):
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
+
+        config = load_config(**(overrides or {}))
+        if num_layers is not None:  # the first layers; the checkpoint's others are left unloaded
+            config = load_config(**{**depth_kwargs(config, num_layers, grow=False), **(overrides or {})})
         task = _choose_task(config, task, name)
         _ensure_pad_for_pooling(config, task, name, tiny=False)
         model = _auto_classes()[task].from_pretrained(

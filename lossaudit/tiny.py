@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+from .errors import UsageError
+
 WIDTH = 64  # hidden size
 HEADS = 4
 KV_HEADS = 2
@@ -174,8 +176,8 @@ QUIRKS: dict[str, tuple[dict, str]] = {
 }
 
 
-def tiny_config(model_type: str, overrides: dict | None = None):
-    """The model type's default config made tiny (see the module doc)."""
+def tiny_config(model_type: str, overrides: dict | None = None, num_layers: int | None = None):
+    """The model type's default config made tiny (see the module doc), ``num_layers`` deep if given."""
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
@@ -183,7 +185,10 @@ def tiny_config(model_type: str, overrides: dict | None = None):
     top = {"num_labels": LABELS, "classifier_dropout": 0.0}
     kwargs = merge({**top, **tiny_kwargs(base)}, QUIRKS.get(model_type, ({}, ""))[0])
     kwargs.update(overrides or {})
-    return AutoConfig.for_model(model_type, **kwargs)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    if num_layers is None:
+        return config
+    return AutoConfig.for_model(model_type, **{**kwargs, **depth_kwargs(config, num_layers), **(overrides or {})})
 
 
 def merge(kwargs: dict, extra: dict) -> dict:
@@ -310,7 +315,30 @@ def _layer_kwargs(values: dict, overrides: dict[int, dict]) -> dict:
     keep = keep_layers(values, count, overrides)
     # other layer counts (an encoder's beside a decoder's) have no per-layer lists to follow
     kwargs: dict[str, Any] = {n: min(values[n], LAYERS) for n in LAYER_COUNTS if isinstance(values.get(n), int)}
-    kwargs[name] = len(keep)
+    kwargs.update(_renumbered(values, name, count, keep))
+    if overrides:
+        kwargs["per_layer_config"] = {j: _sized_override(o, values) for j, i in enumerate(keep) if (o := overrides.get(i))}
+    return kwargs
+
+
+def depth_kwargs(config, num_layers: int, grow: bool = True) -> dict:
+    """Constructor keyword arguments that give ``config`` ``num_layers`` layers (``--num-layers``):
+    its first layers, or (``grow``: a model built from its config) its layer pattern repeated."""
+    values = _declared(config)
+    found = _layer_count(values)
+    if found is None:
+        raise UsageError(f"--num-layers: the {config.model_type} config has no layer count to change")
+    name, count = found
+    if num_layers > count and not grow:
+        raise UsageError(f"--num-layers {num_layers}: the checkpoint has {count} layers; it can be cut, not grown")
+    kwargs: dict[str, Any] = {n: num_layers for n in LAYER_COUNTS if isinstance(values.get(n), int)}
+    kwargs.update(_renumbered(values, name, count, [i % count for i in range(num_layers)]))
+    return kwargs
+
+
+def _renumbered(values: dict, name: str, count: int, keep: list[int]) -> dict:
+    """The layer count and every per-layer setting for the layers ``keep`` (old indices, in order)."""
+    kwargs: dict[str, Any] = {name: len(keep)}
     for key, per in _per_layer(values, count).items():
         kwargs[key] = [per[i] for i in keep]
     for key in INDEX_LISTS:
@@ -319,8 +347,6 @@ def _layer_kwargs(values: dict, overrides: dict[int, dict]) -> dict:
     for key in THRESHOLDS:
         if isinstance(values.get(key), int):
             kwargs[key] = sum(i < values[key] for i in keep)
-    if overrides:
-        kwargs["per_layer_config"] = {j: _sized_override(o, values) for j, i in enumerate(keep) if (o := overrides.get(i))}
     return kwargs
 
 
