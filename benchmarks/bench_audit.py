@@ -89,13 +89,13 @@ def minimal_passes(loaded, config, device, *, train_step: bool) -> int:
     """The forward/backward passes no audit can skip (or, ``train_step``, one optimizer step)."""
     import torch
 
-    from lossaudit.batch import make_batch
     from lossaudit.forward import forward
+    from lossaudit.harness import batch_for
     from lossaudit.layouts import full_batch, microbatches, plan_layouts
     from lossaudit.tokens import target_mask, token_losses
 
     model = loaded.model
-    batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task)
+    batch = batch_for(loaded, config.batch_spec)
 
     def backward(mb):
         outputs, _ = forward(model, mb, device)

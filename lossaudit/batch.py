@@ -69,12 +69,13 @@ class Vocab:
     pad_id: int
     num_labels: int = 0  # classes of a classification head
     decoder_start_id: int = 0  # seq2seq: the decoder's first input token
+    eos_id: int | None = None  # sequence classification: ends every sequence, as tokenizers do
 
 
 def make_batch(spec: BatchSpec, *, vocab_size: int, pad_id: int, task: str = "causal-lm",
-               num_labels: int = 0, decoder_start_id: int = 0) -> Batch:
+               num_labels: int = 0, decoder_start_id: int = 0, eos_id: int | None = None) -> Batch:
     """Draw ``spec.batch_size`` samples for ``task`` from ``spec.seed``."""
-    vocab = Vocab(max(vocab_size, FIRST_TOKEN_ID + 1), pad_id, num_labels, decoder_start_id)
+    vocab = Vocab(max(vocab_size, FIRST_TOKEN_ID + 1), pad_id, num_labels, decoder_start_id, eos_id)
     if task in ("token-classification", "sequence-classification") and num_labels < 2:
         raise ValueError(f"{task} needs at least 2 labels, got {num_labels}")
     g = torch.Generator().manual_seed(spec.seed)
@@ -133,7 +134,13 @@ def _token_classification(spec, vocab, g, *, empty, masked) -> Sample:
 
 
 def _sequence_classification(spec, vocab, g, *, empty, masked) -> Sample:
+    """One label per sequence. The sequence ends with EOS, once: encoder-decoder heads (BART,
+    T5) pool the decoder's state at the last EOS and refuse a sequence without one."""
     ids = _ids(spec, vocab, g)
+    if vocab.eos_id is not None:
+        other = FIRST_TOKEN_ID if vocab.eos_id != FIRST_TOKEN_ID else FIRST_TOKEN_ID + 1
+        ids = torch.where(ids == vocab.eos_id, other, ids)
+        ids[-1] = vocab.eos_id
     label = IGNORE_INDEX if empty else int(_randint(0, vocab.num_labels, g))
     return Sample(ids, torch.tensor(label))
 

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .aux import AuxAccumulator, aux_fields
-from .batch import make_batch
+from .batch import Batch, BatchSpec, make_batch
 from .config import CheckConfig, parse_value
 from .environment import environment
 from .errors import EnvironmentProblem, UsageError
@@ -45,12 +45,17 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
     model = loaded.model.to(device=device, dtype=_dtype(config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
-    batch = make_batch(config.batch_spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task,
-                       num_labels=loaded.num_labels, decoder_start_id=loaded.decoder_start_id)
+    batch = batch_for(loaded, config.batch_spec)
     params = trainable(model)
     objective = config.objective
     reference = compute_reference(model, batch, params, device, label_smoothing=objective.label_smoothing)
     return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective)
+
+
+def batch_for(loaded: LoadedModel, spec: BatchSpec) -> Batch:
+    """The audit's batch for ``loaded``: its vocabulary, special ids, task and labels."""
+    return make_batch(spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task,
+                      num_labels=loaded.num_labels, decoder_start_id=loaded.decoder_start_id, eos_id=loaded.eos_id)
 
 
 def selected_paths(config: CheckConfig, task: str) -> list[str]:

@@ -48,6 +48,12 @@ class LoadedModel:
         return 0
 
     @property
+    def eos_id(self) -> int | None:
+        eos = getattr(self.model.config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        return int(eos) if isinstance(eos, int) and 0 <= eos < self.vocab_size else None
+
+    @property
     def decoder_start_id(self) -> int:
         start = getattr(self.model.config, "decoder_start_token_id", None)
         return int(start) if isinstance(start, int) else self.pad_id

@@ -377,4 +377,8 @@ def _token_kwargs(values: dict) -> dict:
             continue
         new = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID}.get(name, BOS_ID)
         kwargs[name] = [new] if isinstance(value, (list, tuple)) else new
+    if values.get("is_encoder_decoder") and values.get("decoder_start_token_id") is None:
+        # T5's config (5.x) leaves it to the generation config, yet its classification head
+        # shifts input_ids right with config.decoder_start_token_id
+        kwargs["decoder_start_token_id"] = PAD_ID
     return kwargs

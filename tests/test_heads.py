@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import lossaudit
 from lossaudit.batch import BatchSpec, make_batch
 from lossaudit.forward import forward
-from lossaudit.harness import run_layout
+from lossaudit.harness import batch_for, run_layout
 from lossaudit.layouts import GROUPINGS, PADDINGS, Layout, collate, group
 from lossaudit.models import load_model
 from lossaudit.paths.model import ModelPath
@@ -117,9 +117,7 @@ def num_items_handling(name, task):
     """What the installed library's head does with ``num_items_in_batch``, asked directly:
     'honoured' (sum / N), 'ignored' (accepted, plain mean) or 'rejected' (TypeError)."""
     loaded = load_model(name, task=task)
-    batch = make_batch(BatchSpec(4, 12, 3, True, 0, 0), vocab_size=loaded.vocab_size, pad_id=loaded.pad_id,
-                       task=task or loaded.task, num_labels=loaded.num_labels,
-                       decoder_start_id=loaded.decoder_start_id)
+    batch = batch_for(loaded, BatchSpec(4, 12, 3, True, 0, 0))
     mb = collate(batch, tuple(range(4)), "right")
     plain, _ = forward(loaded.model, mb, torch.device("cpu"), with_labels=True)
     doubled, rejected = forward(loaded.model, mb, torch.device("cpu"), with_labels=True,
@@ -133,7 +131,7 @@ EXPECTED_DETAIL = {"ignored": "num_items_in_batch ignored", "rejected": "does no
 
 
 @pytest.mark.parametrize("name, task", [("t5", None), ("bart", None), ("bert", "token-classification"),
-                                        ("llama", "sequence-classification")])
+                                        ("llama", "sequence-classification"), ("t5", "sequence-classification")])
 def test_real_heads_on_the_model_path(name, task):
     report = lossaudit.check(name, task=task, microbatches=[1, 2], empty_sequences=1)
     cases = report.cases
@@ -159,3 +157,12 @@ def test_a_model_without_position_ids_is_reported_under_left_padding():
     assert (left["verdict"] == "diverge").all()
     assert all("depends on padding" in d for d in left["detail"])
     assert (report.cases[report.cases["padding"] == "right"]["verdict"] == "match").all()
+
+
+def test_sequence_classification_sequences_end_with_one_eos():
+    """Encoder-decoder heads pool at the last EOS and refuse sequences without one."""
+    eos = 3  # also the first id text is drawn from: drawn copies must be replaced
+    batch = make_batch(BatchSpec(batch_size=16, max_length=12, seed=1), vocab_size=6, pad_id=0,
+                       task="sequence-classification", num_labels=2, eos_id=eos)
+    for sample in batch.samples:
+        assert sample.input_ids[-1] == eos and int((sample.input_ids == eos).sum()) == 1
