@@ -67,6 +67,8 @@ def test_default_out_goes_beside_an_earlier_report(tmp_path):
         (["check", "llama", "--dtype", "f32"], "--dtype"),
         (["check", "llama", "--path", "modle"], "did you mean 'model'"),
         (["check", "llama", "--task", "vision"], "--task"),
+        (["check", "llama", "--groupings", "sorted"], "unknown grouping 'sorted'"),
+        (["check", "llama", "--paddings", "middle"], "unknown padding 'middle'"),
         (["check", "llama", "--reductions", "mean_of_mean"], "did you mean 'mean_of_means'"),
         (["check", "llama", "--world-size", "0"], "--world-size"),
         (["frobnicate"], "invalid choice"),
@@ -93,3 +95,12 @@ def test_a_save_pretrained_directory_is_audited(tmp_path):
 
 def test_a_directory_without_config_is_a_usage_error(tmp_path):
     assert_usage_error(run("check", str(tmp_path)), "no config.json")
+
+
+def test_paddings_and_groupings_choose_the_layouts(tmp_path):
+    result = run("check", "llama", "--microbatches", "2", "--path", "reduction", "--paddings", "left",
+                 "--groupings", "imbalanced,contiguous", "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    cases = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
+    assert {c["padding"] for c in cases} == {"left"}
+    assert {c["grouping"] for c in cases} == {"imbalanced", "contiguous"}

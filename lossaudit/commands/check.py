@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", dest="paths", action="append", help="path to audit (repeatable; default all)")
     p.add_argument("--microbatches", type=_ints, help="values of k, e.g. 1,2,4,8")
     p.add_argument("--reductions", type=_names, help="reductions, e.g. mean_of_means,num_items or module:function")
+    p.add_argument("--paddings", type=_names, help="padding sides: right,left (default both)")
+    p.add_argument("--groupings", type=_names,
+                   help="how sequences are grouped into microbatches: contiguous,length_sorted,imbalanced (default all)")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--trainer-arg", dest="trainer_args", type=_key_value, action="append", default=[])
     p.add_argument("--loss-fn", metavar="MODULE:FUNCTION",
@@ -75,8 +78,9 @@ def config_from_args(args: argparse.Namespace):
     options = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     for key in ("paths", "trainer_args", "config_args"):
         options[key] = tuple(options[key]) if options[key] is not None else None
-    if options["reductions"] is None:
-        del options["reductions"]
+    for key in ("reductions", "paddings", "groupings"):  # None: the config's default
+        if options[key] is None:
+            del options[key]
     options["trainer_args"] = options["trainer_args"] or ()
     options["config_args"] = options["config_args"] or ()
     return CheckConfig(**options)
