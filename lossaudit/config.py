@@ -48,6 +48,7 @@ class CheckConfig:
     loss_fn: str | None = _help("module:function with compute_loss_func's signature (outputs, labels, num_items_in_batch)")
     allow_pickle: bool = _help("allow pickle checkpoints (loaded with weights_only=True)", False)
     trust_remote_code: bool = _help("run code shipped with a model directory", False)
+    allow_download: bool = _help("download a hub id that is not in the local cache", False)
     num_layers: int | None = _help("layers to keep (cuts a checkpoint's depth for a fast audit)")
 
     def __post_init__(self):

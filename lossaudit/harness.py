@@ -39,7 +39,7 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
         overrides = {k: parse_value(v) for k, v in config.config_args}
         loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
-                            num_layers=config.num_layers)
+                            allow_download=config.allow_download, num_layers=config.num_layers)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")

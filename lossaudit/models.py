@@ -1,17 +1,23 @@
 """Build or load the model under audit: a tiny random model from a ``model_type``, a local
-``save_pretrained`` directory, or a hub id already in the local cache (never downloads)."""
+``save_pretrained`` directory, or a hub id (from the local cache unless downloads are allowed).
+``--config-arg`` keys are checked against the config class; a value it cannot take is a usage error."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .checkpoints import Trust, load_weights, read_config_json, refuse_untrusted, remote_code_message, snapshot_dir
 from .errors import EnvironmentProblem, UsageError
+from .faults import must_propagate
 from .registry import did_you_mean
-from .tiny import depth_kwargs, tiny_config
+from .tiny import HEAD_DEFAULTS, depth_kwargs, tiny_config
 from .tokens import TASKS
 
 @dataclass
@@ -116,61 +122,112 @@ def load_model(
     config_overrides: dict | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    allow_download: bool = False,
     num_layers: int | None = None,
 ) -> LoadedModel:
-    """Resolve MODEL: a directory, then a model_type, then a hub id in the local cache."""
+    """Resolve MODEL: a directory, then a model_type, then a hub id (the local cache only
+    unless ``allow_download``). What a saved model may do is in ``lossaudit.checkpoints``."""
+    trust = Trust(allow_pickle, trust_remote_code, allow_download)
+    overrides = dict(config_overrides or {})
     if os.path.isdir(name):
-        return _from_pretrained(name, name, "directory", task, config_overrides, allow_pickle, trust_remote_code,
-                                num_layers)
+        return _from_pretrained(Path(name), name, "directory", task, overrides, trust, num_layers)
     if name in _model_types():
-        config = tiny_config(name, config_overrides, num_layers)
-        task = _choose_task(config, task, name)
-        _ensure_pad_for_pooling(config, task, name, tiny=True)
-        torch.manual_seed(seed)
-        model = _auto_classes()[task].from_config(config)
-        return LoadedModel(model, name, task, "tiny", dict(config_overrides or {}))
+        return _tiny(name, task, seed, overrides, num_layers)
     if "/" in name and not name.startswith((".", "/")):
-        return _from_pretrained(name, name, "cache", task, config_overrides, allow_pickle, trust_remote_code,
-                                num_layers)
+        return _from_pretrained(snapshot_dir(name, trust), name, "cache", task, overrides, trust, num_layers)
     raise UsageError(
         f"unknown model {name!r}: not a directory, a transformers model_type or a cached hub id"
         + did_you_mean(name, _model_types())
     )
 
 
-def _from_pretrained(path, name, source, task, overrides, allow_pickle, trust_remote_code, num_layers) -> LoadedModel:
+def _tiny(name: str, task: str | None, seed: int, overrides: dict, num_layers: int | None) -> LoadedModel:
+    from transformers import CONFIG_MAPPING
+
+    _refuse_unknown_keys(CONFIG_MAPPING[name], overrides, extra=HEAD_DEFAULTS)
+    with _overrides_blamed(overrides):
+        config = tiny_config(name, overrides, num_layers)
+    task = _choose_task(config, task, name)
+    _ensure_pad_for_pooling(config, task, name, tiny=True)
+    torch.manual_seed(seed)
+    with _overrides_blamed(overrides):
+        model = _auto_classes()[task].from_config(config)
+    return LoadedModel(model, name, task, "tiny", overrides)
+
+
+def _from_pretrained(path: Path, name: str, source: str, task, overrides: dict, trust: Trust,
+                     num_layers: int | None) -> LoadedModel:
     from transformers import AutoConfig
 
-    local = Path(path)
-    if source == "directory" and not (local / "config.json").is_file():
-        raise UsageError(f"{path}: no config.json (is this a directory written by save_pretrained?)")
-    if source == "directory" and not allow_pickle and not list(local.glob("*.safetensors")):
-        if list(local.glob("*.bin")) or list(local.glob("*.pt")):
-            raise UsageError(
-                f"{path}: weights are a pickle checkpoint, which can run code when loaded; "
-                "convert to safetensors or pass --allow-pickle"
-            )
+    refuse_untrusted(path, read_config_json(path), trust)
     try:
         def load_config(**kwargs):
-            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust.trust_remote_code,
+                                              **kwargs)
 
-        config = load_config(**(overrides or {}))
-        if num_layers is not None:  # the first layers; the checkpoint's others are left unloaded
-            config = load_config(**{**depth_kwargs(config, num_layers, grow=False), **(overrides or {})})
+        if overrides:
+            _refuse_unknown_keys(type(load_config()), overrides)
+        with _overrides_blamed(overrides):
+            config = load_config(**overrides)
+            if num_layers is not None:  # the first layers; the checkpoint's others are left unloaded
+                config = load_config(**{**depth_kwargs(config, num_layers, grow=False), **overrides})
         task = _choose_task(config, task, name)
         _ensure_pad_for_pooling(config, task, name, tiny=False)
-        model = _auto_classes()[task].from_pretrained(
-            path,
-            config=config,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-        )
+        with _overrides_blamed(overrides):
+            model = load_weights(_auto_classes()[task], path, config, trust)
     except UsageError:
         raise
     except (OSError, ValueError) as exc:
+        remote = remote_code_message(path, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load {name!r} ({source}): {first}") from None
+        raise UsageError(remote or f"cannot load {name!r} ({source}): {first}") from None
     except ImportError as exc:
         raise EnvironmentProblem(f"cannot load {name!r}: {exc}") from None
-    return LoadedModel(model, name, task, source, dict(overrides or {}))
+    return LoadedModel(model, name, task, source, overrides)
+
+
+def _refuse_unknown_keys(config_class, overrides: dict, extra=()) -> None:
+    known = known_config_keys(config_class) | set(extra)
+    unknown = [key for key in overrides if key not in known]
+    if unknown:
+        raise UsageError(*(f"--config-arg {key}: {config_class.__name__} has no such setting"
+                           + did_you_mean(key, sorted(known)) for key in unknown))
+
+
+def known_config_keys(config_class) -> set[str]:
+    """What a config of ``config_class`` takes: its declared fields and constructor arguments,
+    the attributes of a default instance, attribute_map aliases and settable properties."""
+    keys = set(getattr(config_class, "attribute_map", None) or {})
+    for cls in config_class.__mro__:
+        keys |= {n for n, v in vars(cls).items() if isinstance(v, property) and v.fset is not None}
+        if "__init__" in vars(cls):
+            keys |= set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    if dataclasses.is_dataclass(config_class):
+        keys |= {f.name for f in dataclasses.fields(config_class)}
+    try:
+        keys |= set(vars(config_class()))
+    except Exception:  # a config that cannot be built without arguments: the declared keys stand
+        pass
+    return {k for k in keys if not k.startswith("_")}
+
+
+# what a config's validation or a model's constructor raises on a value it cannot take
+BUILD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, RuntimeError)
+
+
+@contextmanager
+def _overrides_blamed(overrides: dict):
+    """A config or model that cannot be built with the user's --config-arg values: usage error."""
+    try:
+        yield
+    except Exception as exc:
+        if not overrides or must_propagate(exc) or not (isinstance(exc, BUILD_ERRORS) or _is_strict_validation(exc)):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        message = " ".join(str(exc).split())[:300]
+        raise UsageError(f"--config-arg {given}: the model cannot be built with it: {type(exc).__name__}: {message}") from None
+
+
+def _is_strict_validation(exc: Exception) -> bool:
+    """huggingface_hub's strict-dataclass validation error (transformers 5 configs): no ValueError."""
+    return any(c.__name__ == "StrictDataclassError" for c in type(exc).__mro__)

@@ -40,6 +40,8 @@ POSITIONS = 256
 WINDOW = 16  # shorter than the audit's longest sequence, so sliding attention slides
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # below lossaudit.batch.FIRST_TOKEN_ID: never drawn as text
 LABELS = 3  # classification heads: more than two classes, so no binary shortcut hides
+# read by every head; generic classification heads fall back to 0.1 when classifier_dropout is unset
+HEAD_DEFAULTS = {"num_labels": LABELS, "classifier_dropout": 0.0}
 
 
 def _at_most(limit: int) -> Callable[[int | None, dict], int]:
@@ -181,9 +183,7 @@ def tiny_config(model_type: str, overrides: dict | None = None, num_layers: int 
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
-    # generic classification heads read classifier_dropout, falling back to 0.1 when unset
-    top = {"num_labels": LABELS, "classifier_dropout": 0.0}
-    kwargs = merge({**top, **tiny_kwargs(base)}, QUIRKS.get(model_type, ({}, ""))[0])
+    kwargs = merge({**HEAD_DEFAULTS, **tiny_kwargs(base)}, QUIRKS.get(model_type, ({}, ""))[0])
     kwargs.update(overrides or {})
     config = AutoConfig.for_model(model_type, **kwargs)
     if num_layers is None:

@@ -57,8 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
     p.add_argument("--num-layers", type=int, help="keep this many layers (cut a checkpoint's depth for a fast audit)")
-    p.add_argument("--allow-pickle", action="store_true", help="load pickle checkpoints (weights_only)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickle checkpoint (pytorch_model.bin) with torch.load(weights_only=True)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code that config.json's auto_map names")
+    p.add_argument("--allow-download", action="store_true",
+                   help="download a hub id that is not in the local cache (default: the cache only)")
     p.add_argument("--out", type=Path, help="report directory (default reports/MODEL-TASK/)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--baseline", type=Path, metavar="FILE",
