@@ -15,14 +15,47 @@ from .report import SUMMARY_COLUMNS, Report
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    os.replace(_stage(path, text), path)
+
+
+def write_files(out: Path, renderers: dict, subject, what: str) -> list[Path]:
+    """Every ``name: render(subject)`` into ``out``, all or none: each is rendered and staged
+    in a temporary file in ``out`` first, then all are renamed into place, the first (the JSON
+    others read) last. A failure before the renames leaves what ``out`` held untouched."""
+    staged: dict[Path, Path] = {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        texts = {out / name: render(subject) for name, render in renderers.items()}
+        for path, text in texts.items():
+            staged[path] = _stage(path, text)
+        for path in [*list(staged)[1:], *list(staged)[:1]]:
+            os.replace(staged.pop(path), path)
+    except OSError as exc:
+        raise UsageError(f"cannot write the {what} to {out}: {exc.strerror or exc}") from None
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return [out / name for name in renderers]
+
+
+def _stage(path: Path, text: str) -> Path:
+    """``text`` in a new temporary file beside ``path``, with the permissions open() would give
+    (mkstemp makes 0600; a report is for others to read too)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fmt(value) -> str:
@@ -112,12 +145,4 @@ RENDERERS = {
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, render in RENDERERS.items():
-            write_atomic(out / name, render(report))
-            written.append(out / name)
-    except OSError as exc:
-        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
-    return written
+    return write_files(out, RENDERERS, report, "report")

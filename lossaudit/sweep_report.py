@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UsageError
-from .render import markdown_table, write_atomic
+from .render import markdown_table, write_files
 from .report import _json_value
 from .sweep import FINDING, PASS, ROW_COLUMNS, SKIP, Sweep
 
@@ -75,12 +74,4 @@ RENDERERS = {
 
 
 def write_sweep(sweep: Sweep, out: Path) -> list[Path]:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, render in RENDERERS.items():
-            write_atomic(out / name, render(sweep))
-            written.append(out / name)
-    except OSError as exc:
-        raise UsageError(f"cannot write the sweep to {out}: {exc.strerror or exc}") from None
-    return written
+    return write_files(out, RENDERERS, sweep, "sweep")

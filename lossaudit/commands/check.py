@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
@@ -101,9 +102,20 @@ def check_out(out: Path | None, overwrite: bool, name: str = "report.json") -> N
         raise UsageError(f"--out {out}: exists and is not a directory")
     if (out / name).exists() and not overwrite:
         raise UsageError(f"--out {out}: already holds a report; pass --overwrite to replace it")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: {parent} is not writable")
+    existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a directory")
+    if not _can_create_in(existing):
+        raise UsageError(f"--out {out}: cannot create files in {existing}")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Try it: permission bits say nothing to root, nor about read-only file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".lossaudit-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
