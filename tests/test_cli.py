@@ -105,3 +105,71 @@ def test_paddings_and_groupings_choose_the_layouts(tmp_path):
     cases = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
     assert {c["padding"] for c in cases} == {"left"}
     assert {c["grouping"] for c in cases} == {"imbalanced", "contiguous"}
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["check", "gpt2", "--task", "seq2seq"], "has no seq2seq head"),
+        (["check", "llama", "--config-arg", "num_hiden_layers=1"], "did you mean 'num_hidden_layers'"),
+        (["check", "llama", "--config-arg", "hidden_size=wide"], "--config-arg hidden_size='wide'"),
+        (["check", "llama", "--config-arg", "num_attention_heads=3"], "not a multiple of the number of attention heads"),
+        (["check", "llama", "--config-arg", "hidden_act=nope"], "--config-arg hidden_act='nope'"),
+        (["check", "llama", "--config-arg", "novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_model_input_is_one_line_and_exit_2(args, needle):
+    assert_usage_error(run(*args), needle)
+
+
+def test_config_args_the_config_takes_are_applied():
+    from lossaudit.models import load_model
+
+    loaded = load_model("llama", config_overrides={"num_hidden_layers": 1, "pad_token_id": 5, "num_labels": 4,
+                                                   "classifier_dropout": 0.1})
+    config = loaded.model.config
+    assert (config.num_hidden_layers, config.pad_token_id, config.num_labels) == (1, 5, 4)
+    assert len(loaded.model.model.layers) == 1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "t5", "mixtral", "bert"])
+def test_every_key_the_tinyfier_sets_is_a_valid_config_arg(model_type):
+    from transformers import CONFIG_MAPPING
+
+    from lossaudit.models import known_config_keys
+    from lossaudit.tiny import HEAD_DEFAULTS, tiny_kwargs
+
+    keys = set(tiny_kwargs(CONFIG_MAPPING[model_type]())) | set(HEAD_DEFAULTS)
+    assert keys <= known_config_keys(CONFIG_MAPPING[model_type]) | set(HEAD_DEFAULTS)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "an_existing_file", "proc"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_audit(tmp_path, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = {"under_a_file": blocker / "r", "an_existing_file": blocker, "proc": Path("/proc/lossaudit-report")}[where]
+    if where == "proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    result = run("check", "lama-typo-to-fail-if-the-audit-ran", "--out", str(out))
+    assert_usage_error(result, f"--out {out}")
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_an_out_in_a_read_only_directory_is_refused(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        assert_usage_error(run("check", "llama", "--out", str(tmp_path / "r")), "cannot create files")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_the_same_check_twice_writes_the_same_report(tmp_path):
+    tiny = ("--microbatches", "1,2", "--path", "reduction", "--path", "model", "--batch-size", "4",
+            "--max-length", "12")
+    for name in ("a", "b"):
+        result = run("check", "llama", *tiny, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    first, second = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("a", "b"))
+    assert first["cases"] and first == second  # the report holds no timestamps or durations
+    assert (tmp_path / "a" / "cases.csv").read_text() == (tmp_path / "b" / "cases.csv").read_text()
