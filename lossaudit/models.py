@@ -17,7 +17,7 @@ from .checkpoints import Trust, load_weights, read_config_json, refuse_untrusted
 from .errors import EnvironmentProblem, UsageError
 from .faults import must_propagate
 from .registry import did_you_mean
-from .tiny import HEAD_DEFAULTS, depth_kwargs, tiny_config
+from .tiny import depth_kwargs, tiny_config, tiny_keys
 from .tokens import TASKS
 
 @dataclass
@@ -144,7 +144,8 @@ def load_model(
 def _tiny(name: str, task: str | None, seed: int, overrides: dict, num_layers: int | None) -> LoadedModel:
     from transformers import CONFIG_MAPPING
 
-    _refuse_unknown_keys(CONFIG_MAPPING[name], overrides, extra=HEAD_DEFAULTS)
+    if overrides:
+        _refuse_unknown_keys(CONFIG_MAPPING[name], overrides, extra=tiny_keys(name))
     with _overrides_blamed(overrides):
         config = tiny_config(name, overrides, num_layers)
     task = _choose_task(config, task, name)

@@ -191,6 +191,14 @@ def tiny_config(model_type: str, overrides: dict | None = None, num_layers: int 
     return AutoConfig.for_model(model_type, **{**kwargs, **depth_kwargs(config, num_layers), **(overrides or {})})
 
 
+def tiny_keys(model_type: str) -> set[str]:
+    """The keys ``tiny_config`` sets, which a ``--config-arg`` may set too, declared or not
+    (T5's decoder_start_token_id, a classification head's classifier_dropout)."""
+    from transformers import AutoConfig
+
+    return {*HEAD_DEFAULTS, *tiny_kwargs(AutoConfig.for_model(model_type)), *QUIRKS.get(model_type, ({}, ""))[0]}
+
+
 def merge(kwargs: dict, extra: dict) -> dict:
     """``kwargs`` updated by ``extra``, sub-config dicts merged key by key."""
     out = dict(kwargs)
