@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ def snapshot_dir(repo_id: str, trust: Trust) -> Path:
     """The local folder of a hub id: from the cache only, or downloaded if ``allow_download``
     (then only what the audit may load: configs, safetensors, and what ``trust`` allows)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError  # also on hub < 0.24
 
     patterns = ["*.json", "*.safetensors"]
     patterns += ["*.py"] if trust.trust_remote_code else []
@@ -105,7 +106,7 @@ def pickle_state_dict(path: Path) -> dict:
             shard = torch.load(file, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
             raise UsageError(f"{file}: refused by torch.load(weights_only=True): it holds more than tensors "
-                             f"({_unsupported(exc)}); it may run code when unpickled") from None
+                             f"({_unsupported(exc)}), which could run code when unpickled") from None
         except (OSError, RuntimeError, EOFError) as exc:
             raise UsageError(f"{file}: not a readable PyTorch checkpoint: {_first_line(exc)}") from None
         if not isinstance(shard, dict):
@@ -171,10 +172,8 @@ def _refs(auto_map: dict) -> list[str]:
 
 def _unsupported(exc: Exception) -> str:
     """torch's long weights_only message, cut to the global it refused."""
-    for line in str(exc).splitlines():
-        if "Unsupported" in line or "GLOBAL" in line:
-            return " ".join(line.replace("WeightsUnpickler error:", "").split())
-    return _first_line(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"global {found.group(1)}" if found else _first_line(exc)[:200]
 
 
 def _first_line(exc: BaseException) -> str:

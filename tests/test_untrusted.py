@@ -78,6 +78,22 @@ def test_allow_pickle_loads_every_weight_and_keeps_them_tied(tmp_path, gpt2):
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 
 
+def test_a_sharded_pickle_checkpoint_loads_every_shard_and_nothing_else(tmp_path, gpt2):
+    directory = pickle_dir(tmp_path / "m", gpt2)
+    (directory / "pytorch_model.bin").unlink()
+    state = gpt2.state_dict()
+    names = list(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[:5], "pytorch_model-00002-of-00002.bin": names[5:]}
+    for file, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, directory / file)
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.save({"x": Payload(tmp_path / "pwned")}, directory / "training_args.bin")  # not weights: never read
+    loaded = load_model(str(directory), allow_pickle=True).model
+    assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_pickle_checkpoint_missing_weights_is_refused(tmp_path, gpt2):
     directory = pickle_dir(tmp_path / "m", gpt2)
     state = {k: v for k, v in gpt2.state_dict().items() if not k.startswith("transformer.h.0.")}
