@@ -142,6 +142,13 @@ def _ce_cause(m: Measurement, loss: float, reference: Reference, batch: Batch, t
         reduction = REDUCTIONS.get(m.reduction) if m.reduction in REDUCTIONS else None
         return f"{m.reduction}: {reduction.doc}" if reduction and reduction.doc else ""
     near = max(tol.rtol * 10, 1e-4) * abs(reference.loss)
+    # first: with one microbatch per rank, per-rank means averaged over ranks are also "each
+    # microbatch's mean", and a data-parallel step makes the per-rank story the likelier one
+    if m.layout.world_size > 1:
+        means = reference.rank_means(batch, m.layout)
+        if abs(m.loss - sum(means) / len(means)) <= near:
+            return ("loss equals the mean of each rank's own token mean: per-rank normalisation (each rank "
+                    "divides by its local target count, not the count gathered over ranks)")
     for name, factor, cause in (
         # with equal counts per microbatch the first two coincide; the ignored count is the likelier story
         ("mean_of_means", k, "each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored"),
@@ -153,11 +160,6 @@ def _ce_cause(m: Measurement, loss: float, reference: Reference, batch: Batch, t
     ):
         if name in REDUCTIONS and abs(loss - factor * reference.step_loss(batch, m.layout, REDUCTIONS.get(name))) <= near:
             return f"loss equals {cause}"
-    if m.layout.world_size > 1:
-        means = reference.rank_means(batch, m.layout)
-        if abs(m.loss - sum(means) / len(means)) <= near:
-            return ("loss equals the mean of each rank's own token mean: per-rank normalisation (each rank "
-                    "divides by its local target count, not the count gathered over ranks)")
     g = m.grads
     if g is not None and _finite(g.cosine, g.scale) and g.cosine > 1 - 1e-6:
         return f"gradient is {g.scale:.4g}x the reference in the same direction"

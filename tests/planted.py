@@ -105,6 +105,15 @@ def loss_with_num_items(outputs, labels, num_items_in_batch=None):
     return total / (num_items_in_batch if num_items_in_batch is not None else count)
 
 
+def loss_raising_on_rank_1(outputs, labels, num_items_in_batch=None):
+    """A compute_loss_func that fails on data-parallel rank 1 only (RANK as launchers set it)."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("planted failure in compute_loss_func on rank 1")
+    return loss_with_num_items(outputs, labels, num_items_in_batch)
+
+
 def llama_ignoring_num_items():
     """A Llama whose forward takes num_items_in_batch, so the Trainer passes it, and drops it:
     each microbatch's loss is its own token mean."""

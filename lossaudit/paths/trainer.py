@@ -4,6 +4,11 @@ batch B/k, ``gradient_accumulation_steps=k``), and once on the full batch (k=1).
 The update the step applied is compared with the reference gradient, and the loss the Trainer
 logs with the reference loss. With ``--loss-fn`` the step runs a second time with the user's
 function as ``compute_loss_func`` (its cases carry the function's name as ``reduction``).
+
+With ``--world-size N`` every step runs on N ranks spawned by ``lossaudit.distributed``: each
+rank builds its own Trainer, which wraps the model in DDP, and trains on the layout's k
+microbatches of that rank. The update (the same on every rank after DDP's all-reduce) and the
+logged loss come from rank 0; what ``compute_loss`` was given comes from every rank.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
+from ..batch import Batch
 from ..compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
-from ..config import parse_value
-from ..errors import UsageError
-from ..grads import compare_grads
+from ..config import CheckConfig, parse_value
+from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..errors import RankFailure, UsageError
+from ..grads import compare_grads, trainable
 from ..layouts import Layout
 from ..reference import step_tokens
 from ..tokens import TASKS
-from .base import PATHS, Measurement, PathSpec, StepPath
+from .base import PATHS, AuditContext, Measurement, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
 from .trainer_step import StepResult, StepUnavailable, trainer_step
 
@@ -37,13 +45,52 @@ def _check_values(user_args: dict) -> None:
 
 
 def full_batch_layout(batch_size: int, world_size: int = 1) -> Layout:
-    return Layout(1, "contiguous", "right", (tuple(range(batch_size)),), world_size)
+    """The GA-off arm: one microbatch per rank, the batch cut contiguously over the ranks."""
+    return Layout(1, "contiguous", "right", group_contiguous(batch_size, world_size), world_size)
+
+
+def group_contiguous(batch_size: int, parts: int) -> tuple[tuple[int, ...], ...]:
+    size, extra = divmod(batch_size, parts)
+    starts = [r * size + min(r, extra) for r in range(parts + 1)]
+    return tuple(tuple(range(starts[r], starts[r + 1])) for r in range(parts))
+
+
+@dataclass
+class RankJob:
+    """What every rank needs for the Trainer steps (the user's loss function travels by name)."""
+
+    model: PortableModel
+    batch: Batch
+    config: CheckConfig
+    steps: list[tuple[Layout, str | None]]  # (layout, --loss-fn spec or None), in order
+    user_args: dict
+
+
+def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list[StepResult | str]:
+    """Body of one rank: every Trainer step on this rank's microbatches, in the job's order.
+    A step the Trainer cannot express is its one-line reason (the same on every rank)."""
+    model = job.model.build(device)
+    model.train()
+    ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
+    fns = {spec: resolve_loss_fn(spec) for _, spec in job.steps if spec}
+    results: list[StepResult | str] = []
+    for layout, spec in job.steps:
+        try:
+            step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank)
+        except StepUnavailable as exc:
+            results.append(str(exc))
+            continue
+        if rank != 0:  # the update is rank 0's (the same everywhere): send back only what differs
+            step.update = {}
+        results.append(step)
+    return results
 
 
 class TrainerPath(StepPath):
     name = "trainer"
 
-    def __init__(self, config):
+    def __init__(self, config, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.timeout_s = timeout_s
         self.user_args = {k: parse_value(v) for k, v in config.trainer_args}
         _check_values(self.user_args)
         self.loss_fns = [(None, None)]
@@ -51,44 +98,81 @@ class TrainerPath(StepPath):
             self.loss_fns.append((config.loss_fn, resolve_loss_fn(config.loss_fn)))
         self.full_batch_done = False
 
-    def run(self, ctx, layout):
-        layouts = [layout]
-        if not self.full_batch_done and layout.microbatches != 1:  # the GA-off arm, always
-            layouts.insert(0, full_batch_layout(len(ctx.batch), layout.world_size))
+    def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
+        """``layouts``, after the GA-off arm (k=1) when the run does not start with one."""
+        if not self.full_batch_done and layouts and layouts[0].microbatches != 1:
+            layouts = [full_batch_layout(len(ctx.batch), layouts[0].world_size), *layouts]
         self.full_batch_done = True
-        return [self._case(ctx, each, spec, fn) for each in layouts for spec, fn in self.loss_fns]
+        return layouts
+
+    def run(self, ctx, layout):
+        return [self._case(ctx, each, spec, fn) for each in self.with_full_batch(ctx, [layout])
+                for spec, fn in self.loss_fns]
+
+    def run_layouts(self, ctx, layouts, say):
+        world_size = layouts[0].world_size if layouts else 1
+        if world_size == 1:
+            return super().run_layouts(ctx, layouts, say)
+        steps = [(layout, spec) for layout in self.with_full_batch(ctx, layouts) for spec, _ in self.loss_fns]
+        say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)
+        try:
+            per_rank = run_ranks(rank_trainer_steps, job, world_size, device_type=ctx.device.type,
+                                 timeout_s=self.timeout_s)
+        except RankFailure as exc:
+            return [self._failed(ctx, layout, spec, f"the Trainer step failed on {exc}") for layout, spec in steps]
+        return [self._measure(ctx, layout, spec, [results[i] for results in per_rank])
+                for i, (layout, spec) in enumerate(steps)]
 
     def _case(self, ctx, layout, spec, fn) -> Measurement:
-        counts = step_tokens(ctx.batch, layout).counts
         try:
-            if layout.world_size != 1:
-                raise StepUnavailable("the trainer path runs in one process; --world-size is not supported by it yet")
             step = trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=fn)
         except StepUnavailable as exc:
-            return Measurement(self.name, spec, layout, math.nan, None, counts, error=str(exc))
+            return self._failed(ctx, layout, spec, str(exc))
         except Exception as exc:  # the library's or the user's code failed: one case, not the run
             if os.environ.get("LOSSAUDIT_DEBUG") == "1":
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return Measurement(self.name, spec, layout, math.nan, None, counts,
-                               error=f"the Trainer step failed: {type(exc).__name__}: {first}")
+            return self._failed(ctx, layout, spec, f"the Trainer step failed: {type(exc).__name__}: {first}")
+        return self._measure(ctx, layout, spec, [step])
+
+    def _failed(self, ctx, layout, spec, reason: str) -> Measurement:
+        return Measurement(self.name, spec, layout, math.nan, None, step_tokens(ctx.batch, layout).counts,
+                           error=reason)
+
+    def _measure(self, ctx, layout: Layout, spec, ranks: list[StepResult | str]) -> Measurement:
+        """The case of one step from what each rank returned (rank 0 first)."""
+        if isinstance(ranks[0], str):
+            return self._failed(ctx, layout, spec, ranks[0])
+        step, counts = ranks[0], step_tokens(ctx.batch, layout).counts
         reference = ctx.reference.loss
+        extra = {
+            "logged_loss": step.logged_loss,
+            "logged_loss_rel_err": abs(step.logged_loss - reference) / abs(reference) if reference else math.nan,
+            "trainer_num_items": [n for rank in ranks for n in rank.num_items],  # rank-major, as counts
+            "trainer_accepts_loss_kwargs": step.accepts_loss_kwargs,
+        }
+        if layout.world_size > 1:
+            extra["rank_tokens"] = rank_tokens(counts, layout)
+            extra["trainer_average_tokens_across_devices"] = step.average_tokens
         return Measurement(
-            self.name, spec, layout, step.logged_loss,
-            compare_grads(ctx.reference.grads, step.update.items()), counts,
-            note=_note(step, layout, sum(counts)),
-            extra={
-                "logged_loss": step.logged_loss,
-                "logged_loss_rel_err": abs(step.logged_loss - reference) / abs(reference) if reference else math.nan,
-                "trainer_num_items": step.num_items,
-                "trainer_accepts_loss_kwargs": step.accepts_loss_kwargs,
-            },
+            self.name, spec, layout, step.logged_loss, compare_grads(ctx.reference.grads, step.update.items()),
+            counts, note=_note(ranks, layout, counts), extra=extra,
         )
 
 
-def _note(step: StepResult, layout: Layout, total: int) -> str:
+def rank_tokens(counts: list[int], layout: Layout) -> list[int]:
+    """Target tokens of each rank's k microbatches (``counts`` is per microbatch, rank-major)."""
+    k = layout.microbatches
+    return [sum(counts[r * k : (r + 1) * k]) for r in range(layout.world_size)]
+
+
+def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
     """Facts about what the Trainer did that explain a divergence (empty when unremarkable)."""
-    counted = {n for n in step.num_items if n is not None}
+    step, total = ranks[0], sum(counts)
+    counted = {n for rank in ranks for n in rank.num_items if n is not None}
+    if layout.world_size > 1 and counted and counted != {total}:
+        return _per_rank_note(ranks, layout, counts)
     if counted and counted != {total}:
         return f"the Trainer gave num_items_in_batch={sorted(counted)}, the step holds {total} target tokens"
     if layout.microbatches == 1 or counted:
@@ -99,6 +183,20 @@ def _note(step: StepResult, layout: Layout, total: int) -> str:
     if step.accepts_loss_kwargs is False:
         return "the Trainer passed no num_items_in_batch (model_accepts_loss_kwargs is False for this model)"
     return "the Trainer passed no num_items_in_batch"
+
+
+def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
+    """Why the ranks' num_items_in_batch differ from the step's count: tokens not gathered."""
+    given = [sorted({n for n in rank.num_items if n is not None}) for rank in ranks]
+    local = rank_tokens(counts, layout)
+    said = ", ".join(f"rank {r}: {g[0] if len(g) == 1 else g}" for r, g in enumerate(given))
+    if all(g == [n] for g, n in zip(given, local)):
+        why = ("average_tokens_across_devices=False" if ranks[0].average_tokens is False else
+               f"transformers {transformers_version()} gathers no token count over ranks")
+        return (f"tokens not averaged across devices ({why}): each rank's num_items_in_batch is its own "
+                f"target count ({said}; the step holds {sum(counts)}), so each rank normalises by its own "
+                f"count and DDP averages the ranks: per-rank normalisation")
+    return f"the Trainer gave num_items_in_batch {said}, the step holds {sum(counts)} target tokens"
 
 
 PATHS.register(

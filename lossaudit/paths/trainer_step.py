@@ -4,6 +4,11 @@ The Trainer gets the layout's sequences in the layout's order (a sequential samp
 concatenated microbatches), the layout's padding through the shared collate/model_inputs, and
 plain SGD with lr 1 and no momentum, decay, clipping or warm-up, so that
 ``params_before - params_after`` is exactly the gradient the step applied.
+
+On a data-parallel rank (a process group is up, ``RANK``/``WORLD_SIZE`` set, see
+``lossaudit.distributed``) the Trainer wraps the model in DDP itself; it is fed the k
+microbatches ``layout.rank_groups(rank)`` through a plain DataLoader, so accelerate's sharding
+of the Trainer's dataloader cannot re-split or reorder them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class StepResult:
     logged_loss: float  # TrainOutput.training_loss, also log_history's train_loss
     num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
     accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
+    average_tokens: bool | None = None  # args.average_tokens_across_devices (None: the release lacks it)
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -67,6 +73,14 @@ def _trainer_class():
         def _get_train_sampler(self, *args, **kwargs):  # 4.40 takes no argument, later ones one
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
+        def get_train_dataloader(self):
+            if self.args.world_size == 1:
+                return super().get_train_dataloader()
+            # this rank's own microbatches, in order: accelerate must not shard them over ranks
+            return torch.utils.data.DataLoader(
+                self.train_dataset, batch_size=self.args.train_batch_size, collate_fn=self.data_collator,
+                sampler=torch.utils.data.SequentialSampler(self.train_dataset), num_workers=0)
+
         def compute_loss(self, model, inputs, *args, **kwargs):
             n = kwargs.get("num_items_in_batch")
             self.seen_num_items.append(int(n) if n is not None else None)
@@ -80,15 +94,29 @@ def per_device_batch(layout: Layout) -> int:
     sizes = {len(g) for g in layout.groups}
     if len(sizes) != 1:
         total = sum(len(g) for g in layout.groups)
+        ranks = f" x {layout.world_size} ranks" if layout.world_size > 1 else ""
         raise StepUnavailable(
             f"the Trainer needs equal microbatches; {total} sequences do not split into "
-            f"{layout.microbatches} of one size (sizes {sorted(len(g) for g in layout.groups)})"
+            f"{layout.microbatches}{ranks} of one size (sizes {sorted(len(g) for g in layout.groups)})"
         )
     return sizes.pop()
 
 
 def _settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
     """What the audit sets, by newest name (compat drops what a release lacks)."""
+    return {**_common_settings(ctx, layout, out), **_logging(layout)}
+
+
+def _logging(layout: Layout) -> dict:
+    """Off in one process. On N ranks, a log at the step: only a logging step gathers the loss
+    over ranks; without one, ``training_loss`` is rank 0's own share (x N where tokens are
+    averaged across devices), not what the loss curve shows."""
+    if layout.world_size == 1:
+        return {"logging_strategy": "no"}
+    return {"logging_strategy": "steps", "logging_steps": 1}
+
+
+def _common_settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
     return {
         "output_dir": out,
         "per_device_train_batch_size": per_device_batch(layout),
@@ -104,7 +132,6 @@ def _settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
         "report_to": "none",
         "save_strategy": "no",
         "eval_strategy": "no",
-        "logging_strategy": "no",
         "disable_tqdm": True,
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
@@ -113,7 +140,8 @@ def _settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
     }
 
 
-def _build(ctx: AuditContext, layout: Layout, out: str, user_args: dict, compute_loss_func: Callable | None):
+def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: dict,
+           compute_loss_func: Callable | None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     args = training_arguments(_settings(ctx, layout, out), user_args)
@@ -125,7 +153,7 @@ def _build(ctx: AuditContext, layout: Layout, out: str, user_args: dict, compute
     trainer = _trainer_class()(
         model=ctx.model,
         args=args,
-        train_dataset=_Indices([i for g in layout.groups for i in g]),
+        train_dataset=_Indices([i for g in layout.rank_groups(rank) for i in g]),
         data_collator=_Collator(ctx, layout.padding),
         optimizers=(optimizer, schedule),
         **kwargs,
@@ -154,9 +182,10 @@ def _quiet_and_cheap():
 
 
 def trainer_step(
-    ctx: AuditContext, layout: Layout, *, user_args: dict, compute_loss_func: Callable | None = None
+    ctx: AuditContext, layout: Layout, *, user_args: dict, compute_loss_func: Callable | None = None, rank: int = 0
 ) -> StepResult:
-    """Run one Trainer step on ``layout``; the model's weights are restored afterwards."""
+    """Run one Trainer step on ``layout`` (this process is data-parallel rank ``rank`` of
+    ``layout.world_size``); the model's weights are restored afterwards."""
     if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
         from ..compat import transformers_version
 
@@ -165,7 +194,7 @@ def trainer_step(
     before = {n: p.detach().clone() for n, p in ctx.params}
     try:
         with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
-            trainer = _build(ctx, layout, out, user_args, compute_loss_func)
+            trainer = _build(ctx, layout, rank, out, user_args, compute_loss_func)
             result = trainer.train()
             update = {n: before[n].to(torch.float64) - p.detach().to(torch.float64) for n, p in ctx.params}
     finally:
@@ -174,4 +203,5 @@ def trainer_step(
                 p.copy_(before[n])
                 p.grad = None
     return StepResult(update, float(result.training_loss), trainer.seen_num_items,
-                      getattr(trainer, "model_accepts_loss_kwargs", None))
+                      getattr(trainer, "model_accepts_loss_kwargs", None),
+                      getattr(trainer.args, "average_tokens_across_devices", None))
