@@ -51,6 +51,9 @@ AUDIT_OWNED = {
     "max_grad_norm": _STEP,
     "optim": _STEP,
     "optim_args": _STEP,
+    # on N ranks only a logging step gathers the loss over ranks; the audit logs at its one step
+    "logging_strategy": "set by the audit: the logged loss is read at the audited step",
+    "logging_steps": "set by the audit: the logged loss is read at the audited step",
 }
 
 

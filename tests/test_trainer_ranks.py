@@ -85,3 +85,10 @@ def test_unequal_microbatches_over_ranks_are_refused_with_the_sizes():
     layout = Layout(2, "contiguous", "right", ((0, 1), (2,), (3, 4), (5,)), world_size=2)
     with pytest.raises(StepUnavailable, match=r"6 sequences do not split into 2 x 2 ranks of one size \(sizes \[1, 1, 2, 2\]\)"):
         per_device_batch(layout)
+
+
+def test_logging_settings_belong_to_the_audit():
+    from test_cli import assert_usage_error, run
+
+    assert_usage_error(run("check", "llama", "--trainer-arg", "logging_steps=5"),
+                       "--trainer-arg logging_steps: set by the audit")
