@@ -171,18 +171,28 @@ def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
     """Facts about what the Trainer did that explain a divergence (empty when unremarkable)."""
     step, total = ranks[0], sum(counts)
     counted = {n for rank in ranks for n in rank.num_items if n is not None}
-    if layout.world_size > 1 and counted and counted != {total}:
-        return _per_rank_note(ranks, layout, counts)
     if counted and counted != {total}:
+        if layout.world_size > 1:
+            return _per_rank_note(ranks, layout, counts)
         return f"the Trainer gave num_items_in_batch={sorted(counted)}, the step holds {total} target tokens"
-    if layout.microbatches == 1 or counted:
-        return ""
+    notes = [] if counted else _uncounted(step, layout)
+    if not counted and layout.world_size > 1 and step.average_tokens and step.accepts_loss_kwargs is not False:
+        n = layout.world_size
+        notes.append(f"average_tokens_across_devices multiplies each rank's loss by {n} (the process count) "
+                     f"although compute_loss got no num_items_in_batch to divide by: {n}x per rank")
+    return "; ".join(notes)
+
+
+def _uncounted(step: StepResult, layout: Layout) -> list[str]:
+    """Why an accumulated step got no num_items_in_batch (nothing to say at k=1)."""
+    if layout.microbatches == 1:
+        return []
     if not release_has_ga_fix():
-        return (f"transformers {transformers_version()} predates the Oct-2024 gradient-accumulation fix "
-                f"({GA_FIX_RELEASE}): the Trainer passes no num_items_in_batch")
+        return [f"transformers {transformers_version()} predates the Oct-2024 gradient-accumulation fix "
+                f"({GA_FIX_RELEASE}): the Trainer passes no num_items_in_batch"]
     if step.accepts_loss_kwargs is False:
-        return "the Trainer passed no num_items_in_batch (model_accepts_loss_kwargs is False for this model)"
-    return "the Trainer passed no num_items_in_batch"
+        return ["the Trainer passed no num_items_in_batch (model_accepts_loss_kwargs is False for this model)"]
+    return ["the Trainer passed no num_items_in_batch"]
 
 
 def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
