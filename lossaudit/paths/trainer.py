@@ -24,7 +24,7 @@ from ..config import CheckConfig, parse_value
 from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..errors import RankFailure, UsageError
 from ..grads import compare_grads, trainable
-from ..layouts import Layout
+from ..layouts import Layout, group
 from ..reference import step_tokens
 from ..tokens import TASKS
 from .base import PATHS, AuditContext, Measurement, PathSpec, StepPath
@@ -44,15 +44,9 @@ def _check_values(user_args: dict) -> None:
             raise UsageError(f"--trainer-arg: TrainingArguments refused the values: {first}") from None
 
 
-def full_batch_layout(batch_size: int, world_size: int = 1) -> Layout:
+def full_batch_layout(batch: Batch, world_size: int = 1) -> Layout:
     """The GA-off arm: one microbatch per rank, the batch cut contiguously over the ranks."""
-    return Layout(1, "contiguous", "right", group_contiguous(batch_size, world_size), world_size)
-
-
-def group_contiguous(batch_size: int, parts: int) -> tuple[tuple[int, ...], ...]:
-    size, extra = divmod(batch_size, parts)
-    starts = [r * size + min(r, extra) for r in range(parts + 1)]
-    return tuple(tuple(range(starts[r], starts[r + 1])) for r in range(parts))
+    return Layout(1, "contiguous", "right", group(batch, world_size, "contiguous"), world_size)
 
 
 @dataclass
@@ -101,7 +95,7 @@ class TrainerPath(StepPath):
     def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
         """``layouts``, after the GA-off arm (k=1) when the run does not start with one."""
         if not self.full_batch_done and layouts and layouts[0].microbatches != 1:
-            layouts = [full_batch_layout(len(ctx.batch), layouts[0].world_size), *layouts]
+            layouts = [full_batch_layout(ctx.batch, layouts[0].world_size), *layouts]
         self.full_batch_done = True
         return layouts
 
