@@ -15,7 +15,7 @@ import json
 import pytest
 
 import lossaudit
-from lossaudit.compat import installed_name, trainer_accumulates_right
+from lossaudit.compat import installed_name, trainer_accumulates_right, trainer_takes
 from lossaudit.layouts import Layout
 from lossaudit.paths.trainer_step import StepUnavailable, per_device_batch
 
@@ -74,6 +74,7 @@ def test_tokens_not_averaged_across_devices_is_found_and_named(tmp_path):
         assert case["logged_loss_rel_err"] < 0.01  # the loss curve hides it: look at gradients
 
 
+@pytest.mark.skipif(not trainer_takes("compute_loss_func"), reason="the failure is planted in a compute_loss_func (4.46+)")
 def test_a_rank_that_fails_makes_every_step_an_error_case():
     report = lossaudit.check("llama", path=["trainer"], loss_fn="planted:loss_raising_on_rank_1", world_size=2,
                              batch_size=4, max_length=12, microbatches=[2], groupings=["contiguous"],
