@@ -99,12 +99,13 @@ def test_a_directory_without_config_is_a_usage_error(tmp_path):
 
 
 def test_paddings_and_groupings_choose_the_layouts(tmp_path):
-    result = run("check", "llama", "--microbatches", "2", "--path", "reduction", "--paddings", "left",
+    result = run("check", "llama", "--microbatches", "2", "--path", "reduction,model", "--paddings", "left",
                  "--groupings", "imbalanced,contiguous", "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     cases = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
     assert {c["padding"] for c in cases} == {"left"}
     assert {c["grouping"] for c in cases} == {"imbalanced", "contiguous"}
+    assert {c["path"] for c in cases} == {"reduction", "model"}  # --path takes a comma list, as sweep's does
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,8 @@ def _key_value(text: str) -> tuple[str, str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="model_type (built tiny), save_pretrained directory, or cached hub id")
     p.add_argument("--task", help="causal-lm, seq2seq, token-classification, sequence-classification")
-    p.add_argument("--path", dest="paths", action="append", help="path to audit (repeatable; default all)")
+    p.add_argument("--path", dest="paths", type=_names, action="extend",
+                   help="paths to audit, e.g. model,trainer (repeatable; default all that apply)")
     p.add_argument("--microbatches", type=_ints, help="values of k, e.g. 1,2,4,8")
     p.add_argument("--reductions", type=_names, help="reductions, e.g. mean_of_means,num_items or module:function")
     p.add_argument("--paddings", type=_names, help="padding sides: right,left (default both)")
