@@ -37,8 +37,10 @@ class GradAccumulator:
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            g = g.to(torch.promote_types(g.dtype, torch.float32)) * scale
-            self.tensors[i] = g if self.tensors[i] is None else self.tensors[i].add_(g)
+            if self.tensors[i] is None:
+                self.tensors[i] = g.to(torch.promote_types(g.dtype, torch.float32)) * scale  # a copy
+            else:
+                self.tensors[i].add_(g, alpha=scale)  # in place, no temporary
 
     def items(self) -> Iterable[tuple[str, torch.Tensor | None]]:
         return zip(self.names, self.tensors)
@@ -58,6 +60,18 @@ class GradDiff:
     per_tensor: tuple[tuple[str, float], ...] = ()
 
 
+def _tensor_stats(g: torch.Tensor, r: torch.Tensor) -> list[float]:
+    """||g-r||², ||r||², ||g||², g·r and max|g-r| of two flat tensors, in their (float32 or
+    wider) dtype: dot products read each tensor once and make no temporaries but g-r.
+    Where g ~ r the difference is exact (Sterbenz), so float32 keeps small errors honest."""
+    if not g.numel():
+        return [0.0] * 5
+    d = g - r
+    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(g, r),
+                         torch.linalg.vector_norm(d, ord=math.inf)])
+    return stats.tolist()
+
+
 def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]]) -> GradDiff:
     diff2 = ref2 = got2 = dot = 0.0
     max_abs = worst_rel = 0.0
@@ -65,15 +79,15 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
     nonfinite = None
     per_tensor = []
     for name, g in grads:
-        r = reference[name].to(torch.float64)
-        g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=torch.float64)
-        if nonfinite is None and not bool(torch.isfinite(g).all()):
+        r = reference[name]
+        wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
+        r = r.to(wide).reshape(-1)
+        g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=wide).reshape(-1)
+        d2, r2, g2, gr, d_max = _tensor_stats(g, r)
+        if nonfinite is None and not math.isfinite(g2) and not bool(torch.isfinite(g).all()):
             nonfinite = name
-        d = g - r
-        d2, r2 = float(d.square().sum()), float(r.square().sum())
-        diff2, ref2 = diff2 + d2, ref2 + r2
-        got2, dot = got2 + float(g.square().sum()), dot + float((g * r).sum())
-        max_abs = max(max_abs, float(d.abs().max())) if d.numel() else max_abs
+        diff2, ref2, got2, dot = diff2 + d2, ref2 + r2, got2 + g2, dot + gr
+        max_abs = max(max_abs, d_max)
         rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
         per_tensor.append((name, rel))
         if not rel <= worst_rel:  # also takes NaN
