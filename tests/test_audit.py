@@ -74,3 +74,21 @@ def test_model_path_passes_a_forward_that_honours_num_items_in_batch():
     m, (verdict, _) = _model_case(ToyLM(honour_num_items=True))
     assert verdict == "match"
     assert m.grads.rel_err < 1e-12
+
+
+def test_paths_whose_package_is_missing_are_left_out_or_named(monkeypatch):
+    """transformers.Trainer needs accelerate: without it neither path runs by default, and
+    asking for one names the package (exit 3), instead of one error case per layout."""
+    import importlib.util
+
+    from lossaudit.config import CheckConfig
+    from lossaudit.errors import EnvironmentProblem
+    from lossaudit.harness import selected_paths
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    assert {"model", "reduction"} <= set(selected_paths(CheckConfig(model="llama"), "causal-lm"))
+    assert not {"trainer", "accelerate"} & set(selected_paths(CheckConfig(model="llama"), "causal-lm"))
+    for name in ("trainer", "accelerate"):
+        with pytest.raises(EnvironmentProblem, match="pip install accelerate"):
+            selected_paths(CheckConfig(model="llama", paths=(name,)), "causal-lm")

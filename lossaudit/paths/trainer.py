@@ -205,5 +205,6 @@ def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -
 
 PATHS.register(
     "trainer",
-    PathSpec("trainer", TrainerPath, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout"),
+    PathSpec("trainer", TrainerPath, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout",
+             requires=("accelerate",)),  # transformers.Trainer imports it
 )
