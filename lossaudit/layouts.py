@@ -31,6 +31,11 @@ class Layout:
         k = self.microbatches
         return self.groups[rank * k : (rank + 1) * k]
 
+    def per_rank(self, per_microbatch: list[int]) -> list[int]:
+        """Per-microbatch numbers (target tokens), summed over each rank's k microbatches."""
+        k = self.microbatches
+        return [sum(per_microbatch[r * k : (r + 1) * k]) for r in range(self.world_size)]
+
 
 @dataclass(frozen=True, slots=True)
 class Microbatch:

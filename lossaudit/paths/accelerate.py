@@ -257,8 +257,7 @@ class AcceleratePath(StepPath):
 def _counts(ctx, layout: Layout) -> tuple[list[int], list[int]]:
     """Target tokens per microbatch, and per rank."""
     per_mb = [sum(ctx.batch.targets[i] for i in g) for g in layout.groups]
-    k = layout.microbatches
-    return per_mb, [sum(per_mb[r * k : (r + 1) * k]) for r in range(layout.world_size)]
+    return per_mb, layout.per_rank(per_mb)
 
 
 def _measurement(ctx, layout: Layout, recipe: Recipe, outcome: StepOutcome) -> Measurement:

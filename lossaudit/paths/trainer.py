@@ -147,18 +147,12 @@ class TrainerPath(StepPath):
             "trainer_accepts_loss_kwargs": step.accepts_loss_kwargs,
         }
         if layout.world_size > 1:
-            extra["rank_tokens"] = rank_tokens(counts, layout)
+            extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
         return Measurement(
             self.name, spec, layout, step.logged_loss, compare_grads(ctx.reference.grads, step.update.items()),
             counts, note=_note(ranks, layout, counts), extra=extra,
         )
-
-
-def rank_tokens(counts: list[int], layout: Layout) -> list[int]:
-    """Target tokens of each rank's k microbatches (``counts`` is per microbatch, rank-major)."""
-    k = layout.microbatches
-    return [sum(counts[r * k : (r + 1) * k]) for r in range(layout.world_size)]
 
 
 def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
@@ -192,7 +186,7 @@ def _uncounted(step: StepResult, layout: Layout) -> list[str]:
 def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
     """Why the ranks' num_items_in_batch differ from the step's count: tokens not gathered."""
     given = [sorted({n for n in rank.num_items if n is not None}) for rank in ranks]
-    local = rank_tokens(counts, layout)
+    local = layout.per_rank(counts)
     said = ", ".join(f"rank {r}: {g[0] if len(g) == 1 else g}" for r, g in enumerate(given))
     if all(g == [n] for g, n in zip(given, local)):
         why = ("average_tokens_across_devices=False" if ranks[0].average_tokens is False else
