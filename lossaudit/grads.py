@@ -61,19 +61,32 @@ class GradDiff:
 
 
 def _tensor_stats(g: torch.Tensor, r: torch.Tensor) -> list[float]:
-    """||g-r||², ||r||², ||g||², g·r and max|g-r| of two flat tensors, in their (float32 or
-    wider) dtype: dot products read each tensor once and make no temporaries but g-r.
-    Where g ~ r the difference is exact (Sterbenz), so float32 keeps small errors honest."""
+    """||d||², ||r||², ||g||², d·g, d·r and max|d| for d = g - r, two flat tensors in their
+    (float32 or wider) dtype: dot products read each tensor once and make no temporary but d.
+    Where g ~ r, d is exact (Sterbenz), so everything small is read from d, never from a
+    difference of two large float32 sums."""
     if not g.numel():
-        return [0.0] * 5
+        return [0.0] * 6
     d = g - r
-    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(g, r),
+    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(d, g), torch.dot(d, r),
                          torch.linalg.vector_norm(d, ord=math.inf)])
     return stats.tolist()
 
 
+def _cosine(d2: float, r2: float, g2: float, d_sum: float) -> float:
+    """cos(g, r) from ||d||² and d·(g+r) = ||g||² - ||r||², so 1 - cos keeps its relative
+    precision when g ~ r: 1 - cos = (||d||² - (|g| - |r|)²) / (2|g||r|)."""
+    if not (g2 > 0 and r2 > 0):
+        return float("nan")
+    g, r = math.sqrt(g2), math.sqrt(r2)
+    one_minus = (d2 - (d_sum / (g + r)) ** 2) / (2 * g * r)
+    if not math.isfinite(one_minus):
+        return float("nan")
+    return min(1.0, max(-1.0, 1.0 - one_minus))
+
+
 def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]]) -> GradDiff:
-    diff2 = ref2 = got2 = dot = 0.0
+    diff2 = ref2 = got2 = d_got = d_ref = 0.0
     max_abs = worst_rel = 0.0
     worst = ""
     nonfinite = None
@@ -83,10 +96,10 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
         wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
         r = r.to(wide).reshape(-1)
         g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=wide).reshape(-1)
-        d2, r2, g2, gr, d_max = _tensor_stats(g, r)
+        d2, r2, g2, dg, dr, d_max = _tensor_stats(g, r)
         if nonfinite is None and not math.isfinite(g2) and not bool(torch.isfinite(g).all()):
             nonfinite = name
-        diff2, ref2, got2, dot = diff2 + d2, ref2 + r2, got2 + g2, dot + gr
+        diff2, ref2, got2, d_got, d_ref = diff2 + d2, ref2 + r2, got2 + g2, d_got + dg, d_ref + dr
         max_abs = max(max_abs, d_max)
         rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
         per_tensor.append((name, rel))
@@ -94,11 +107,45 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
             worst, worst_rel = name, rel
     return GradDiff(
         rel_err=math.sqrt(diff2 / ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf),
-        cosine=dot / math.sqrt(got2 * ref2) if got2 > 0 and ref2 > 0 else float("nan"),
+        cosine=_cosine(diff2, ref2, got2, d_got + d_ref),
         max_abs=max_abs,
-        scale=dot / ref2 if ref2 > 0 else float("nan"),
+        scale=1.0 + d_ref / ref2 if ref2 > 0 else float("nan"),  # g·r / r·r, with g·r = r·r + d·r
         worst_param=worst,
         worst_rel_err=worst_rel,
         nonfinite_param=nonfinite,
         per_tensor=tuple(per_tensor),
     )
+
+
+class UpdateProbe:
+    """Reads the update an optimizer applies, exactly, and puts the weights back.
+
+    Just before the optimizer steps, the weights are set to zero, so SGD(lr=1) leaves exactly
+    -grad in them: no rounding of ``w - g`` in the model's dtype blurs the comparison.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = trainable(model)
+        self.saved = [p.detach().clone() for _, p in self.params]
+        self.steps = 0
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            for _, p in self.params:
+                p.zero_()
+
+    def gradient(self) -> list[tuple[str, torch.Tensor | None]]:
+        """The applied update as a gradient (update = -lr * grad, lr = 1); None if no step ran."""
+        if self.steps == 0:
+            return [(n, None) for n, _ in self.params]
+        return [(n, -p.detach().cpu().clone()) for n, p in self.params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, p), w in zip(self.params, self.saved):
+                p.copy_(w)
+                p.grad = None

@@ -133,3 +133,27 @@ def test_the_same_route_with_the_stock_model_passes_where_the_trainer_is_right()
                          paddings=("right",))
     case = only(cases_of(audit(config, loaded=_loaded(LlamaForCausalLM)), "trainer", 4))
     assert case["verdict"] == ("match" if RIGHT else "diverge"), case["detail"]
+
+
+def test_the_update_is_read_exactly_not_by_subtraction():
+    """params_before - params_after rounds by ulp(param): with large weights and small
+    gradients it misses the gradient by far more than the float32 tolerance. The probe the
+    Trainer and accelerate paths use reads the applied update exactly."""
+    import torch
+
+    from lossaudit.grads import UpdateProbe
+
+    model = torch.nn.Linear(1000, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1000.0)
+    grad = torch.rand(1, 1000, generator=torch.Generator().manual_seed(0)) * 1e-3
+    probe = UpdateProbe(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    probe.watch(optimizer)
+    model.weight.grad = grad.clone()
+    optimizer.step()
+    assert torch.equal(dict(probe.gradient())["weight"], grad)
+    subtracted = 1000.0 - (torch.full_like(grad, 1000.0) - grad)  # what before - after would give
+    assert not torch.allclose(subtracted, grad, rtol=1e-3, atol=0)
+    probe.restore()
+    assert torch.equal(model.weight, torch.full_like(grad, 1000.0)) and model.weight.grad is None

@@ -2,8 +2,9 @@
 
 The Trainer gets the layout's sequences in the layout's order (a sequential sampler over the
 concatenated microbatches), the layout's padding through the shared collate/model_inputs, and
-plain SGD with lr 1 and no momentum, decay, clipping or warm-up, so that
-``params_before - params_after`` is exactly the gradient the step applied.
+plain SGD with lr 1 and no momentum, decay, clipping or warm-up, so the update it applies is the
+gradient the Trainer produced; ``grads.UpdateProbe`` reads it exactly (``params_before -
+params_after`` in float32 would round it by ulp(param), about the tolerance on some models).
 
 On a data-parallel rank (a process group is up, ``RANK``/``WORLD_SIZE`` set, see
 ``lossaudit.distributed``) the Trainer wraps the model in DDP itself; it is fed the k
@@ -24,6 +25,7 @@ import torch
 
 from ..compat import training_arguments, trainer_takes
 from ..forward import model_inputs
+from ..grads import UpdateProbe
 from ..layouts import Layout, collate
 from .base import AuditContext
 
@@ -34,7 +36,7 @@ class StepUnavailable(Exception):
 
 @dataclass
 class StepResult:
-    update: dict[str, torch.Tensor]  # float64 params_before - params_after
+    update: dict[str, torch.Tensor]  # the update the optimizer step applied, as a gradient
     logged_loss: float  # TrainOutput.training_loss, also log_history's train_loss
     num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
     accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
@@ -191,17 +193,15 @@ def trainer_step(
 
         raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
     per_device_batch(layout)
-    before = {n: p.detach().clone() for n, p in ctx.params}
+    probe = UpdateProbe(ctx.model)
     try:
         with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
             trainer = _build(ctx, layout, rank, out, user_args, compute_loss_func)
+            probe.watch(trainer.optimizer)
             result = trainer.train()
-            update = {n: before[n].to(torch.float64) - p.detach().to(torch.float64) for n, p in ctx.params}
+            update = dict(probe.gradient())  # None everywhere if the Trainer never stepped
     finally:
-        with torch.no_grad():
-            for n, p in ctx.params:
-                p.copy_(before[n])
-                p.grad = None
+        probe.restore()
     return StepResult(update, float(result.training_loss), trainer.seen_num_items,
                       getattr(trainer, "model_accepts_loss_kwargs", None),
                       getattr(trainer.args, "average_tokens_across_devices", None))

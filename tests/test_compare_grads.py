@@ -1,0 +1,60 @@
+"""grads.compare_grads against a plain float64 computation of the same metrics."""
+
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lossaudit.grads import compare_grads
+
+
+def plain(reference, grads):
+    r = torch.cat([reference[n].double().reshape(-1) for n, _ in grads])
+    g = torch.cat([(torch.zeros_like(reference[n]) if t is None else t).double().reshape(-1) for n, t in grads])
+    d = g - r
+    return dict(rel_err=(d.norm() / r.norm()).item(),
+                cosine=(g @ r / (g.norm() * r.norm())).item(),
+                scale=(g @ r / (r @ r)).item(),
+                max_abs=d.abs().max().item())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+       factor=st.floats(-3.0, 3.0), noise=st.sampled_from([0.0, 1e-6, 1e-3, 1.0]), missing=st.booleans())
+def test_metrics_match_a_float64_computation(seed, sizes, factor, noise, missing):
+    gen = torch.Generator().manual_seed(seed)
+    reference = {f"p{i}": torch.randn(n, generator=gen, dtype=torch.float64) for i, n in enumerate(sizes)}
+    grads = [(n, (factor * r + noise * torch.randn(r.shape, generator=gen, dtype=torch.float64)).float())
+             for n, r in reference.items()]
+    if missing and len(grads) > 1:
+        grads[0] = (grads[0][0], None)  # a parameter the path never touched counts as zero
+    got, want = compare_grads(reference, grads), plain(reference, grads)
+    assert math.isclose(got.rel_err, want["rel_err"], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(got.scale, want["scale"], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(got.max_abs, want["max_abs"], rel_tol=1e-5, abs_tol=1e-7)
+    if not math.isnan(want["cosine"]):
+        assert math.isclose(got.cosine, want["cosine"], rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_cosine_near_one_keeps_its_precision():
+    """Both in float32, as for a float32 model: 1 - cos is read from the exact difference, so a
+    gradient within 1e-5 of the reference gets 1 - cos to a few digits, where float32 dot
+    products would give 1 - cos = ±1e-7 of noise."""
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(200_000, generator=gen)
+    g = r + 1e-5 * torch.randn(r.shape, generator=gen)
+    want = plain({"w": r}, [("w", g)])
+    gd, r = g.double(), r.double()
+    d = gd - r
+    # 1 - cos in float64, from the parts that stay small (no cancellation near 1)
+    one_minus = ((d @ d) - ((gd @ gd - r @ r) / (gd.norm() + r.norm())) ** 2) / (2 * gd.norm() * r.norm())
+    got = compare_grads({"w": r.float()}, [("w", g)])
+    assert 1e-11 < one_minus.item() < 1e-9
+    assert math.isclose(1 - got.cosine, one_minus.item(), rel_tol=1e-3)
+    assert math.isclose(got.rel_err, want["rel_err"], rel_tol=1e-5)
+
+
+def test_nonfinite_gradient_is_named_and_its_cosine_is_nan():
+    reference = {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    got = compare_grads(reference, [("a", torch.ones(4)), ("b", torch.tensor([1.0, float("inf"), 1.0]))])
+    assert got.nonfinite_param == "b" and math.isnan(got.cosine) and got.worst_param == "b"
