@@ -98,6 +98,23 @@ def test_mixtral_model_path_sums_its_aux_over_microbatches():
     assert report.batch["reference_aux_loss"] == k1["reference_aux_loss"]
 
 
+
+def test_mixtral_trainer_step_is_judged_with_its_aux_loss():
+    """The Trainer trains the model's own loss, aux included: on the full batch it matches the
+    CE + coef * aux target (not a 'loss-definition' finding against cross entropy alone), and
+    accumulated it carries the aux of every microbatch in full, as the model path does."""
+    report = lossaudit.check("mixtral", path=["trainer"], microbatches=[1, 2], paddings=["right"],
+                             groupings=["contiguous"])
+    cases = report.cases.set_index("microbatches")
+    k1, k2 = cases.loc[1], cases.loc[2]
+    assert k1["verdict"] == "match", k1["detail"]
+    # the logged loss is float32: the aux read back from it is good to float32's ulp / coef
+    assert k1["aux_inferred"] and abs(k1["aux_loss"] - k1["reference_aux_loss"]) * k1["aux_coef"] < 1e-6
+    assert k1["grad_rel_err"] < 1e-5
+    if k2["trainer_num_items"][0] is not None:  # 4.46+: the Trainer divides the CE by the step's count
+        assert k2["verdict"] == "diverge"
+        assert "aux loss summed over 2 microbatches" in k2["detail"], k2["detail"]
+
 class MeanAuxStep(StepPath):
     """A hand-written accumulation loop run as a step path: it takes its own forwards, so its
     aux target comes from ``StepPath.target`` (no shared forward to build it from)."""

@@ -149,9 +149,12 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
+        # the model's own loss trains a MoE router aux loss too; a user's compute_loss_func is
+        # judged as the cross entropy it is meant to be (as the loss-fn path judges it)
+        target, aux = self.target(ctx, layout) if spec is None else (ctx.reference.grads, None)
         return Measurement(
-            self.name, spec, layout, step.logged_loss, compare_grads(ctx.reference.grads, step.update.items()),
-            counts, note=_note(ranks, layout, counts), extra=extra,
+            self.name, spec, layout, step.logged_loss, compare_grads(target, step.update.items()),
+            counts, note=_note(ranks, layout, counts), extra=extra, aux_target=aux,
         )
 
 
