@@ -178,6 +178,10 @@ def rows_from_report(job: Job, report, seconds: float) -> list[dict]:
         if mine.empty:
             rows.append(_row(job, path, SKIP, f"the {path} path gave no cases", seconds=round(seconds, 2)))
             continue
+        if (mine["verdict"] == "error").all():  # nothing measured (e.g. git's loss wants image positions)
+            rows.append(_row(job, path, SKIP, f"every case failed: {mine.iloc[0]['detail']}",
+                             seconds=round(seconds, 2)))
+            continue
         worst = mine.sort_values("grad_rel_err", ascending=False, na_position="first").iloc[0]
         bad = mine[mine["verdict"] != "match"]
         status = FINDING if len(bad) else PASS

@@ -63,6 +63,14 @@ def test_audit_model_turns_a_build_failure_into_a_skip_that_names_it():
     assert row["status"] == "skip" and row["reason"] == "needs optional package timm"
 
 
+
+def test_a_path_that_fails_on_every_case_is_a_skip_not_a_finding():
+    """GIT's loss cuts the image positions off the logits before scoring the text: text alone
+    leaves it none, so nothing is measured and the row says why instead of calling it a loss bug."""
+    (row,) = audit_model(Job("git", "causal-lm", ("model",)))
+    assert row["status"] == "skip", row
+    assert row["reason"].startswith("every case failed:") and "batch_size" in row["reason"]
+
 def test_plan_jobs_follows_the_auto_mapping():
     jobs = plan_jobs(("causal-lm", "sequence-classification"), ("model",), ("llama", "t5", "gpt2"))
     assert [(j.model_type, j.task) for j in jobs] == [
