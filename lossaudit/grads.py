@@ -61,32 +61,43 @@ class GradDiff:
 
 
 def _tensor_stats(g: torch.Tensor, r: torch.Tensor) -> list[float]:
-    """||d||², ||r||², ||g||², d·g, d·r and max|d| for d = g - r, two flat tensors in their
+    """||d||², ||r||², ||g||², d·r, g·r and max|d| for d = g - r, two flat tensors in their
     (float32 or wider) dtype: dot products read each tensor once and make no temporary but d.
-    Where g ~ r, d is exact (Sterbenz), so everything small is read from d, never from a
-    difference of two large float32 sums."""
+    Where g ~ r, d is exact (Sterbenz), so what is small there is read from d (see _near)."""
     if not g.numel():
         return [0.0] * 6
     d = g - r
-    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(d, g), torch.dot(d, r),
+    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(d, r), torch.dot(g, r),
                          torch.linalg.vector_norm(d, ord=math.inf)])
     return stats.tolist()
 
 
-def _cosine(d2: float, r2: float, g2: float, d_sum: float) -> float:
-    """cos(g, r) from ||d||² and d·(g+r) = ||g||² - ||r||², so 1 - cos keeps its relative
-    precision when g ~ r: 1 - cos = (||d||² - (|g| - |r|)²) / (2|g||r|)."""
+def _near(d2: float, r2: float, g2: float) -> bool:
+    """|g - r| under half of |g| and of |r|: then cosine and scale are read from d, keeping the
+    precision of 1 - cos and of scale - 1, which float32 sums of g·r and g·g would round away."""
+    return d2 < 0.25 * min(r2, g2)
+
+
+def _cosine(d2: float, r2: float, g2: float, dr: float, gr: float) -> float:
     if not (g2 > 0 and r2 > 0):
         return float("nan")
     g, r = math.sqrt(g2), math.sqrt(r2)
-    one_minus = (d2 - (d_sum / (g + r)) ** 2) / (2 * g * r)
-    if not math.isfinite(one_minus):
+    if _near(d2, r2, g2):  # 1 - cos = (|d|² - (|g| - |r|)²) / (2|g||r|), |g|² - |r|² = d·(g+r) = |d|² + 2 d·r
+        cos = 1.0 - (d2 - ((d2 + 2 * dr) / (g + r)) ** 2) / (2 * g * r)
+    else:
+        cos = gr / (g * r)
+    return min(1.0, max(-1.0, cos)) if math.isfinite(cos) else float("nan")
+
+
+def _scale(d2: float, r2: float, g2: float, dr: float, gr: float) -> float:
+    """Least-squares c in g ~ c r: g·r / r·r, with g·r = r·r + d·r near r."""
+    if not r2 > 0:
         return float("nan")
-    return min(1.0, max(-1.0, 1.0 - one_minus))
+    return 1.0 + dr / r2 if _near(d2, r2, g2) else gr / r2
 
 
 def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]]) -> GradDiff:
-    diff2 = ref2 = got2 = d_got = d_ref = 0.0
+    diff2 = ref2 = got2 = d_ref = g_ref = 0.0
     max_abs = worst_rel = 0.0
     worst = ""
     nonfinite = None
@@ -96,10 +107,10 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
         wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
         r = r.to(wide).reshape(-1)
         g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=wide).reshape(-1)
-        d2, r2, g2, dg, dr, d_max = _tensor_stats(g, r)
+        d2, r2, g2, dr, gr, d_max = _tensor_stats(g, r)
         if nonfinite is None and not math.isfinite(g2) and not bool(torch.isfinite(g).all()):
             nonfinite = name
-        diff2, ref2, got2, d_got, d_ref = diff2 + d2, ref2 + r2, got2 + g2, d_got + dg, d_ref + dr
+        diff2, ref2, got2, d_ref, g_ref = diff2 + d2, ref2 + r2, got2 + g2, d_ref + dr, g_ref + gr
         max_abs = max(max_abs, d_max)
         rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
         per_tensor.append((name, rel))
@@ -107,9 +118,9 @@ def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str,
             worst, worst_rel = name, rel
     return GradDiff(
         rel_err=math.sqrt(diff2 / ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf),
-        cosine=_cosine(diff2, ref2, got2, d_got + d_ref),
+        cosine=_cosine(diff2, ref2, got2, d_ref, g_ref),
         max_abs=max_abs,
-        scale=1.0 + d_ref / ref2 if ref2 > 0 else float("nan"),  # g·r / r·r, with g·r = r·r + d·r
+        scale=_scale(diff2, ref2, got2, d_ref, g_ref),
         worst_param=worst,
         worst_rel_err=worst_rel,
         nonfinite_param=nonfinite,

