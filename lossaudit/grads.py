@@ -67,8 +67,9 @@ def _tensor_stats(g: torch.Tensor, r: torch.Tensor) -> list[float]:
     if not g.numel():
         return [0.0] * 6
     d = g - r
+    low, high = torch.aminmax(d)  # max|d| without |d| (vector_norm(ord=inf) costs ~9x more on CPU)
     stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(d, r), torch.dot(g, r),
-                         torch.linalg.vector_norm(d, ord=math.inf)])
+                         torch.maximum(-low, high)])
     return stats.tolist()
 
 

@@ -187,3 +187,18 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_exit_3(exc, where, monke
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "out of memory" in lines[0] and "--batch-size (now 2)" in lines[0] and "--max-length (now 32)" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("values, dtype, want", [
+    ([1.0, 2.0], torch.float32, False),
+    ([1.0, float("nan")], torch.float32, True),
+    ([float("inf"), float("-inf")], torch.float32, True),  # the sum is NaN, so is the answer
+    ([3e38, 3e38], torch.float32, False),  # the sum overflows; every value is finite
+    ([3e38, float("inf")], torch.float32, True),
+    ([1.0, float("nan")], torch.bfloat16, True),
+    ([1, 2], torch.int64, False),
+])
+def test_has_nonfinite(values, dtype, want):
+    from lossaudit.faults import has_nonfinite
+
+    assert has_nonfinite(torch.tensor(values, dtype=dtype)) is want
