@@ -129,7 +129,7 @@ def load_model(
     unless ``allow_download``). What a saved model may do is in ``lossaudit.checkpoints``."""
     trust = Trust(allow_pickle, trust_remote_code, allow_download)
     overrides = dict(config_overrides or {})
-    if os.path.isdir(name):
+    if os.path.isdir(name) and not _bare_type_over_other_dir(name):
         return _from_pretrained(Path(name), name, "directory", task, overrides, trust, num_layers)
     if name in _model_types():
         return _tiny(name, task, seed, overrides, num_layers)
@@ -139,6 +139,14 @@ def load_model(
         f"unknown model {name!r}: not a directory, a transformers model_type or a cached hub id"
         + did_you_mean(name, _model_types())
     )
+
+
+def _bare_type_over_other_dir(name: str) -> bool:
+    """``llama`` run where a folder ``llama/`` holds no saved model (reports, data, code): the
+    model type is meant. A folder with a config.json wins, as in from_pretrained; ``./llama``
+    always means the folder."""
+    return (name in _model_types() and os.sep not in name and not name.startswith(".")
+            and not (Path(name) / "config.json").is_file())
 
 
 def _tiny(name: str, task: str | None, seed: int, overrides: dict, num_layers: int | None) -> LoadedModel:

@@ -94,6 +94,22 @@ def test_a_save_pretrained_directory_is_audited(tmp_path):
     assert json.loads((tmp_path / "r" / "report.json").read_text())["model"]["task"] == "causal-lm"
 
 
+def test_a_bare_model_type_means_the_folder_only_when_it_holds_a_saved_model(tmp_path, monkeypatch):
+    """`check gpt2` beside a folder gpt2/ of something else audits the tiny model type; a
+    folder written by save_pretrained wins, as in from_pretrained; ./gpt2 is always the folder."""
+    from lossaudit.errors import UsageError
+    from lossaudit.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "notes.txt").write_text("not a model")
+    assert load_model("gpt2").source == "tiny"
+    with pytest.raises(UsageError, match="no config.json"):
+        load_model("./gpt2")
+    load_model("gpt2", config_overrides={"n_layer": 1}).model.save_pretrained(tmp_path / "gpt2")
+    saved = load_model("gpt2")
+    assert saved.source == "directory" and saved.model.config.n_layer == 1
+
 def test_a_directory_without_config_is_a_usage_error(tmp_path):
     assert_usage_error(run("check", str(tmp_path)), "no config.json")
 
