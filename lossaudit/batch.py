@@ -15,6 +15,7 @@ A sequence made "empty" (``--empty-sequences``) has every label -100.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -55,10 +56,15 @@ class Batch:
     def lengths(self) -> list[int]:
         return [len(s.input_ids) for s in self.samples]
 
-    @property
+    @cached_property
     def targets(self) -> list[int]:
-        """Targets per sequence (tokens, or 1/0 for a sequence label): what a correct step counts."""
+        """Targets per sequence (tokens, or 1/0 for a sequence label): what a correct step counts.
+        Computed once: callers index it per sequence."""
         return [int(targets_per_sequence(s.labels[None], self.task)) for s in self.samples]
+
+    def group_targets(self, groups) -> list[int]:
+        """Targets of each group of sequence indices (a layout's microbatches)."""
+        return [sum(self.targets[i] for i in g) for g in groups]
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ class UpdateProbe:
         """The applied update as a gradient (update = -lr * grad, lr = 1); None if no step ran."""
         if self.steps == 0:
             return [(n, None) for n, _ in self.params]
-        return [(n, -p.detach().cpu().clone()) for n, p in self.params]
+        return [(n, -p.detach().cpu()) for n, p in self.params]  # negation makes the copy
 
     def restore(self) -> None:
         with torch.no_grad():

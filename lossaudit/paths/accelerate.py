@@ -222,7 +222,7 @@ class AcceleratePath(StepPath):
 
 def _counts(ctx, layout: Layout) -> tuple[list[int], list[int]]:
     """Target tokens per microbatch, and per rank."""
-    per_mb = [sum(ctx.batch.targets[i] for i in g) for g in layout.groups]
+    per_mb = ctx.batch.group_targets(layout.groups)
     return per_mb, layout.per_rank(per_mb)
 
 

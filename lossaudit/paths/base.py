@@ -41,7 +41,7 @@ class Measurement:
     @classmethod
     def failed(cls, path: str, layout: Layout, batch: "Batch", reason: str) -> "Measurement":
         """The error case of a path that raised on ``layout``."""
-        counts = [sum(batch.targets[i] for i in g) for g in layout.groups]
+        counts = batch.group_targets(layout.groups)
         return cls(path=path, reduction=None, layout=layout, loss=float("nan"), grads=None,
                    counts=counts, error=reason)
     # MoE: the aux loss this step carried (sum of each microbatch's aux times the weight the
