@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from .aux import aux_spec
+from .moe import aux_spec
 from .layouts import Microbatch
 
 

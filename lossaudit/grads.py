@@ -26,6 +26,17 @@ def grads_of(loss: torch.Tensor, params: Params, *, retain_graph: bool = True) -
     )
 
 
+def dots(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
+    """Sum over parameters of a . b (float32 or wider), with one host synchronisation."""
+    terms = [torch.dot(x.reshape(-1).to(_wide(x, y)), y.reshape(-1).to(device=x.device, dtype=_wide(x, y)))
+             for x, y in zip(a, b) if x is not None and y is not None]
+    return float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum()) if terms else 0.0
+
+
+def _wide(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+
 class GradAccumulator:
     """A running weighted sum of gradients, one float32 (or wider) tensor per parameter."""
 

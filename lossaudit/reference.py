@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .aux import ReferenceAux, aux_spec, reference_aux
+from .moe import ReferenceAux, aux_spec, reference_aux
 from .batch import Batch
 from .faults import has_nonfinite
 from .forward import forward
@@ -35,29 +35,15 @@ class Reference:
             total += float(weighted_sum(weight, losses))
         return total
 
+    def group_sums(self, batch: Batch, layout: Layout) -> list[float]:
+        """Each microbatch's sum of the reference's token losses."""
+        return [sum(float(self.sequence_losses[i].sum()) for i in group) for group in layout.groups]
+
     def microbatch_losses(self, batch: Batch, layout: Layout) -> list[float]:
         """Each microbatch's token mean of the reference's token losses (NaN where it holds
         no target): the numbers ``mean_of_means`` averages."""
-        targets = batch.targets
-        means = []
-        for group in layout.groups:
-            count = sum(targets[i] for i in group)
-            total = sum(float(self.sequence_losses[i].sum()) for i in group)
-            means.append(total / count if count else float("nan"))
-        return means
-
-
-    def rank_means(self, batch: Batch, layout: Layout) -> list[float]:
-        """Each data-parallel rank's own token mean (NaN where a rank holds no target): what
-        ranks that normalise by their local count, before DDP averages them, compute."""
-        targets = batch.targets
-        means = []
-        for rank in range(layout.world_size):
-            seqs = [i for group in layout.rank_groups(rank) for i in group]
-            count = sum(targets[i] for i in seqs)
-            total = sum(float(self.sequence_losses[i].sum()) for i in seqs)
-            means.append(total / count if count else float("nan"))
-        return means
+        counts = batch.group_targets(layout.groups)
+        return [total / count if count else float("nan") for total, count in zip(self.group_sums(batch, layout), counts)]
 
 
 def step_tokens(batch: Batch, layout: Layout) -> StepTokens:

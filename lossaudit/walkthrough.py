@@ -21,8 +21,11 @@ import torch
 
 from .batch import Batch, BatchSpec, Sample, make_batch
 from .grads import GradDiff, trainable
+from .errors import UsageError
 from .harness import run_layout
+from .judge import Guard, Judge
 from .layouts import Layout, group
+from .models import load_model
 from .paths.base import AuditContext
 from .paths.reduction import ReductionPath
 from .reductions import DEFAULT_REDUCTIONS, REDUCTIONS, Reduction
@@ -88,12 +91,8 @@ def bigram_step() -> tuple[AuditContext, Layout]:
 
 def model_step(name: str, *, seed: int = 0) -> tuple[AuditContext, Layout]:
     """A real tiny model's small batch, split into two microbatches of uneven target counts."""
-    from .models import load_model
-
     loaded = load_model(name, seed=seed)
     if loaded.task != "causal-lm":
-        from .errors import UsageError
-
         raise UsageError(f"explain --model needs a causal-lm model; {name!r} is {loaded.task}")
     model = loaded.model.to(torch.float32).train()
     batch = make_batch(BatchSpec(batch_size=4, max_length=10, min_length=4, seed=seed),
@@ -126,14 +125,15 @@ class Walkthrough:
 
 def walk(ctx: AuditContext, layout: Layout, names=DEFAULT_REDUCTIONS) -> Walkthrough:
     reductions = [REDUCTIONS.get(n) for n in names]
-    path = ReductionPath(reductions)
-    measured = {m.reduction: m for m in run_layout(ctx, layout, [path])}
+    step_grads = {}
+    measured = run_layout(ctx, layout, [ReductionPath.of(r) for r in reductions], Guard(Judge(ctx)),
+                          lambda o: step_grads.setdefault(o.label.reduction, [g for _, g in o.gradient]))
+    measured = {m.label.reduction: m for m in measured}
     step = step_tokens(ctx.batch, layout)
     return Walkthrough(
         ctx, layout, step.counts, ctx.reference.microbatch_losses(ctx.batch, layout),
         _sequence_weights(ctx.batch, ctx.reference, layout, reductions),
-        {n: measured[n].loss for n in names}, {n: measured[n].grads for n in names},
-        {n: list(path.acc[n].tensors) for n in names},
+        {n: measured[n].loss for n in names}, {n: measured[n].grads for n in names}, step_grads,
     )
 
 

@@ -1,5 +1,6 @@
 """Planted bugs that the suite demands lossaudit finds."""
 
+from lossaudit.paths import Contribution, Label, LogitPath
 from lossaudit.reductions import StepTokens
 
 
@@ -14,37 +15,24 @@ def correct(step: StepTokens):
     return [1.0 / step.total] * step.k
 
 
-class AuxLoop:
+class AuxLoop(LogitPath):
     """A user's MoE accumulation loop: cross entropy summed over the step's target count (right)
     plus coef * the model's aux loss times ``aux_weight(k)`` per microbatch. ``aux_weight=1``
-    adds every microbatch's aux in full (the bug: k times the mean); ``1/k`` is the mean."""
+    adds every microbatch's aux in full (the bug: k times the mean); ``1/k`` is the mean.
+    A path outside the package only says what it backwards: the harness and judge do the rest."""
 
-    def __new__(cls, aux_weight):
-        from lossaudit.aux import layout_aux
-        from lossaudit.grads import GradAccumulator, compare_grads, grads_of
-        from lossaudit.paths.base import LogitPath, Measurement
+    label = Label("planted-aux", trains_aux=True)
 
-        class _AuxLoop(LogitPath):
-            name = "planted-aux"
+    def __init__(self, aux_weight):
+        self.aux_weight = aux_weight
 
-            def start(self, ctx, layout, step):
-                self.ctx, self.layout, self.step = ctx, layout, step
-                self.acc, self.loss, self.aux = GradAccumulator(ctx.params), 0.0, 0.0
+    def start(self, ctx, layout, step):
+        self.coef, self.w = ctx.reference.aux.spec.coef, self.aux_weight(step.k)
 
-            def microbatch(self, index, mb, outputs, losses, num_items_rejected):
-                w = aux_weight(self.step.k)
-                loss = losses.sum() / self.step.total + self.ctx.reference.aux.spec.coef * w * outputs.aux_loss
-                self.acc.add(grads_of(loss, self.ctx.params))
-                self.loss += float(loss.detach())
-                self.aux += w * float(outputs.aux_loss.detach())
-
-            def finish(self):
-                target = layout_aux(self.ctx, self.layout)
-                grads = compare_grads(target.target_grads(self.ctx.reference.grads), self.acc.items())
-                return [Measurement(self.name, None, self.layout, self.loss, grads, self.step.counts,
-                                    aux=self.aux, aux_target=target)]
-
-        return _AuxLoop()
+    def microbatch(self, view):
+        aux = view.outputs.aux_loss
+        loss = view.token_sum / view.step.total + self.coef * self.w * aux
+        return Contribution(loss, aux=self.w * float(aux.detach()))
 
 # A sweep auditor with planted failures, by model type; the other types are audited for real.
 def sweep_auditor(job):

@@ -8,9 +8,9 @@ import torch
 import lossaudit
 from lossaudit.layouts import plan_layouts
 from lossaudit.paths.accelerate import RECIPES, AcceleratePath, Recipe
-from lossaudit.verdicts import Tolerance, judge
 
 import planted
+from judged import judged
 from toy import toy_batch, toy_context
 
 pytest.importorskip("accelerate")
@@ -22,24 +22,23 @@ def audit_toy(recipes, ks=(2, 3)):
     batch = toy_batch(UNEVEN["lengths"], UNEVEN["prompts"])
     ctx = toy_context(batch)
     before = [p.detach().clone() for _, p in ctx.params]
-    measurements = AcceleratePath(recipes).run_layouts(ctx, plan_layouts(batch, ks, paddings=("right",)), lambda _: None)
+    cases = judged(ctx, plan_layouts(batch, ks, paddings=("right",)), [AcceleratePath(r) for r in recipes])
     assert all(torch.equal(w, p) for w, (_, p) in zip(before, ctx.params)), "weights not restored"
-    tol = Tolerance.measure("float64", [], ctx.reference)
-    return [(m, *judge(m, tol, ctx.reference, batch)) for m in measurements]
+    return cases
 
 
 def test_documented_token_count_recipes_match_exactly():
     cases = audit_toy([RECIPES.get("token_count"), RECIPES.get("token_count_accumulate")])
     assert len({tuple(m.counts) for m, _, _ in cases}) > 1  # uneven counts, several layouts
     for m, verdict, detail in cases:
-        assert verdict == "match", (m.layout.name, m.reduction, detail)
+        assert verdict == "match", (m.layout.name, m.label.reduction, detail)
         assert m.grads.rel_err < 1e-12 and m.extra["optimizer_steps"] == 1
 
 
 def test_naive_accumulate_loop_diverges_and_is_expected():
     cases = audit_toy([RECIPES.get("naive")])
     for m, verdict, detail in cases:
-        assert m.expected and verdict == "diverge" and m.grads.rel_err > 1e-2
+        assert m.label.expected and verdict == "diverge" and m.grads.rel_err > 1e-2
         assert "accelerator.backward divides it by k" in detail
         assert "each microbatch's token mean divided by k" in detail  # the likely cause, measured
 
@@ -47,7 +46,7 @@ def test_naive_accumulate_loop_diverges_and_is_expected():
 def test_planted_unnormalised_sum_is_found():
     recipe = Recipe("planted_sum", planted.unnormalised_sum, "accumulate")
     for m, verdict, detail in audit_toy([recipe]):
-        assert not m.expected and verdict == "diverge"
+        assert not m.label.expected and verdict == "diverge"
         # the token sum / k weighs tokens like the mean: same direction, total/k times too long
         assert m.grads.scale == pytest.approx(sum(m.counts) / m.layout.microbatches, rel=1e-9)
         assert "in the same direction" in detail
@@ -58,7 +57,8 @@ def test_a_failing_recipe_is_an_error_case_not_a_crash():
         raise RuntimeError("no such argument\nsecond line")
 
     (m, verdict, detail), *_ = audit_toy([Recipe("broken", broken, "manual")])
-    assert verdict == "error" and detail == "RuntimeError: no such argument"
+    assert verdict == "error" and "raised RuntimeError: no such argument second line" in detail
+    assert detail.startswith("the accelerate path on k=2") and "\n" not in detail
 
 
 def test_llama_accelerate_path_through_the_api():

@@ -5,11 +5,10 @@ import math
 import pytest
 
 import lossaudit
-from lossaudit.harness import run_layout
 from lossaudit.layouts import Layout, group
 from lossaudit.paths.model import ModelPath
-from lossaudit.verdicts import Tolerance, judge
 
+from judged import judged
 from toy import ToyLM, toy_batch, toy_context
 
 
@@ -58,9 +57,8 @@ def _model_case(model):
     batch = toy_batch([9, 3, 7, 2], [1, 1, 4, 1])
     ctx = toy_context(batch, model)
     layout = Layout(2, "imbalanced", "right", group(batch, 2, "imbalanced"))
-    (m,) = run_layout(ctx, layout, [ModelPath()])
-    tol = Tolerance.measure("float64", [], ctx.reference)
-    return m, judge(m, tol, ctx.reference, batch)
+    ((m, verdict, detail),) = judged(ctx, layout, [ModelPath()])
+    return m, (verdict, detail)
 
 
 def test_model_path_finds_a_forward_that_ignores_num_items_in_batch():

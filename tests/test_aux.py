@@ -8,16 +8,18 @@ import pytest
 import torch
 
 import lossaudit
-from lossaudit.aux import AuxSpec, load_balancing_loss
+from lossaudit.moe import AuxSpec, load_balancing_loss
 from lossaudit.config import CheckConfig
 from lossaudit.forward import forward
-from lossaudit.grads import GradAccumulator, compare_grads, grads_of
-from lossaudit.harness import prepare, run_layout
+from lossaudit.grads import GradAccumulator, grads_of
+from lossaudit.harness import prepare
 from lossaudit.layouts import Layout, full_batch, group, microbatches
-from lossaudit.paths.base import Measurement, StepPath
+from lossaudit.judge import Guard, Judge
+from lossaudit.paths import Label, Outcome, StepPath
 from lossaudit.tokens import target_mask, token_losses
-from lossaudit.verdicts import Tolerance, judge
+from lossaudit.tolerance import Tolerance
 
+from judged import judged
 from planted import AuxLoop
 
 
@@ -60,8 +62,7 @@ def test_the_reference_aux_is_the_libraries_on_the_full_batch(mixtral):
 
 def _planted_case(ctx, aux_weight):
     layout = Layout(4, "imbalanced", "right", group(ctx.batch, 4, "imbalanced"))
-    (m,) = run_layout(ctx, layout, [AuxLoop(aux_weight)])
-    verdict, detail = judge(m, Tolerance.measure("float32", [], ctx.reference), ctx.reference, ctx.batch)
+    ((m, verdict, detail),) = judged(ctx, layout, [AuxLoop(aux_weight)])
     return m, verdict, detail
 
 
@@ -117,9 +118,10 @@ def test_mixtral_trainer_step_is_judged_with_its_aux_loss():
 
 class MeanAuxStep(StepPath):
     """A hand-written accumulation loop run as a step path: it takes its own forwards, so its
-    aux target comes from ``StepPath.target`` (no shared forward to build it from)."""
+    aux target comes from the judge's own forwards (no shared forward to build it from)."""
 
     name = "mean-aux-loop"
+    label = Label("mean-aux-loop", trains_aux=True)
 
     def run(self, ctx, layout):
         mbs = microbatches(ctx.batch, layout)
@@ -131,15 +133,13 @@ class MeanAuxStep(StepPath):
             loss = ce + ctx.reference.aux.spec.coef * outputs.aux_loss / len(mbs)
             acc.add(grads_of(loss, ctx.params))
             loss_sum, aux_sum = loss_sum + float(loss.detach()), aux_sum + float(outputs.aux_loss.detach()) / len(mbs)
-        grads, aux = self.target(ctx, layout)
-        return [Measurement(self.name, None, layout, loss_sum, compare_grads(grads, acc.items()),
-                            [0] * len(mbs), aux=aux_sum, aux_target=aux)]
+        return [Outcome(self.label, layout, loss_sum, acc.items(), aux=aux_sum)]
 
 
 def test_a_step_path_gets_its_aux_target_from_the_harness(mixtral):
-    mixtral.aux_target = None  # nothing cached: the target takes its own forwards
     layout = Layout(2, "imbalanced", "left", group(mixtral.batch, 2, "imbalanced"))
-    (m,) = MeanAuxStep().run(mixtral, layout)
-    verdict, detail = judge(m, Tolerance.measure("float32", [], mixtral.reference), mixtral.reference, mixtral.batch)
-    assert verdict == "match", detail
+    guard = Guard(Judge(mixtral))  # nothing learnt about the layout: the target takes its own forwards
+    (m,) = guard.step(MeanAuxStep(), mixtral, layout)
+    verdict, detail = guard.judge.verdict(m, Tolerance.measure("float32", []))
+    assert verdict == "match", (detail, m.grads)
     assert m.aux_target.microbatch and m.grads.rel_err < 1e-5

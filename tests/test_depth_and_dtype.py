@@ -6,7 +6,7 @@ import torch
 import lossaudit
 from lossaudit.errors import UsageError
 from lossaudit.models import load_model
-from lossaudit.verdicts import CAP, FLOOR, NOISE_FACTOR, Tolerance
+from lossaudit.tolerance import CAP, FLOOR, NOISE_FACTOR, Tolerance
 
 from test_cli import assert_usage_error, run
 
@@ -45,7 +45,7 @@ def test_num_layers_below_one_is_a_usage_error():
 @pytest.mark.parametrize("dtype", sorted(FLOOR))
 def test_tolerance_sits_between_the_dtype_floor_and_cap(dtype):
     assert FLOOR[dtype] < CAP[dtype]
-    assert Tolerance.measure(dtype, [], None).rtol == FLOOR[dtype]
+    assert Tolerance.measure(dtype, []).rtol == FLOOR[dtype]
 
 
 def test_a_float64_model_passes_under_its_tolerance():

@@ -11,10 +11,10 @@ from lossaudit.distributed import run_ranks
 from lossaudit.errors import RankFailure, UsageError
 from lossaudit.layouts import plan_layouts
 from lossaudit.paths.accelerate import RECIPES, AcceleratePath, Recipe
-from lossaudit.verdicts import Tolerance, judge
 
 import planted
 import ranks
+from judged import judged
 from toy import toy_batch, toy_context
 
 psutil = pytest.importorskip("psutil")
@@ -87,11 +87,10 @@ def two_ranks():
     ctx = toy_context(batch)
     recipes = [RECIPES.get(n) for n in ("naive", "token_count", "token_count_accumulate")] + [PER_RANK, SUM]
     layouts = plan_layouts(batch, (1, 2), paddings=("right",), groupings=("contiguous", "imbalanced"), world_size=2)
-    measurements = AcceleratePath(recipes, timeout_s=300).run_layouts(ctx, layouts, lambda _: None)
-    tol = Tolerance.measure("float64", [], ctx.reference)
+    cases = judged(ctx, layouts, [AcceleratePath(r, timeout_s=300) for r in recipes])
     assert no_children_left() == []
-    return {(m.reduction, m.layout.microbatches, m.layout.grouping): (m, *judge(m, tol, ctx.reference, batch))
-            for m in measurements}
+    return {(m.label.reduction, m.layout.microbatches, m.layout.grouping): (m, verdict, detail)
+            for m, verdict, detail in cases}
 
 
 def cases(two_ranks, recipe):
@@ -108,21 +107,21 @@ def test_documented_recipe_matches_on_two_ranks(two_ranks, recipe):
 
 def test_per_rank_normalisation_is_found_and_named(two_ranks):
     for m, verdict, detail in cases(two_ranks, "planted_per_rank"):
-        assert not m.expected and verdict == "diverge" and m.grads.rel_err > 1e-2, m.layout.name
+        assert not m.label.expected and verdict == "diverge" and m.grads.rel_err > 1e-2, m.layout.name
         if m.layout.microbatches > 1:  # at k=1 it coincides with the mean of microbatch means
             assert "per-rank normalisation" in detail
 
 
 def test_unnormalised_sum_is_found_on_two_ranks(two_ranks):
     for m, verdict, _ in cases(two_ranks, "planted_sum"):
-        assert verdict == "diverge" and not m.expected
+        assert verdict == "diverge" and not m.label.expected
         # sum / k per rank, averaged over 2 ranks: total / (2k) times the token mean's gradient
         assert m.grads.scale == pytest.approx(sum(m.counts) / (2 * m.layout.microbatches), rel=1e-9)
 
 
 def test_naive_loop_is_expected_to_differ_on_two_ranks(two_ranks):
     for m, verdict, _ in cases(two_ranks, "naive"):
-        assert m.expected and verdict == "diverge"
+        assert m.label.expected and verdict == "diverge"
 
 
 def test_llama_on_two_ranks_through_the_api():

@@ -9,7 +9,7 @@ import torch
 from lossaudit import cli, harness
 from lossaudit.config import CheckConfig
 from lossaudit.grads import trainable
-from lossaudit.paths.base import PATHS, AuditContext, PathSpec, StepPath
+from lossaudit.paths.base import PATHS, AuditContext, Label, PathSpec, StepPath
 from lossaudit.paths.model import ModelPath
 from lossaudit.reference import compute_reference
 
@@ -132,13 +132,14 @@ def test_a_forward_that_raises_on_one_layout_fails_that_layout_only():
 
 class BoomPath(StepPath):
     name = "boom"
+    label = Label("boom")
 
     def run(self, ctx, layout):
         raise KeyError("no such parameter group")
 
 
 def test_a_step_path_that_raises_is_an_error_case(monkeypatch):
-    monkeypatch.setitem(PATHS._items, "boom", PathSpec("boom", lambda config: BoomPath(), ("causal-lm",)))
+    monkeypatch.setitem(PATHS._items, "boom", PathSpec("boom", lambda config: [BoomPath()], ("causal-lm",)))
     cases = run_toy(ToyLM(), paths=("boom", "reduction"))
     boom = cases[cases["path"] == "boom"]
     assert len(boom) == 2 and (boom["verdict"] == "error").all()
@@ -149,10 +150,10 @@ def test_a_step_path_that_raises_is_an_error_case(monkeypatch):
 def test_the_cli_writes_the_report_with_the_failed_path_as_an_error(tmp_path, monkeypatch, capsys):
     original = ModelPath.microbatch
 
-    def crash_on_k2(self, index, mb, outputs, losses, rejected):
-        if len(self.counts) == 2:
+    def crash_on_k2(self, view):
+        if view.step.k == 2:
             raise RuntimeError("planted")
-        return original(self, index, mb, outputs, losses, rejected)
+        return original(self, view)
 
     monkeypatch.setattr(ModelPath, "microbatch", crash_on_k2)
     status = cli.main(["check", "llama", "--microbatches", "1,2", "--batch-size", "4", "--max-length", "12",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import lossaudit
 from lossaudit.batch import BatchSpec, make_batch
 from lossaudit.forward import forward
-from lossaudit.harness import batch_for, run_layout
+from lossaudit.harness import batch_for
 from lossaudit.layouts import GROUPINGS, PADDINGS, Layout, collate, group
 from lossaudit.models import load_model
 from lossaudit.paths.model import ModelPath
@@ -20,6 +20,7 @@ from lossaudit.paths.reduction import ReductionPath
 from lossaudit.reductions import REDUCTIONS
 from lossaudit.tokens import IGNORE_INDEX
 
+from judged import judged
 from toy import ToyHeads, toy_context, toy_task_batch
 
 HEADS = ("seq2seq", "token-classification", "sequence-classification")
@@ -107,10 +108,10 @@ def test_num_items_equals_the_full_batch_mean_for_every_head(step):
     batch = toy_task_batch(task, n, seed=seed)
     ctx = toy_context(batch, ToyHeads(task))
     layout = Layout(k, grouping, padding, group(batch, k, grouping))
-    paths = [ReductionPath([REDUCTIONS.get("num_items")]), ModelPath()]  # the toy honours num_items_in_batch
-    for m in run_layout(ctx, layout, paths):
-        assert abs(m.loss - ctx.reference.loss) <= 1e-12 * abs(ctx.reference.loss), m.path
-        assert m.grads.rel_err <= 1e-12, m.path
+    paths = [ReductionPath.of(REDUCTIONS.get("num_items")), ModelPath()]  # the toy honours num_items_in_batch
+    for m, verdict, _ in judged(ctx, layout, paths):
+        assert abs(m.loss - ctx.reference.loss) <= 1e-12 * abs(ctx.reference.loss), m.label
+        assert m.grads.rel_err <= 1e-12 and verdict == "match", m.label
 
 
 def num_items_handling(name, task):

@@ -5,10 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lossaudit.layouts import GROUPINGS, PADDINGS, group, Layout
-from lossaudit.harness import run_layout
 from lossaudit.paths.reduction import ReductionPath
 from lossaudit.reductions import REDUCTIONS
 
+from judged import judged
 from toy import toy_batch, toy_context
 
 
@@ -25,8 +25,8 @@ def _measure(lengths, prompts, k, padding, grouping):
     batch = toy_batch(lengths, prompts)
     ctx = toy_context(batch)
     layout = Layout(k, grouping, padding, group(batch, k, grouping))
-    path = ReductionPath([REDUCTIONS.get("num_items"), REDUCTIONS.get("mean_of_means")])
-    return ctx, {m.reduction: m for m in run_layout(ctx, layout, [path])}
+    paths = [ReductionPath.of(REDUCTIONS.get(n)) for n in ("num_items", "mean_of_means")]
+    return ctx, {m.label.reduction: m for m, _, _ in judged(ctx, layout, paths)}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -29,13 +29,12 @@ import torch
 
 from ..batch import Batch
 from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
-from ..errors import RankFailure
 from ..forward import model_inputs
-from ..grads import UpdateProbe, compare_grads, trainable
+from ..grads import UpdateProbe
 from ..layouts import Layout, Microbatch, collate
 from ..registry import Registry
 from ..tokens import TASKS, count_targets, token_losses
-from .base import PATHS, Measurement, PathSpec, StepPath
+from .base import PATHS, Label, Outcome, PathSpec, StepPath
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,74 +181,48 @@ def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -
 
 
 class AcceleratePath(StepPath):
-    name = "accelerate"
-    # The token-count recipes train cross entropy alone (the docs' summing criterion), so they
-    # are compared with the cross-entropy reference; a MoE router aux loss is not part of them.
-    with_aux = False
+    """One recipe. The token-count recipes train cross entropy alone (the docs' summing
+    criterion), so they are compared with the cross-entropy reference; a MoE router aux loss
+    is not part of them."""
 
-    def __init__(self, recipes: list[Recipe], *, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.recipes = recipes
+    name = "accelerate"
+
+    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.recipe = recipe
         self.timeout_s = timeout_s
+        self.label = Label("accelerate", recipe.name, expected=recipe.expected, cause=recipe.doc if recipe.expected else "")
 
     def run(self, ctx, layout):
         """One layout in this process (world size 1)."""
         mbs = [collate(ctx.batch, g, layout.padding) for g in layout.rank_groups(0)]
-        measurements = []
-        for recipe in self.recipes:
-            try:
-                outcome = run_step(ctx.model, mbs, recipe, k=layout.microbatches, task=ctx.batch.task,
-                                   device=ctx.device)
-            except Exception as exc:  # the stack under audit failed: an error case, not a crash
-                measurements.append(_failed(ctx, layout, recipe, f"{type(exc).__name__}: {exc}"))
-                continue
-            measurements.append(_measurement(ctx, layout, recipe, outcome))
-        return measurements
+        outcome = run_step(ctx.model, mbs, self.recipe, k=layout.microbatches, task=ctx.batch.task, device=ctx.device)
+        return [self._outcome(ctx, layout, outcome)]
 
-    def run_layouts(self, ctx, layouts, say):
+    def run_layouts(self, ctx, layouts, guard, say):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
-            return super().run_layouts(ctx, layouts, say)
-        say(f"accelerate: {len(layouts)} layouts on {world_size} ranks")
-        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, self.recipes)
-        try:
-            outcomes = run_ranks(rank_steps, job, world_size, device_type=ctx.device.type,
-                                 timeout_s=self.timeout_s)[0]
-        except RankFailure as exc:
-            return [_failed(ctx, layout, recipe, str(exc)) for layout in layouts for recipe in self.recipes]
-        pairs = [(layout, recipe) for layout in layouts for recipe in self.recipes]
-        return [_measurement(ctx, layout, recipe, outcome) for (layout, recipe), outcome in zip(pairs, outcomes)]
+            return super().run_layouts(ctx, layouts, guard, say)
+        say(f"accelerate:{self.recipe.name}: {len(layouts)} layouts on {world_size} ranks")
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, [self.recipe])
+        outcomes, reason = guard.call(f"the accelerate path on {world_size} ranks", lambda: run_ranks(
+            rank_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
+        if reason is not None:
+            return [guard.judge.failed(self.label, layout, reason) for layout in layouts]
+        return [guard.judge.measure(self._outcome(ctx, layout, outcome)) for layout, outcome in zip(layouts, outcomes[0])]
 
-
-def _counts(ctx, layout: Layout) -> tuple[list[int], list[int]]:
-    """Target tokens per microbatch, and per rank."""
-    per_mb = ctx.batch.group_targets(layout.groups)
-    return per_mb, layout.per_rank(per_mb)
-
-
-def _measurement(ctx, layout: Layout, recipe: Recipe, outcome: StepOutcome) -> Measurement:
-    per_mb, per_rank = _counts(ctx, layout)
-    notes = [recipe.doc] if recipe.expected else []
-    if outcome.optimizer_steps != 1:
-        notes.append(f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
-                     f"accumulated microbatches (once expected)")
-    return Measurement(
-        path="accelerate", reduction=recipe.name, layout=layout, loss=outcome.loss,
-        grads=compare_grads(ctx.reference.grads, outcome.gradient), counts=per_mb,
-        expected=recipe.expected, note="; ".join(notes),
-        extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps},
-    )
-
-
-def _failed(ctx, layout: Layout, recipe: Recipe, reason: str) -> Measurement:
-    per_mb, per_rank = _counts(ctx, layout)
-    return Measurement(path="accelerate", reduction=recipe.name, layout=layout, loss=float("nan"), grads=None,
-                       counts=per_mb, expected=recipe.expected, error=reason.splitlines()[0] if reason else "failed",
-                       extra={"rank_tokens": per_rank, "optimizer_steps": 0})
+    def _outcome(self, ctx, layout: Layout, outcome: StepOutcome) -> Outcome:
+        per_rank = layout.per_rank(ctx.batch.group_targets(layout.groups))
+        note = ""
+        if outcome.optimizer_steps != 1:
+            note = (f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
+                    f"accumulated microbatches (once expected)")
+        return Outcome(self.label, layout, outcome.loss, outcome.gradient, note=note,
+                       extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps})
 
 
 PATHS.register(
     "accelerate",
-    PathSpec("accelerate", lambda config: AcceleratePath([RECIPES.get(n) for n in DEFAULT_RECIPES]), TASKS,
+    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n)) for n in DEFAULT_RECIPES], TASKS,
              "a plain PyTorch loop with Accelerator.accumulate(): naive and token-count recipes",
              requires=("accelerate",)),
 )

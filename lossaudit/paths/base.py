@@ -1,140 +1,161 @@
-"""What a path is, what it measures, and the registry of paths."""
+"""What a path is and what it produces. A path only measures: for each layout it returns
+outcomes (a loss, a gradient, notes), and ``judge.py`` decides what they mean.
+
+Two kinds:
+
+- a ``LogitPath`` is fed the harness's own forward of each microbatch (one forward serves every
+  logit path) and says which scalar it would backward there (a ``Contribution``); the harness
+  takes the gradients, sums them over the step and measures each microbatch's weight;
+- a ``StepPath`` runs a whole optimizer step its own way (Trainer, accelerate, a user's loop)
+  and returns the step's gradient.
+
+A path declares what it is with flags (``expected``, ``trains_aux``, ``calibrates``,
+``formula``); the judge reads the flags, never the path's name. A path that cannot run a layout
+raises (``Unavailable`` for a known limit, anything else for a failure): the guard in
+``judge.py`` turns that into the layout's error case.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
-from ..grads import GradDiff
 from ..layouts import Layout, Microbatch
 from ..objective import Objective
+from ..reductions import Reduction, StepTokens
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..aux import LayoutAux
     from ..batch import Batch
     from ..config import CheckConfig
     from ..models import LoadedModel
     from ..reference import Reference
-    from ..reductions import StepTokens
+
+GradientStream = Iterable[tuple[str, "torch.Tensor | None"]]
 
 
-@dataclass
-class Measurement:
-    """One case before judgement: what a path computed on one layout."""
-
-    path: str
-    reduction: str | None
-    layout: Layout
-    loss: float
-    grads: GradDiff | None
-    counts: list[int]  # target tokens per microbatch
-    expected: bool = False
-    note: str = ""  # facts the path knows about itself, for the detail
-    error: str | None = None  # the path raised: a one-line reason, the case is an error
-    fault: str | None = None  # the first non-finite tensor the harness saw in this layout (logits)
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def failed(cls, path: str, layout: Layout, batch: "Batch", reason: str) -> "Measurement":
-        """The error case of a path that raised on ``layout``."""
-        counts = batch.group_targets(layout.groups)
-        return cls(path=path, reduction=None, layout=layout, loss=float("nan"), grads=None,
-                   counts=counts, error=reason)
-    # MoE: the aux loss this step carried (sum of each microbatch's aux times the weight the
-    # path gave it), when the path knows it, and the layout's aux target when the path's
-    # objective includes the router aux loss (then it is judged against CE + coef * mean aux)
-    aux: float | None = None
-    aux_target: "LayoutAux | None" = None
+class Unavailable(Exception):
+    """The code under audit cannot express this layout; the message is the one-line reason."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditContext:
-    """Everything a path needs, built once per run."""
+    """Everything a path needs, built once per run and never changed."""
 
     model: torch.nn.Module
     batch: "Batch"
-    reference: "Reference"
+    reference: "Reference | None"  # None on a spawned data-parallel rank (it only runs steps)
     params: list
     device: torch.device
-    config: "CheckConfig"
+    config: "CheckConfig | None"
     loaded: "LoadedModel | None" = None
-    aux_target: "tuple[Layout, LayoutAux] | None" = None  # the latest layout's, see aux.layout_aux
     objective: Objective = Objective()  # what the reference and every reduction compute per token
 
 
-class LogitPath:
-    """A path fed by the harness's own forward of each microbatch (one forward serves all)."""
+@dataclass(frozen=True)
+class Label:
+    """Which case an outcome is, and the flags the judge reads."""
 
-    name = ""
+    path: str
+    reduction: str | None = None  # a reduction, recipe or user function's name
+    expected: bool = False  # known to differ from the token mean: shown, never a finding
+    trains_aux: bool = False  # trains the model's own loss: a MoE model's router aux loss included
+    calibrates: bool = False  # lossaudit's own correct reduction: its error is the run's noise floor
+    formula: Reduction | None = None  # the known reduction it computes (predicts its loss, and NaN)
+    cause: str = ""  # for an expected label: why it differs (the reduction's doc)
+
+
+@dataclass
+class Outcome:
+    """What one path measured on one layout; nothing judged yet."""
+
+    label: Label
+    layout: Layout
+    loss: float
+    gradient: GradientStream  # the step's gradient, parameter by parameter
+    note: str = ""  # facts the path knows about itself (what the library passed, ...)
+    extra: dict = field(default_factory=dict)  # more report columns
+    aux: float | None = None  # MoE: the router aux loss the step carried, when the path knows it
+    weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a logit path backwards on one microbatch: ``scale`` x d ``loss`` / d params."""
+
+    loss: torch.Tensor  # a scalar with a graph to the parameters
+    scale: float = 1.0
+    aux: float | None = None  # MoE: router aux this microbatch carried, times its weight
+
+
+@dataclass(frozen=True)
+class MicrobatchView:
+    """One microbatch as the harness ran it, shared by every logit path."""
+
+    index: int
+    mb: Microbatch
+    outputs: Any  # the model's outputs (its own ``loss`` when a path asked for labels)
+    losses: torch.Tensor  # (B, T') float64 per-target objective, 0 where no target
+    token_sum: torch.Tensor  # losses.sum(): its gradient / N is this microbatch's correct share
+    step: StepTokens
+    num_items_rejected: bool  # the model's forward refused num_items_in_batch
+
+
+class LogitPath:
+    """A path fed by the harness's shared forward. One object is one label."""
+
+    label = Label("")
     wants_labels = False  # ask the model for its own loss in the shared forward
 
-    def start(self, ctx: AuditContext, layout: Layout, step: "StepTokens") -> None:
+    def start(self, ctx: AuditContext, layout: Layout, step: StepTokens) -> None:
+        """Before the layout's first microbatch (user code may run here: it is guarded)."""
+
+    def microbatch(self, view: MicrobatchView) -> Contribution:
         raise NotImplementedError
 
-    def microbatch(self, index: int, mb: Microbatch, outputs, losses: torch.Tensor, num_items_rejected: bool) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> list[Measurement]:
-        raise NotImplementedError
+    def note(self) -> str:
+        """After the layout: facts for the detail."""
+        return ""
 
 
 class StepPath:
-    """A path that runs a whole optimizer step its own way (Trainer, accelerate, ...)."""
+    """A path that runs a whole optimizer step its own way."""
 
     name = ""
-    with_aux = True  # the step trains on the model's own loss, a MoE router aux loss included
+    label = Label("")
 
-    def run(self, ctx: AuditContext, layout: Layout) -> list[Measurement]:
+    def run(self, ctx: AuditContext, layout: Layout) -> list[Outcome]:
         raise NotImplementedError
 
-    def target(self, ctx: AuditContext, layout: Layout) -> "tuple[Mapping, LayoutAux | None]":
-        """What a correct step on ``layout`` equals: the gradient to compare with, and the aux
-        target to set on its Measurement (None unless a MoE model trains with its aux loss)."""
-        from ..aux import layout_aux
+    def labels(self, layout: Layout) -> list[Label]:
+        """The labels ``run`` returns on ``layout`` (an error case needs them when it raises)."""
+        return [self.label]
 
-        aux = layout_aux(ctx, layout) if self.with_aux else None
-        return (aux.target_grads(ctx.reference.grads) if aux else ctx.reference.grads), aux
-
-    def run_layouts(self, ctx: AuditContext, layouts: list[Layout], say: Callable[[str], None]) -> list[Measurement]:
-        """Every layout of the run. A path that pays a start-up cost once per run (spawning
-        data-parallel ranks) overrides this; the default runs one layout after another."""
-        measurements = []
+    def run_layouts(self, ctx: AuditContext, layouts: list[Layout], guard, say: Callable[[str], None]) -> list:
+        """Every layout of the run, each behind ``guard`` (judge.Guard), judged as it ends. A
+        path that pays a start-up cost once per run (spawning data-parallel ranks) overrides this."""
+        cases = []
         for i, layout in enumerate(layouts):
-            say(f"[{i + 1}/{len(layouts)}] {self.name}: {layout.name}")
-            measurements += self.run_guarded(ctx, layout)
-        return measurements
-
-    def run_guarded(self, ctx: AuditContext, layout: Layout) -> list[Measurement]:
-        """``run``, with an exception turned into this layout's error case (the run goes on);
-        out of memory and lossaudit's own errors still end the run."""
-        from ..faults import must_propagate, one_line
-
-        try:
-            return self.run(ctx, layout)
-        except Exception as exc:
-            if must_propagate(exc):
-                raise
-            return [Measurement.failed(self.name, layout, ctx.batch, f"{self.name} path raised: {one_line(exc)}")]
+            say(f"[{i + 1}/{len(layouts)}] {self.label.path}: {layout.name}")
+            cases += guard.step(self, ctx, layout)
+        return cases
 
 
 @dataclass(frozen=True)
 class PathSpec:
     name: str
-    build: Callable[["CheckConfig"], LogitPath | StepPath]
+    build: Callable[["CheckConfig"], "list[LogitPath] | list[StepPath]"]
     tasks: tuple[str, ...]  # tasks the path applies to
     doc: str = ""
     requires: tuple[str, ...] = ()  # optional packages the path imports (left out by default without them)
-
-    def missing(self) -> list[str]:
-        import importlib.util
-
-        return [name for name in self.requires if importlib.util.find_spec(name) is None]
     # why the path cannot run under ``config`` (None: it can); default runs leave it out
     unavailable: Callable[["CheckConfig"], str | None] = lambda config: None
+
+    def missing(self) -> list[str]:
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 PATHS: Registry[PathSpec] = Registry("path")

@@ -10,10 +10,9 @@ from typing import Callable
 
 import torch
 
-from ..grads import GradAccumulator, compare_grads, grads_of
 from ..registry import load_callable
 from ..tokens import TASKS
-from .base import PATHS, LogitPath, Measurement, PathSpec
+from .base import PATHS, Contribution, Label, LogitPath, PathSpec
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -23,53 +22,28 @@ def resolve_loss_fn(spec: str) -> LossFn:
 
 
 class LossFnPath(LogitPath):
-    name = "loss-fn"
-
     def __init__(self, spec: str):
         self.spec = spec
         self.fn = resolve_loss_fn(spec)
+        self.label = Label("loss-fn", spec)
 
     def start(self, ctx, layout, step):
-        self.ctx, self.layout, self.counts = ctx, layout, step.counts
         # a tensor on the model's device, as the Trainer passes it
         self.num_items = torch.tensor(step.total, device=ctx.device)
-        self.acc = GradAccumulator(ctx.params)
-        self.loss = 0.0
-        self.error: str | None = None
+        self.device = ctx.device
 
-    def microbatch(self, index, mb, outputs, losses, num_items_rejected):
-        if self.error:
-            return
-        try:
-            loss = self.fn(outputs, mb.labels.to(self.ctx.device), num_items_in_batch=self.num_items)
-        except Exception as exc:  # the user's code: one case fails, not the run
-            self.error = f"{self.spec} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            return
+    def microbatch(self, view):
+        loss = self.fn(view.outputs, view.mb.labels.to(self.device), num_items_in_batch=self.num_items)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            self.error = f"{self.spec} returned {type(loss).__name__}, not a scalar tensor"
-            return
-        self.acc.add(grads_of(loss, self.ctx.params))
-        self.loss += float(loss.detach())
-
-    def finish(self):
-        return [
-            Measurement(
-                path=self.name,
-                reduction=self.spec,
-                layout=self.layout,
-                loss=float("nan") if self.error else self.loss,
-                grads=None if self.error else compare_grads(self.ctx.reference.grads, self.acc.items()),
-                counts=self.counts,
-                error=self.error,
-            )
-        ]
+            raise TypeError(f"{self.spec} returned {type(loss).__name__}, not a scalar tensor")
+        return Contribution(loss)
 
 
 PATHS.register(
     "loss-fn",
     PathSpec(
         "loss-fn",
-        lambda config: LossFnPath(config.loss_fn),
+        lambda config: [LossFnPath(config.loss_fn)],
         TASKS,
         "a user's compute_loss_func(outputs, labels, num_items_in_batch) on the shared forward",
         unavailable=lambda config: None if config.loss_fn else "needs --loss-fn module:function",

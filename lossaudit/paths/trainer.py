@@ -14,7 +14,6 @@ logged loss come from rank 0; what ``compute_loss`` was given comes from every r
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -22,12 +21,11 @@ from ..batch import Batch
 from ..compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
 from ..config import CheckConfig, parse_value
 from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
-from ..errors import RankFailure, UsageError
-from ..grads import compare_grads, trainable
+from ..errors import UsageError
+from ..grads import trainable
 from ..layouts import Layout, group
-from ..reference import step_tokens
 from ..tokens import TASKS
-from .base import PATHS, AuditContext, Measurement, PathSpec, StepPath
+from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
 from .trainer_step import StepResult, StepUnavailable, trainer_step
 
@@ -81,16 +79,23 @@ def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list
 
 
 class TrainerPath(StepPath):
+    """A Trainer step per layout, with the model's own loss or with one compute_loss_func. The
+    model's own loss trains a MoE router aux loss too; a user's compute_loss_func is judged as
+    the cross entropy it is meant to be (as the loss-fn path judges it)."""
+
     name = "trainer"
 
-    def __init__(self, config, *, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.timeout_s = timeout_s
-        self.user_args = {k: parse_value(v) for k, v in config.trainer_args}
-        _check_values(self.user_args)
-        self.loss_fns = [(None, None)]
-        if config.loss_fn:
-            self.loss_fns.append((config.loss_fn, resolve_loss_fn(config.loss_fn)))
+    def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
+        self.fn = resolve_loss_fn(spec) if spec else None
+        self.label = Label("trainer", spec, trains_aux=spec is None)
         self.full_batch_done = False
+
+    @classmethod
+    def build(cls, config) -> list["TrainerPath"]:
+        user_args = {k: parse_value(v) for k, v in config.trainer_args}
+        _check_values(user_args)
+        return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
 
     def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
         """``layouts``, after the GA-off arm (k=1) when the run does not start with one."""
@@ -100,45 +105,31 @@ class TrainerPath(StepPath):
         return layouts
 
     def run(self, ctx, layout):
-        return [self._case(ctx, each, spec, fn) for each in self.with_full_batch(ctx, [layout])
-                for spec, fn in self.loss_fns]
+        return [self._outcome(ctx, each, [trainer_step(ctx, each, user_args=self.user_args, compute_loss_func=self.fn)])
+                for each in self.with_full_batch(ctx, [layout])]
 
-    def run_layouts(self, ctx, layouts, say):
+    def run_layouts(self, ctx, layouts, guard, say):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
-            return super().run_layouts(ctx, layouts, say)
-        steps = [(layout, spec) for layout in self.with_full_batch(ctx, layouts) for spec, _ in self.loss_fns]
+            return super().run_layouts(ctx, layouts, guard, say)
+        steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
         say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
         job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)
-        try:
-            per_rank = run_ranks(rank_trainer_steps, job, world_size, device_type=ctx.device.type,
-                                 timeout_s=self.timeout_s)
-        except RankFailure as exc:
-            return [self._failed(ctx, layout, spec, f"the Trainer step failed on {exc}") for layout, spec in steps]
-        return [self._measure(ctx, layout, spec, [results[i] for results in per_rank])
-                for i, (layout, spec) in enumerate(steps)]
+        per_rank, reason = guard.call(f"the Trainer step on {world_size} ranks", lambda: run_ranks(
+            rank_trainer_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
+        if reason is not None:
+            return [guard.judge.failed(self.label, layout, reason) for layout, _ in steps]
+        cases = []
+        for i, (layout, _) in enumerate(steps):
+            ranks = [results[i] for results in per_rank]
+            failed = isinstance(ranks[0], str)
+            cases.append(guard.judge.failed(self.label, layout, ranks[0]) if failed
+                         else guard.judge.measure(self._outcome(ctx, layout, ranks)))
+        return cases
 
-    def _case(self, ctx, layout, spec, fn) -> Measurement:
-        try:
-            step = trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=fn)
-        except StepUnavailable as exc:
-            return self._failed(ctx, layout, spec, str(exc))
-        except Exception as exc:  # the library's or the user's code failed: one case, not the run
-            if os.environ.get("LOSSAUDIT_DEBUG") == "1":
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return self._failed(ctx, layout, spec, f"the Trainer step failed: {type(exc).__name__}: {first}")
-        return self._measure(ctx, layout, spec, [step])
-
-    def _failed(self, ctx, layout, spec, reason: str) -> Measurement:
-        return Measurement(self.name, spec, layout, math.nan, None, step_tokens(ctx.batch, layout).counts,
-                           error=reason)
-
-    def _measure(self, ctx, layout: Layout, spec, ranks: list[StepResult | str]) -> Measurement:
-        """The case of one step from what each rank returned (rank 0 first)."""
-        if isinstance(ranks[0], str):
-            return self._failed(ctx, layout, spec, ranks[0])
-        step, counts = ranks[0], step_tokens(ctx.batch, layout).counts
+    def _outcome(self, ctx, layout: Layout, ranks: list[StepResult]) -> Outcome:
+        """The outcome of one step from what each rank returned (rank 0 first)."""
+        step, counts = ranks[0], ctx.batch.group_targets(layout.groups)
         reference = ctx.reference.loss
         extra = {
             "logged_loss": step.logged_loss,
@@ -149,13 +140,8 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
-        # the model's own loss trains a MoE router aux loss too; a user's compute_loss_func is
-        # judged as the cross entropy it is meant to be (as the loss-fn path judges it)
-        target, aux = self.target(ctx, layout) if spec is None else (ctx.reference.grads, None)
-        return Measurement(
-            self.name, spec, layout, step.logged_loss, compare_grads(target, step.update.items()),
-            counts, note=_note(ranks, layout, counts), extra=extra, aux_target=aux,
-        )
+        return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=_note(ranks, layout, counts),
+                       extra=extra)
 
 
 def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
@@ -202,6 +188,6 @@ def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -
 
 PATHS.register(
     "trainer",
-    PathSpec("trainer", TrainerPath, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout",
+    PathSpec("trainer", TrainerPath.build, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout",
              requires=("accelerate",)),  # transformers.Trainer imports it
 )

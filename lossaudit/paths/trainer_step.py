@@ -23,14 +23,14 @@ from typing import Callable
 
 import torch
 
-from ..compat import training_arguments, trainer_takes
+from ..compat import trainer_takes, training_arguments, transformers_version
 from ..forward import model_inputs
 from ..grads import UpdateProbe
 from ..layouts import Layout, collate
-from .base import AuditContext
+from .base import AuditContext, Unavailable
 
 
-class StepUnavailable(Exception):
+class StepUnavailable(Unavailable):
     """The installed Trainer cannot express this step; the message is the one-line reason."""
 
 
@@ -189,8 +189,6 @@ def trainer_step(
     """Run one Trainer step on ``layout`` (this process is data-parallel rank ``rank`` of
     ``layout.world_size``); the model's weights are restored afterwards."""
     if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
-        from ..compat import transformers_version
-
         raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
     per_device_batch(layout)
     probe = UpdateProbe(ctx.model)

@@ -21,16 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .grads import GradAccumulator, Params, grads_of
-
-if TYPE_CHECKING:
-    from .layouts import Layout, Microbatch
-    from .paths.base import AuditContext
+from .grads import GradAccumulator, Params, compare_grads, grads_of
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
@@ -141,73 +137,31 @@ class LayoutAux:
 
 
 class AuxAccumulator:
-    """Builds a LayoutAux from the router logits of each microbatch's forward."""
+    """Builds a LayoutAux from the router logits of each microbatch's forward (all ranks'
+    microbatches: DDP averages the ranks, so the step's aux is their mean)."""
 
-    def __init__(self, ctx: "AuditContext", k: int):
-        self.ref, self.params, self.k = ctx.reference.aux, ctx.params, k
-        self.acc = GradAccumulator(ctx.params)
+    def __init__(self, ref: ReferenceAux, params: Params, k: int):
+        self.ref, self.params, self.k = ref, params, k
+        self.acc = GradAccumulator(params)
         self.values: list[float] = []
 
-    def add(self, outputs, mb: "Microbatch") -> None:
+    def add(self, outputs, attention_mask: torch.Tensor) -> None:
         logits = router_logits(outputs)
         if logits is None:
             raise RuntimeError("the model returned router logits on the full batch but not on a microbatch")
-        aux = load_balancing_loss(logits, mb.attention_mask, self.ref.spec)
+        aux = load_balancing_loss(logits, attention_mask, self.ref.spec)
         self.acc.add(grads_of(aux, self.params), self.ref.spec.coef / self.k)
         self.values.append(float(aux.detach()))
 
     def result(self) -> LayoutAux:
-        from .grads import compare_grads
-
         grads = {n: torch.zeros_like(self.ref.grads[n]) if g is None else g for n, g in self.acc.items()}
         gap = compare_grads(self.ref.grads, grads.items()).rel_err
         return LayoutAux(self.ref.spec.coef, self.values, self.ref.value, grads, gap)
 
 
-def layout_aux(ctx: "AuditContext", layout: "Layout") -> LayoutAux | None:
-    """The layout's aux target: the one the shared forward built, else from a forward of each
-    microbatch here (for step paths, which run the model their own way)."""
-    if ctx.reference.aux is None:
-        return None
-    if ctx.aux_target is not None and ctx.aux_target[0] == layout:
-        return ctx.aux_target[1]
-    from .forward import forward
-    from .layouts import microbatches
-
-    acc = AuxAccumulator(ctx, len(layout.groups))  # world_size * k microbatches: DDP averages the ranks
-    for mb in microbatches(ctx.batch, layout):
-        outputs, _ = forward(ctx.model, mb, ctx.device)
-        acc.add(outputs, mb)
-    ctx.aux_target = (layout, acc.result())
-    return ctx.aux_target[1]
-
-
-def carried_aux(m, reference) -> tuple[float, bool]:
+def carried_aux(loss: float, aux: float | None, reference_loss: float, coef: float) -> tuple[float, bool]:
     """(aux the step carried, inferred?): the path's own account, else what the loss implies
     when its cross-entropy part is the reference's."""
-    if m.aux is not None:
-        return m.aux, False
-    return (m.loss - reference.loss) / m.aux_target.coef, True
-
-
-def aux_fields(m, reference) -> dict:
-    """The report's aux columns for a case judged with the router aux loss (none otherwise)."""
-    t = m.aux_target
-    if t is None:
-        return {}
-    carried, inferred = carried_aux(m, reference)
-    return {
-        "ce_loss": m.loss - t.coef * carried, "reference_ce_loss": reference.loss,
-        "aux_loss": carried, "aux_inferred": inferred, "layout_aux_loss": t.mean,
-        "microbatch_aux_losses": list(t.microbatch), "reference_aux_loss": t.full, "aux_coef": t.coef,
-        "aux_gap": t.gap, "aux_grad_gap": t.gap_grad,
-    }
-
-
-def aux_info(m, reference) -> str:
-    """The aux numbers for a case's detail, the inherent gap marked as information."""
-    t = m.aux_target
-    carried, inferred = carried_aux(m, reference)
-    return (f"aux: step carried {carried:.6g}{' (inferred from the loss)' if inferred else ''}, "
-            f"mean over microbatches {t.mean:.6g}, full batch {t.full:.6g}; inherent gap {t.gap:+.2%} "
-            f"(gradient {t.gap_grad:.1e}), information, not a finding")
+    if aux is not None:
+        return aux, False
+    return (loss - reference_loss) / coef, True
