@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .batch import Batch
 from .moe import carried_aux
 from .reference import Reference
+from .tokens import count_unshifted
 from .tolerance import Tolerance
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ PADDING_CAUSE = ("the correct reduction misses: the model's output depends on pa
                  "(position ids, attention mask)")
 
 
-def candidates(m: "Measured") -> list[tuple[str, list[float]]]:
+def candidates(m: "Measured", batch: Batch) -> list[tuple[str, list[float]]]:
     """(what it is, weight per microbatch x the token mean's) for the known normalisation bugs."""
     counts, layout = m.counts, m.layout
     n, k, parts = sum(counts), layout.microbatches, len(counts)  # parts: microbatches over all ranks
@@ -46,6 +47,10 @@ def candidates(m: "Measured") -> list[tuple[str, list[float]]]:
         ("each microbatch's token mean divided by k (num_items_in_batch not used)", [n / (parts * c) for c in counts]),
         ("the token sum: never divided by the token count", [float(n)] * parts),
     ]
+    unshifted = sum(count_unshifted(s.labels[None], batch.task) for s in batch.samples)
+    if unshifted != n:
+        found.append((f"the token sum over {unshifted}, the step's labels counted without the shift (each row's first "
+                      f"label, which nothing predicts, counted too): {n}/{unshifted}x", [n / unshifted] * parts))
     return [(text, w) for text, w in found if any(abs(x - 1.0) > 1e-9 for x in w)]
 
 
@@ -92,7 +97,7 @@ def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol
     """The cause behind a cross-entropy ``loss`` that misses the reference: a candidate whose
     loss and gradient fit (``gradient=False``: the gradient also carries something else, so the
     loss alone is checked and said so)."""
-    for text, weights in candidates(m):
+    for text, weights in candidates(m, batch):
         if _loss_fits(weights, loss, m, reference, batch, tol):
             if not gradient:
                 return f"its loss equals {text}"

@@ -129,14 +129,15 @@ class Judge:
         if not math.isfinite(m.loss) or (g is not None and g.nonfinite_param):
             return causes.nonfinite(m, self.reference, self.ctx.batch, tokens)
         info = causes.aux_info(m, self.reference) if m.aux_target is not None else ""
-        missed = tol.exceeded(m.deviation())
+        deviation = m.deviation()
+        missed = tol.exceeded(deviation)
         if not missed:
             return "match", "; ".join(x for x in (m.note, info) if x)
         only_loss = ""
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
         cause = causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
-        return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, info) if x)
+        return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
 
 class Guard:

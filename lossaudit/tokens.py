@@ -53,6 +53,12 @@ def count_targets(labels: torch.Tensor, task: str) -> int:
     return int(target_mask(labels, task).sum())
 
 
+def count_unshifted(labels: torch.Tensor, task: str) -> int:
+    """Labels that are not ``ignore_index``, counted without the shift: what a loop that forgets
+    that nothing predicts a causal LM's first token counts (one too many per such row)."""
+    return int((labels != IGNORE_INDEX).sum()) if task == "causal-lm" else count_targets(labels, task)
+
+
 def token_losses(
     logits: torch.Tensor, labels: torch.Tensor, task: str, *, label_smoothing: float = 0.0
 ) -> torch.Tensor:

@@ -16,18 +16,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# (floor, cap) per metric and dtype. float64's caps are float32-sized on purpose: transformers
-# keeps some layers (RMSNorm's variance, rotary tables) in float32 whatever the model's dtype.
+# (floor, cap) per metric and dtype. float64's are float32-sized on purpose: transformers keeps
+# some layers (RMSNorm's variance, rotary tables) and its loss (``logits.float()``) in float32
+# whatever the model's dtype.
 # bfloat16's scale and weight caps stay under 1 %, so a 1 % rescale is always found.
 BOUNDS = {
     "grad": {"float64": (1e-10, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (1e-2, 1e-1), "float16": (2e-3, 2e-2)},
-    "scale": {"float64": (1e-9, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (2e-3, 8e-3), "float16": (5e-4, 4e-3)},
-    "direction": {"float64": (1e-14, 1e-10), "float32": (1e-9, 1e-5), "bfloat16": (5e-5, 5e-3), "float16": (5e-6, 1e-3)},
-    "weights": {"float64": (1e-9, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (2e-3, 8e-3), "float16": (5e-4, 4e-3)},
+    "scale": {"float64": (1e-7, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (2e-3, 8e-3), "float16": (5e-4, 4e-3)},
+    "direction": {"float64": (1e-12, 1e-10), "float32": (1e-9, 1e-5), "bfloat16": (5e-5, 5e-3), "float16": (5e-6, 1e-3)},
+    # a correct bfloat16 loss function's weights wander ~1e-3 from the harness's (its own upstream
+    # gradient rounds differently in the backward); the floor keeps 4x that, under a 1 % bug
+    "weights": {"float64": (1e-7, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (4e-3, 8e-3), "float16": (1e-3, 4e-3)},
 }
 BOUNDS["loss"] = BOUNDS["grad"]  # the loss shares the gradient's tolerance, as it always has
 FACTOR = {"grad": 5.0, "loss": 5.0, "scale": 3.0, "direction": 10.0, "weights": 3.0}
 METRICS = tuple(BOUNDS)
+NAMES = {"grad": "gradient relative error", "loss": "loss relative error", "scale": "|scale - 1|",
+         "direction": "1 - cosine", "weights": "max |microbatch weight - 1|"}
 # kept for readers of the per-dtype table: the gradient (and loss) error's floor and cap
 FLOOR = {dtype: bounds[0] for dtype, bounds in BOUNDS["grad"].items()}
 CAP = {dtype: bounds[1] for dtype, bounds in BOUNDS["grad"].items()}
@@ -74,6 +79,11 @@ class Tolerance:
     def exceeded(self, deviation: dict[str, float]) -> list[str]:
         """The metrics a case misses by more than their tolerance (NaN misses)."""
         return [m for m, value in deviation.items() if not value <= self.tolerances[m]]
+
+    def describe(self, deviation: dict[str, float]) -> str:
+        """Which metrics a case misses, by how much, against which tolerance."""
+        return "beyond tolerance: " + ", ".join(f"{NAMES[m]} {deviation[m]:.2g} > {self.tolerances[m]:.2g}"
+                                                for m in self.exceeded(deviation))
 
     def to_dict(self) -> dict:
         floor, cap = BOUNDS["grad"][self.dtype]

@@ -105,13 +105,12 @@ class TrainerPath(StepPath):
         return layouts
 
     def run(self, ctx, layout):
-        return [self._outcome(ctx, each, [trainer_step(ctx, each, user_args=self.user_args, compute_loss_func=self.fn)])
-                for each in self.with_full_batch(ctx, [layout])]
+        return [self._outcome(ctx, layout, [trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=self.fn)])]
 
     def run_layouts(self, ctx, layouts, guard, say):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
-            return super().run_layouts(ctx, layouts, guard, say)
+            return super().run_layouts(ctx, self.with_full_batch(ctx, layouts), guard, say)
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
         say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
         job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)
