@@ -80,9 +80,11 @@ def test_a_rank_that_fails_makes_every_step_an_error_case():
                              batch_size=4, max_length=12, microbatches=[2], groupings=["contiguous"],
                              paddings=["right"])
     cases = report.cases
-    assert len(cases) == 4 and (cases["verdict"] == "error").all()  # full batch and k=2, with and without
-    assert all(d.startswith("the Trainer step failed on rank 1: ValueError: planted failure in compute_loss_func")
-               for d in cases["detail"]), list(cases["detail"])
+    failed = cases[cases["reduction"] == "planted:loss_raising_on_rank_1"]
+    assert len(cases) == 4 and len(failed) == 2  # full batch and k=2, with and without the function
+    assert (failed["verdict"] == "error").all() and (cases[cases["reduction"].isna()]["verdict"] != "error").all()
+    assert all(d.startswith("the Trainer step on 2 ranks failed: rank 1: ValueError: planted failure in compute_loss_func")
+               for d in failed["detail"]), list(failed["detail"])
     assert report.exit_status == 1
     assert no_children_left() == []
 
