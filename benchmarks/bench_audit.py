@@ -239,6 +239,7 @@ def trainer_passes(loaded, config, device) -> int:
 def trainer_step(model, batch, layout, device) -> None:
     import torch
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from lossaudit.forward import model_inputs
     from lossaudit.layouts import collate
@@ -262,6 +263,7 @@ def trainer_step(model, batch, layout, device) -> None:
         trainer = InOrder(model=model, args=trainer_args, data_collator=collator,
                           train_dataset=[i for g in layout.groups for i in g],
                           optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)))
+        trainer.remove_callback(PrinterCallback)  # as the trainer path: no metrics printed
         trainer.train()
     model.zero_grad(set_to_none=True)
 
