@@ -115,23 +115,32 @@ def check_config(args, loaded, max_length, mode: str):
 
 
 def child(args) -> dict:
-    """One mode: its time, then its peak. On CUDA one run gives both; on the CPU the peak is
-    metered in a second run (the meter sees every operator, which slows it)."""
+    """One mode in this (fresh) process."""
     import torch
 
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
-    config = check_config(args, loaded, max_length, args.mode)
-    result = {"mode": args.mode, "parameters": loaded.parameters}
+    return measure(args, loaded, max_length, args.mode)
+
+
+def measure(args, loaded, max_length, mode: str) -> dict:
+    """One mode on ``loaded``: its time, then its peak. On CUDA one run gives both (the peak
+    counter is reset after the warm-up); on the CPU the peak is metered in a second run (the
+    meter sees every operator, which slows it)."""
+    import torch
+
+    device = torch.device(args.device)
+    config = check_config(args, loaded, max_length, mode)
+    result = {"mode": mode, "parameters": loaded.parameters}
     try:
         warm_up(loaded, config, device)
         _sync(device)
         start = time.perf_counter()
-        result["cases"] = MEASURE[args.mode](loaded, config, device)
+        result["cases"] = MEASURE[mode](loaded, config, device)
         _sync(device)
         result["seconds"] = time.perf_counter() - start
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-            cpu_peak(loaded, config, device, args.mode)
+            cpu_peak(loaded, config, device, mode)
     except Exception as exc:
         from lossaudit.faults import is_out_of_memory
 
@@ -140,6 +149,21 @@ def child(args) -> dict:
         if device.type == "cuda":
             result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def in_process(args, modes: list[str]):
+    """Every mode in this process on one model (``--in-process``: no start-up per mode), the
+    allocator emptied and the peak counter reset between modes. Yields (mode, result)."""
+    import torch
+
+    device = torch.device(args.device)
+    loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
+    for mode in modes:
+        yield mode, measure(args, loaded, max_length, mode)
+        loaded.model.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def cpu_peak(loaded, config, device, mode: str) -> int:
@@ -430,7 +454,10 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mode (child process) before it is killed")
     p.add_argument("--budget", type=float, help="seconds for all modes: a mode gets at most what is left, "
                    "and one that cannot start in time is recorded as skipped")
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--in-process", action="store_true",
+                   help="every mode in one process on one model, the allocator emptied between modes "
+                        "(no start-up per mode; no per-mode timeout)")
+    p.add_argument("--json", help="also write the results to this file (after every mode)")
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -442,6 +469,28 @@ def main(argv=None) -> int:
         return 0
     modes = [m for p in args.paths for m in MODES[p] if not args.modes or m in args.modes]
     results = {}
+    for mode, result in (in_process(args, modes) if args.in_process else children(args, modes)):
+        results[mode] = result
+        said = result["error"] if "error" in result else \
+            f"{result['seconds']:8.2f} s   peak {_bytes(result['peak_bytes'])}"
+        print(f"  {mode:18s} {said}", file=sys.stderr, flush=True)
+        summary = summarise(args, results)
+        if args.json:  # after every mode: a run ended from outside still leaves what it measured
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    print(f"{args.size} ({summary['parameters'] or 0:,} parameters, {args.dtype}, batch {args.batch_size}, k in "
+          f"{set(args.microbatches)}) on {summary['device']}, torch {summary['torch']}, "
+          f"transformers {summary['transformers']}")
+    print(table(summary))
+    for name, value in summary["ratios"].items():
+        target = summary["targets"].get(name)
+        print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
+    return 0
+
+
+def children(args, modes: list[str]):
+    """Each mode in a fresh child process (the fastest of --repeat runs), within --timeout and
+    --budget. Yields (mode, result)."""
     deadline = time.monotonic() + args.budget if args.budget else None
     for mode in modes:
         runs = []
@@ -449,27 +498,17 @@ def main(argv=None) -> int:
             left = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
             runs.append(run_child(args, mode, left) if left >= 5 else {"mode": mode, "error": "skipped: out of --budget"})
         good = [r for r in runs if "error" not in r]
-        results[mode] = min(good, key=lambda r: r["seconds"]) if good else runs[-1]
-        r = results[mode]
-        said = r["error"] if "error" in r else f"{r['seconds']:8.2f} s   peak {_bytes(r['peak_bytes'])}"
-        print(f"  {mode:18s} {said}", file=sys.stderr, flush=True)
+        yield mode, (min(good, key=lambda r: r["seconds"]) if good else runs[-1])
+
+
+def summarise(args, results: dict) -> dict:
     parameters = next((r["parameters"] for r in results.values() if "parameters" in r), None)
-    summary = {"size": args.size, "dtype": args.dtype, "parameters": parameters, "batch_size": args.batch_size,
-               "microbatches": list(args.microbatches), "paths": list(args.paths),
-               "layouts": next((r["cases"] for m, r in results.items() if m == "passes" and "cases" in r), None),
-               **environment(args), "results": results, "ratios": ratios(results),
-               "targets": {name: target for name, *_, target in RATIOS if target is not None}}
-    print(f"{args.size} ({parameters or 0:,} parameters, {args.dtype}, batch {args.batch_size}, k in "
-          f"{set(args.microbatches)}) on {summary['device']}, torch {summary['torch']}, "
-          f"transformers {summary['transformers']}")
-    print(table(summary))
-    for name, value in summary["ratios"].items():
-        target = summary["targets"].get(name)
-        print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
+    return {"size": args.size, "dtype": args.dtype, "parameters": parameters, "batch_size": args.batch_size,
+            "microbatches": list(args.microbatches), "paths": list(args.paths),
+            "processes": "one" if args.in_process else "one per mode",
+            "layouts": next((r["cases"] for m, r in results.items() if m == "passes" and "cases" in r), None),
+            **environment(args), "results": results, "ratios": ratios(results),
+            "targets": {name: target for name, *_, target in RATIOS if target is not None}}
 
 
 if __name__ == "__main__":

@@ -123,9 +123,7 @@ def _run_in_group(fn: RankFn, payload: Any, launch: Launch, world_size: int, dev
     """``fn`` for this launched process's rank; every rank's result, gathered to every rank."""
     if world_size != launch.world_size:
         raise RankFailure(f"{world_size} ranks asked for in a launched group of {launch.world_size}")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend_for(device_type), timeout=timedelta(seconds=timeout_s))
-        atexit.register(torch.distributed.destroy_process_group)
+    objects = _launched_group(device_type, timeout_s)
     device = torch.device("cuda", launch.local_rank) if device_type == "cuda" else torch.device("cpu")
     try:
         # a private copy, as a spawned rank gets: fn may train a model the payload holds
@@ -133,11 +131,27 @@ def _run_in_group(fn: RankFn, payload: Any, launch: Launch, world_size: int, dev
     except Exception as exc:  # every rank must reach the gather below, or the others wait on it
         outcome = (None, _one_line(exc))
     gathered: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, outcome)
+    torch.distributed.all_gather_object(gathered, outcome, group=objects)
     failed = [(rank, error) for rank, (_, error) in enumerate(gathered) if error is not None]
     if failed:
         raise RankFailure(f"rank {failed[0][0]}: {failed[0][1]}")
     return [result for result, _ in gathered]
+
+
+_OBJECT_GROUPS: dict[str, Any] = {}  # the process group results travel in, made once per process
+
+
+def _launched_group(device_type: str, timeout_s: float):
+    """Join the launcher's group (once per process) and return a gloo group over the same ranks:
+    results (whole gradients) are gathered through host memory, never staged on a GPU."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend_for(device_type), timeout=timedelta(seconds=timeout_s))
+        atexit.register(torch.distributed.destroy_process_group)
+    if "gloo" not in _OBJECT_GROUPS:
+        backend = torch.distributed.get_backend()
+        _OBJECT_GROUPS["gloo"] = None if backend == "gloo" else \
+            torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return _OBJECT_GROUPS["gloo"]
 
 
 @dataclass
