@@ -14,7 +14,8 @@ warm-up forward/backward whose memory is released before the peak counter is res
 - passes:  the minimal work: one full-batch forward/backward, then one forward/backward per
            microbatch of every layout (the audit's layouts, from lossaudit.layouts);
 - train:   one plain training step (full batch forward, backward, SGD step): the memory bar;
-- audit:   ``check --path reduction --reductions mean_of_means``;
+- audit:   ``check --path reduction --reductions num_items`` (one reduction: any other would
+           run beside num_items, which the harness runs on every layout);
 - audit3:  the same with ``--reductions mean_of_means,num_items,sum``.
 --path trainer / --path accelerate, each against its own minimal passes:
 - trainer_passes:    one plain transformers.Trainer step per layout (no reference, probe or comparison);
@@ -55,10 +56,10 @@ MODES = {
     "accelerate": ("accelerate_passes", "accelerate"),
 }
 AUDITS = {  # mode -> (path, reductions)
-    "audit": ("reduction", ("mean_of_means",)),
+    "audit": ("reduction", ("num_items",)),  # the correct reduction: the harness runs no other beside it
     "audit3": ("reduction", ("mean_of_means", "num_items", "sum")),
-    "trainer": ("trainer", ("mean_of_means",)),
-    "accelerate": ("accelerate", ("mean_of_means",)),
+    "trainer": ("trainer", ("num_items",)),
+    "accelerate": ("accelerate", ("num_items",)),
 }
 # (name, numerator, denominator, what is divided, target from issue 18 or None)
 RATIOS = (
@@ -108,7 +109,7 @@ def build(size: str, seed: int, device, dtype):
 def check_config(args, loaded, max_length, mode: str):
     from lossaudit.config import CheckConfig
 
-    path, reductions = AUDITS.get(mode, ("reduction", ("mean_of_means",)))
+    path, reductions = AUDITS.get(mode, ("reduction", ("num_items",)))
     return CheckConfig(model=loaded.name, paths=(path,), reductions=reductions, microbatches=args.microbatches,
                        batch_size=args.batch_size, max_length=max_length, seed=args.seed, device=args.device,
                        dtype=args.dtype)

@@ -6,13 +6,14 @@ gradient (both ``P x b`` bytes for P parameters in a dtype of b bytes) and what 
 keeps for the backward. ``audit_extra_bytes`` bounds what an audit holds on top of that peak:
 
 - the reference gradient, kept all run: ``P x b``;
-- while logit paths run (``reduction``, ``model``), per microbatch: the working gradient
-  ``torch.autograd.grad`` returns (``P x b``), one accumulator per accumulating group
-  (``P x a`` each, a = 4: float32, or 8 under float64), and the comparison's temporaries
-  (a few copies of the largest tensor, in the accumulator's dtype);
+- while one layout's logit paths run (``reduction``, ``model``, and the correct reduction the
+  harness runs on every layout), per microbatch: the working gradients ``torch.autograd.grad``
+  returns (``P x b`` each: one shared by the uniform reductions, one more for a path with a
+  loss of its own), one accumulator per logit path (``P x a`` each, a = 4: float32, or 8 under
+  float64), and the comparison's temporaries (a few copies of the largest tensor);
 - while a step path runs (``trainer``, ``accelerate``): the probe's copy of the weights
-  (``P x b``), the update read back (``P x b``, on the CPU: host memory when the model is on a
-  GPU) and whatever accumulators the logit paths still hold.
+  (``P x b``) and the update read back (``P x b``, on the CPU: host memory when the model is
+  on a GPU).
 
 The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
 microbatch's forward: with k=1 that microbatch is the full batch.
@@ -41,6 +42,7 @@ class AuditShape:
     parameters: int  # P: trainable parameters
     param_bytes: int  # b: bytes per parameter in the model's dtype (2 for bf16)
     accumulators: int  # gradient accumulators alive together while logit paths run
+    working_gradients: int = 1  # autograd.grad results alive together (see working_gradients)
     accumulator_bytes: int = 4  # float32 (8 under float64)
     largest_tensor: int = 0  # elements of the largest parameter tensor (the comparison's temporaries)
     logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
@@ -53,17 +55,17 @@ def logit_phase_bytes(s: AuditShape) -> int:
     accumulators + comparison temporaries (+ the model path's own float32 loss)."""
     pb = s.parameters * s.param_bytes
     accumulators = s.accumulators * s.parameters * s.accumulator_bytes
-    return pb + pb + accumulators + comparison_bytes(s) + s.logits_bytes
+    return pb + s.working_gradients * pb + accumulators + comparison_bytes(s) + s.logits_bytes
 
 
 def step_phase_bytes(s: AuditShape) -> int:
     """Beyond the training step while a step path runs: reference + the probe's saved
-    weights + the update read back + the logit paths' last accumulators."""
+    weights + the update read back (the logit paths' accumulators are freed by then)."""
     if not s.step_path:
         return 0
     pb = s.parameters * s.param_bytes
     update = pb if s.update_on_device else 0
-    return pb + pb + update + s.accumulators * s.parameters * s.accumulator_bytes + comparison_bytes(s)
+    return pb + pb + update + comparison_bytes(s)
 
 
 def comparison_bytes(s: AuditShape) -> int:
@@ -81,8 +83,8 @@ def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
     return train_step_peak + audit_extra_bytes(s)
 
 
-def shape_of(model: torch.nn.Module, *, accumulators: int, logits_bytes: int = 0, step_path: bool = False,
-             update_on_device: bool | None = None) -> AuditShape:
+def shape_of(model: torch.nn.Module, *, accumulators: int, working: int = 1, logits_bytes: int = 0,
+             step_path: bool = False, update_on_device: bool | None = None) -> AuditShape:
     """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = params[0].dtype
@@ -91,6 +93,7 @@ def shape_of(model: torch.nn.Module, *, accumulators: int, logits_bytes: int = 0
         parameters=sum(p.numel() for p in params),
         param_bytes=params[0].element_size(),
         accumulators=accumulators,
+        working_gradients=working,
         accumulator_bytes=torch.promote_types(dtype, torch.float32).itemsize,
         largest_tensor=max(p.numel() for p in params),
         logits_bytes=logits_bytes,
@@ -152,13 +155,27 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-LOGIT_PATH_ACCUMULATORS = {"model": 1, "loss-fn": 1}  # the reduction path: one per reduction group
+UNIFORM_REDUCTIONS = {"mean_of_means", "num_items", "sum"}  # scalar weights: they share the microbatch's backward
+OWN_BACKWARD_PATHS = ("model", "loss-fn")  # a loss of their own: a backward, a gradient, an accumulator each
 
 
 def accumulators_held(paths, reductions) -> int:
-    """Gradient accumulators the logit paths hold at once, as lossaudit accumulates today:
-    one per reduction of the ``reduction`` path, one for the ``model`` and ``loss-fn`` paths."""
-    return sum(len(reductions) if p == "reduction" else LOGIT_PATH_ACCUMULATORS.get(p, 0) for p in paths)
+    """Gradient accumulators alive together while one layout's logit paths run, as the harness
+    accumulates today: one per logit path (each reduction of the ``reduction`` path, ``model``,
+    ``loss-fn``) and one for the correct reduction (num_items), which runs on every layout
+    unless the reduction path already runs it. Freed when the layout's cases are judged."""
+    own = list(reductions) if "reduction" in paths else []
+    calibrated = "num_items" in own
+    return len(own) + sum(p in OWN_BACKWARD_PATHS for p in paths) + (0 if calibrated else 1)
+
+
+def working_gradients(paths, reductions) -> int:
+    """Gradients ``torch.autograd.grad`` returns that are alive at once: the microbatch's token
+    sum's (shared by every uniform reduction), and one more while a path with a loss of its own
+    (a non-uniform reduction, the model's loss, a user's loss function) is added up."""
+    separate = any(p in OWN_BACKWARD_PATHS for p in paths) or \
+        ("reduction" in paths and bool(set(reductions) - UNIFORM_REDUCTIONS))
+    return 2 if separate else 1
 
 
 def model_loss_bytes(batch_size: int, length: int, vocab: int) -> int:
