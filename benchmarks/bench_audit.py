@@ -187,8 +187,11 @@ def _sync(device) -> None:
 
 def warm_up(loaded, config, device) -> None:
     """One full-batch forward/backward (kernels, cuBLAS handles, the allocator), then every
-    byte of it released and the peak counter reset: a mode's peak is its own."""
+    byte of it released and the peak counter reset: a mode's peak is its own. The Trainer and
+    accelerate are imported here too, so that no mode's time holds their first import."""
     import torch
+    from accelerate import Accelerator  # noqa: F401
+    from transformers import Trainer  # noqa: F401
 
     from lossaudit.harness import batch_for
     from lossaudit.layouts import full_batch
