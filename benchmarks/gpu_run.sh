@@ -2,6 +2,8 @@
 # Issue 18's GPU measurements in one go, on one H100/H200 (at most about 7 minutes in all):
 #
 #   bash benchmarks/gpu_run.sh        # from the repository root; results in $OUT (default ./gpu-out)
+#   (worst case about 7.5 minutes: each benchmark is ended at its budget + 10 s; a device run
+#   with timeout_s 480 leaves it room)
 #
 # Writes at most 6 files to $OUT: env.txt (GPU, versions), run.log (everything printed),
 # 1b.json (--path reduction: passes, training step, audit with 1 and 3 reductions),
@@ -62,7 +64,7 @@ bench() {  # NAME BUDGET_S MODE_TIMEOUT_S ARGS...: one benchmark, killed at its 
     local name=$1 budget=$2 per_mode=$3
     shift 3
     say "bench $name (budget ${budget}s, ${per_mode}s per mode): $*"
-    timeout -k 10 $((budget + 30)) $PY benchmarks/bench_audit.py --device "$DEVICE" --dtype "$DTYPE" \
+    timeout -k 5 $((budget + 10)) $PY benchmarks/bench_audit.py --device "$DEVICE" --dtype "$DTYPE" \
         --budget "$budget" --timeout "$per_mode" --json "$OUT/$name.json" "$@" >>"$LOG" 2>&1
     say "bench $name: exit $?"
 }
