@@ -20,3 +20,10 @@ def rank_1_raises(rank, world_size, payload, device):
 def rank_1_hangs(rank, world_size, payload, device):
     if rank == 1:
         time.sleep(600)
+
+
+def rank_1_fails_alone(rank, world_size, payload, device):
+    """Rank 1 raises before any collective; rank 0 returns: every rank must learn of rank 1's error."""
+    if rank == 1:
+        raise KeyError("planted failure on rank 1")
+    return rank

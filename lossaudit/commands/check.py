@@ -155,6 +155,7 @@ def default_out(model: str, task: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import is_leader, joined_world_size
     from ..harness import audit
     from ..render import write_report
     from ..terminal import print_summary, progress, use_color
@@ -162,9 +163,12 @@ def run(args: argparse.Namespace) -> int:
     baseline = check_baseline(args)
     replacing = baseline is not None and args.replace_baseline
     check_out(args.out, args.overwrite or replacing)
+    args.world_size = joined_world_size(args.world_size, args.device)  # under torchrun: the launcher's ranks
     config = config_from_args(args)
     with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
-        report = audit(config, say)
+        report = audit(config, say if is_leader() else None)
+    if not is_leader():  # under a launcher, rank 0 writes and prints the report
+        return report.exit_status
     out = args.out or default_out(config.model, report.model["task"])
     written = write_report(report, out)
     print_summary(report, written, color=use_color(sys.stdout, args.color))

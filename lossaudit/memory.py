@@ -1,0 +1,183 @@
+"""What an audit holds in memory beyond a plain training step, as a formula, and a meter
+that measures it on any device torch runs on (the CPU included).
+
+A plain training step on the full batch peaks at ``W + G + activations``: the weights, their
+gradient (both ``P x b`` bytes for P parameters in a dtype of b bytes) and what the forward
+keeps for the backward. ``audit_extra_bytes`` bounds what an audit holds on top of that peak:
+
+- the reference gradient, kept all run: ``P x b``;
+- while one layout's logit paths run (``reduction``, ``model``, and the correct reduction the
+  harness runs on every layout), per microbatch: the working gradients ``torch.autograd.grad``
+  returns (``P x b`` each: one shared by the uniform reductions, one more for a path with a
+  loss of its own), one accumulator per logit path (``P x a`` each, a = 4: float32, or 8 under
+  float64), and the comparison's temporaries (a few copies of the largest tensor);
+- while a step path runs (``trainer``, ``accelerate``): the probe's copy of the weights
+  (``P x b``) and the update read back (``P x b``, on the CPU: host memory when the model is
+  on a GPU).
+
+The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
+microbatch's forward: with k=1 that microbatch is the full batch.
+
+``LiveTensorBytes`` counts the bytes of every tensor storage created while it is active (and
+of those it is shown) until that storage is freed, and keeps their peak: what
+``torch.cuda.max_memory_allocated`` says on a GPU, measured on the CPU.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class AuditShape:
+    """What the audit's memory depends on, in bytes or counts."""
+
+    parameters: int  # P: trainable parameters
+    param_bytes: int  # b: bytes per parameter in the model's dtype (2 for bf16)
+    accumulators: int  # gradient accumulators alive together while logit paths run
+    working_gradients: int = 1  # autograd.grad results alive together (see working_gradients)
+    accumulator_bytes: int = 4  # float32 (8 under float64)
+    largest_tensor: int = 0  # elements of the largest parameter tensor (the comparison's temporaries)
+    logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
+    step_path: bool = False  # a trainer or accelerate path runs
+    update_on_device: bool = True  # the update read back lives on the model's device (the CPU)
+
+
+def logit_phase_bytes(s: AuditShape) -> int:
+    """Beyond the training step while logit paths run: reference + working gradient +
+    accumulators + comparison temporaries (+ the model path's own float32 loss)."""
+    pb = s.parameters * s.param_bytes
+    accumulators = s.accumulators * s.parameters * s.accumulator_bytes
+    return pb + s.working_gradients * pb + accumulators + comparison_bytes(s) + s.logits_bytes
+
+
+def step_phase_bytes(s: AuditShape) -> int:
+    """Beyond the training step while a step path runs: reference + the probe's saved
+    weights + the update read back (the logit paths' accumulators are freed by then)."""
+    if not s.step_path:
+        return 0
+    pb = s.parameters * s.param_bytes
+    update = pb if s.update_on_device else 0
+    return pb + pb + update + comparison_bytes(s)
+
+
+def comparison_bytes(s: AuditShape) -> int:
+    """compare_grads, per tensor: the reference widened, the case's tensor widened, their difference."""
+    return 3 * s.largest_tensor * s.accumulator_bytes
+
+
+def audit_extra_bytes(s: AuditShape) -> int:
+    """Bytes the audit may hold beyond a plain training step's peak on the same batch."""
+    return max(logit_phase_bytes(s), step_phase_bytes(s))
+
+
+def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
+    """The audit's peak by the memory model: a training step's peak plus ``audit_extra_bytes``."""
+    return train_step_peak + audit_extra_bytes(s)
+
+
+def shape_of(model: torch.nn.Module, *, accumulators: int, working: int = 1, logits_bytes: int = 0,
+             step_path: bool = False, update_on_device: bool | None = None) -> AuditShape:
+    """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = params[0].dtype
+    on_device = params[0].device.type == "cpu" if update_on_device is None else update_on_device
+    return AuditShape(
+        parameters=sum(p.numel() for p in params),
+        param_bytes=params[0].element_size(),
+        accumulators=accumulators,
+        working_gradients=working,
+        accumulator_bytes=torch.promote_types(dtype, torch.float32).itemsize,
+        largest_tensor=max(p.numel() for p in params),
+        logits_bytes=logits_bytes,
+        step_path=step_path,
+        update_on_device=on_device,
+    )
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of live tensor storages and their peak, counted at the dispatcher: every storage an
+    operator returns (forward and backward) counts from its creation until it is freed.
+
+        with LiveTensorBytes() as meter:
+            meter.count_existing(model)  # the weights, created before
+            ...
+        meter.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def count_existing(self, *objects) -> None:
+        """Count tensors made before the meter started: modules' parameters, buffers and grads, or tensors."""
+        for obj in objects:
+            tensors = [t for t in obj.parameters()] + [t for t in obj.buffers()] if isinstance(obj, torch.nn.Module) \
+                else [obj]
+            tensors += [t.grad for t in tensors if getattr(t, "grad", None) is not None]
+            for t in tensors:
+                self._count(t)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, size)
+
+    def _freed(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t)
+        return out
+
+
+UNIFORM_REDUCTIONS = {"mean_of_means", "num_items", "sum"}  # scalar weights: they share the microbatch's backward
+OWN_BACKWARD_PATHS = ("model", "loss-fn")  # a loss of their own: a backward, a gradient, an accumulator each
+
+
+def accumulators_held(paths, reductions) -> int:
+    """Gradient accumulators alive together while one layout's logit paths run, as the harness
+    accumulates today: one per logit path (each reduction of the ``reduction`` path, ``model``,
+    ``loss-fn``) and one for the correct reduction (num_items), which runs on every layout
+    unless the reduction path already runs it. Freed when the layout's cases are judged."""
+    own = list(reductions) if "reduction" in paths else []
+    calibrated = "num_items" in own
+    return len(own) + sum(p in OWN_BACKWARD_PATHS for p in paths) + (0 if calibrated else 1)
+
+
+def working_gradients(paths, reductions) -> int:
+    """Gradients ``torch.autograd.grad`` returns that are alive at once: the microbatch's token
+    sum's (shared by every uniform reduction), and one more while a path with a loss of its own
+    (a non-uniform reduction, the model's loss, a user's loss function) is added up."""
+    separate = any(p in OWN_BACKWARD_PATHS for p in paths) or \
+        ("reduction" in paths and bool(set(reductions) - UNIFORM_REDUCTIONS))
+    return 2 if separate else 1
+
+
+def model_loss_bytes(batch_size: int, length: int, vocab: int) -> int:
+    """The model path's own loss over a full-batch microbatch (k=1): float32 logits and their log-softmax."""
+    return 2 * batch_size * length * vocab * 4
