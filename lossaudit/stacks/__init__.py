@@ -1,0 +1,49 @@
+"""Runners for the user's own training stack: a training step function, a Lightning module,
+a ``transformers.Trainer`` subclass such as TRL's SFTTrainer, a PEFT-wrapped model.
+
+Each runner only measures: it runs one optimizer step of the stack on a layout's microbatches
+and returns a :class:`StackStep` (the step's gradient, its loss, notes). Judging is elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EnvironmentProblem
+from ..forward import model_inputs
+from ..layouts import Microbatch
+
+# optional package -> the extra that installs it
+EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl"}
+
+
+@dataclass
+class StackStep:
+    """What one optimizer step of a stack did."""
+
+    gradient: list[tuple[str, torch.Tensor | None]]  # per trainable parameter; None: no gradient
+    loss: float  # the loss the stack reports for the step (NaN when it reports none)
+    notes: list[str] = field(default_factory=list)  # facts that explain a divergence
+    extra: dict = field(default_factory=dict)  # report fields
+
+
+def pip_command(package: str) -> str:
+    return f"pip install 'lossaudit[{EXTRAS.get(package, package)}]'"
+
+
+def missing(package: str) -> bool:
+    return importlib.util.find_spec(package) is None
+
+
+def require(package: str, what: str) -> None:
+    """EnvironmentProblem (exit 3) naming the pip command when ``package`` is not installed."""
+    if missing(package):
+        raise EnvironmentProblem(f"{what} needs {package}: {pip_command(package)}")
+
+
+def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: torch.device) -> list[dict]:
+    """The layout's microbatches as a user's loop sees them: model inputs plus ``labels``."""
+    return [{**model_inputs(model, mb, device), "labels": mb.labels.to(device)} for mb in microbatches]
