@@ -77,3 +77,21 @@ def forgets_k_module(model):
     module = _module_class()(model)
     module.forget_k = True
     return module
+
+
+def _sft():
+    from trl import SFTTrainer
+
+    class OwnCountSFTTrainer(SFTTrainer):
+        """Planted bug: each microbatch normalised by its own tokens, as if no count were given."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+    return OwnCountSFTTrainer
+
+
+def __getattr__(name):  # the class needs trl, imported only when a test asks for it
+    if name == "OwnCountSFTTrainer":
+        return _sft()
+    raise AttributeError(name)

@@ -1,0 +1,215 @@
+"""``--trainer-class MODULE:CLASS``: one optimizer step of a ``transformers.Trainer`` subclass such
+as TRL's ``SFTTrainer``, with the class's own dataset preparation and data collator.
+
+The class gets the layout's sequences, in the layout's order, as pre-tokenized rows: ``input_ids``
+and ``labels`` (the audit's targets, prompts already -100), or, with ``completion_only_loss=True``,
+``input_ids`` and ``completion_mask`` so that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
+``processing_class``, and its own arguments class (``SFTConfig`` for ``SFTTrainer``) holding the
+step the stock Trainer path runs (SGD lr 1, per-device batch B/k, k accumulation steps) plus the
+user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe``. The class's
+collator pads its own way (TRL: right, or one flattened row when padding-free).
+
+Trainers whose objective is not a token mean of cross entropy are refused (exit 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import tempfile
+from functools import lru_cache
+
+import torch
+
+from ..compat import installed_name
+from ..errors import UsageError
+from ..grads import UpdateProbe
+from ..layouts import Layout
+from ..paths.trainer_step import _common_settings, _quiet_and_cheap, per_device_batch
+from ..registry import load_callable
+from . import StackStep, require
+
+# Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
+OTHER_OBJECTIVES = {
+    "DPOTrainer": "a preference loss over chosen/rejected pairs (DPO)",
+    "OnlineDPOTrainer": "an online preference loss (online DPO)",
+    "CPOTrainer": "a contrastive preference loss (CPO)",
+    "ORPOTrainer": "an odds-ratio preference loss (ORPO)",
+    "KTOTrainer": "a prospect-theoretic preference loss (KTO)",
+    "BCOTrainer": "a binary-classifier preference loss (BCO)",
+    "NashMDTrainer": "a Nash mirror-descent preference objective",
+    "XPOTrainer": "an exploratory preference objective (XPO)",
+    "GRPOTrainer": "a group-relative policy-gradient reward objective (GRPO)",
+    "RLOOTrainer": "a REINFORCE leave-one-out reward objective (RLOO)",
+    "PPOTrainer": "a PPO reward objective",
+    "RewardTrainer": "a pairwise ranking loss of a reward model",
+    "PRMTrainer": "a process-reward classification loss",
+    "GKDTrainer": "a generalized distillation divergence (GKD)",
+}
+# what the audit sets besides the stock Trainer path's settings, unless --trainer-arg says otherwise
+# (TRL's configs default to bf16 autocast and gradient checkpointing)
+CLASS_DEFAULTS = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+
+
+def resolve_trainer_class(spec: str) -> type:
+    """The user's ``MODULE:CLASS``: a Trainer subclass whose objective is a token mean."""
+    require("transformers", "--trainer-class")
+    from transformers import Trainer
+
+    cls = load_callable(spec, "trainer class")
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise UsageError(f"--trainer-class {spec}: not a subclass of transformers.Trainer")
+    for base in cls.__mro__:
+        if base.__name__ in OTHER_OBJECTIVES:
+            raise UsageError(f"--trainer-class {spec}: {base.__name__} trains {OTHER_OBJECTIVES[base.__name__]}, "
+                             "not a token mean of cross entropy; lossaudit audits token-mean objectives only")
+    return cls
+
+
+def arguments_class(cls: type) -> type:
+    """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
+    SFTTrainer), else TrainingArguments."""
+    from transformers import TrainingArguments
+
+    name = cls.__name__.removesuffix("Trainer") + "Config"
+    for module_name in (cls.__module__, cls.__module__.split(".")[0]):
+        found = getattr(importlib.import_module(module_name), name, None)
+        if isinstance(found, type) and issubclass(found, TrainingArguments):
+            return found
+    return TrainingArguments
+
+
+def arguments(cls: type, settings: dict, user: dict):
+    """``arguments_class(cls)`` from the audit's settings (newest names, left out where the
+    release lacks them) and the user's values (taken as given; they win over CLASS_DEFAULTS)."""
+    args_cls = arguments_class(cls)
+    names = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    kwargs = {installed_name(k): v for k, v in settings.items() if installed_name(k)}
+    kwargs.update({k: v for k, v in CLASS_DEFAULTS.items() if k in names and k not in user})
+    try:
+        return args_cls(**kwargs, **user)
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--trainer-arg: {args_cls.__name__} refused the values: {first}") from None
+
+
+def tokenizer(vocab_size: int, pad_id: int, eos_id: int | None):
+    """A word-level tokenizer over ids 0..vocab_size-1 (token ``<i>`` is id i), built offline:
+    what a class that insists on a ``processing_class`` gets. Its pad token is the batch's."""
+    return _tokenizer(vocab_size, pad_id, pad_id if eos_id is None else eos_id)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(vocab_size: int, pad_id: int, eos_id: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"<{pad_id}>"))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=f"<{pad_id}>", eos_token=f"<{eos_id}>",
+                                   unk_token=f"<{pad_id}>")
+
+
+def rows(ctx, layout: Layout, *, completion_mask: bool = False, rank: int = 0) -> list[dict]:
+    """The layout's sequences, in order, as pre-tokenized dataset rows: ``input_ids`` and the
+    audit's ``labels``, or with ``completion_mask`` instead of labels (1 where the audit scores a
+    token) so that the class's own completion-only masking builds the labels."""
+    out = []
+    for i in (i for group in layout.rank_groups(rank) for i in group):
+        sample = ctx.batch.samples[i]
+        labels = sample.labels.tolist()
+        row = {"input_ids": sample.input_ids.tolist()}
+        row.update({"completion_mask": [int(x != -100) for x in labels]} if completion_mask else {"labels": labels})
+        out.append(row)
+    return out
+
+
+@lru_cache(maxsize=None)
+def layout_subclass(cls: type) -> type:
+    """``cls`` feeding its dataset in order and recording what compute_loss was given."""
+
+    class Layout_(cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            n = kwargs.get("num_items_in_batch")
+            self.seen_num_items.append(int(n) if n is not None else None)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    Layout_.__name__ = Layout_.__qualname__ = f"Layout{cls.__name__}"
+    return Layout_
+
+
+def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
+    import inspect
+
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
+    args = arguments(cls, settings, user_args)
+    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    kwargs = {}
+    takes = inspect.signature(cls.__init__).parameters
+    loaded = ctx.loaded
+    vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
+    eos = loaded.eos_id if loaded is not None else None
+    for name in ("processing_class", "tokenizer"):  # renamed in transformers 4.46
+        if name in takes:
+            kwargs[name] = tokenizer(vocab, ctx.batch.pad_id, eos)
+            break
+    trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(
+        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)),
+                                   optimizers=(optimizer, schedule), **kwargs)
+    trainer.seen_num_items = []
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StackStep:
+    """One step of ``cls`` on ``layout``; the model's weights are restored afterwards."""
+    require("datasets", f"--trainer-class {cls.__name__}")
+    per_device_batch(layout)
+    probe = UpdateProbe(ctx.model)
+    try:
+        with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-class-") as out:
+            trainer = _build(ctx, layout, cls, out, user_args)
+            probe.watch(trainer.optimizer)
+            result = trainer.train()
+            gradient = probe.gradient()
+    finally:
+        probe.restore()
+    extra = {"trainer_class": cls.__name__, "trainer_num_items": trainer.seen_num_items,
+             "trainer_accepts_loss_kwargs": getattr(trainer, "model_accepts_loss_kwargs", None),
+             "logged_loss": float(result.training_loss)}
+    return StackStep(gradient, float(result.training_loss), _notes(trainer, layout, ctx.batch), extra)
+
+
+def _notes(trainer, layout: Layout, batch) -> list[str]:
+    total = sum(batch.group_targets(layout.groups))
+    counted = {n for n in trainer.seen_num_items if n is not None}
+    if counted and counted != {total}:
+        return [f"{type(trainer).__name__.removeprefix('Layout')} gave num_items_in_batch={sorted(counted)}, "
+                f"the step holds {total} target tokens"]
+    if not counted and layout.microbatches > 1:
+        why = " (model_accepts_loss_kwargs is False for this model)" \
+            if getattr(trainer, "model_accepts_loss_kwargs", None) is False else ""
+        return [f"the Trainer passed no num_items_in_batch{why}"]
+    return []

@@ -1,0 +1,96 @@
+"""--trainer-class: a Trainer subclass (TRL's SFTTrainer) with its own dataset preparation and
+collator: plain, completion-only and padding-free steps, a model class that sets
+accepts_loss_kwargs=False, a planted bug, and the objectives that are refused."""
+
+import pytest
+
+from stacks_common import needs
+
+needs("trl")
+
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from lossaudit.config import CheckConfig  # noqa: E402
+from lossaudit.errors import UsageError  # noqa: E402
+from lossaudit.grads import trainable  # noqa: E402
+from lossaudit.paths.base import AuditContext  # noqa: E402
+from lossaudit.stacks.trl import arguments_class, resolve_trainer_class, run_trainer_class  # noqa: E402
+
+from stacks_common import (CPU, issue_batch, layout_of, mean_of_means_gradient, reference, rel_err,  # noqa: E402
+                           tiny_llama)
+
+SFT = "trl:SFTTrainer"
+
+
+def context(model_class=None, **spec):
+    loaded = tiny_llama()
+    if model_class is not None:
+        model = model_class(loaded.model.config)
+        model.load_state_dict(loaded.model.state_dict())
+        model.train()
+        loaded.model = model
+    batch = issue_batch(loaded, **spec)
+    ref = reference(loaded.model, batch)
+    return AuditContext(loaded.model, batch, ref, trainable(loaded.model), CPU, CheckConfig(model="llama"), loaded)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return context()
+
+
+@pytest.mark.parametrize("args", [{}, {"completion_only_loss": True}, {"padding_free": True, "max_length": None}],
+                         ids=["labels", "completion-only", "padding-free"])
+def test_sfttrainer_matches_the_token_mean(ctx, args):
+    """Measured: trl 1.16.0 with transformers 5.23.0 and 5.25.0, <= 2.2e-7."""
+    step = run_trainer_class(ctx, layout_of(ctx.batch, 4), resolve_trainer_class(SFT), user_args=args)
+    assert rel_err(ctx.reference.grads, step.gradient) < 1e-5
+    assert step.loss == pytest.approx(ctx.reference.loss, rel=1e-5)
+    assert step.extra["trainer_num_items"] == [ctx.reference.count] * 4 and step.notes == []
+
+
+def test_plain_rows_without_prompt_masking():
+    plain = context(prompt_masking=False)
+    step = run_trainer_class(plain, layout_of(plain.batch, 2), resolve_trainer_class(SFT), user_args={})
+    assert rel_err(plain.reference.grads, step.gradient) < 1e-5
+
+
+class NoLossKwargsLlama(LlamaForCausalLM):
+    """A Llama whose class says, as 27 image-text-to-text classes of transformers 5.23 do, that
+    its forward takes no loss kwargs (Gemma4ForConditionalGeneration, Qwen2.5-VL, ...)."""
+
+    accepts_loss_kwargs = False
+
+
+def test_a_model_that_refuses_loss_kwargs_makes_sfttrainer_a_mean_of_means():
+    ctx = context(NoLossKwargsLlama)
+    layout = layout_of(ctx.batch, 4)
+    step = run_trainer_class(ctx, layout, resolve_trainer_class(SFT), user_args={})
+    assert step.extra["trainer_accepts_loss_kwargs"] is False and step.extra["trainer_num_items"] == [None] * 4
+    assert rel_err(ctx.reference.grads, step.gradient) > 0.1
+    assert rel_err(dict(mean_of_means_gradient(ctx.model, ctx.batch, layout)), step.gradient) < 1e-5
+    assert "model_accepts_loss_kwargs is False" in step.notes[0]
+
+
+def test_a_planted_bug_in_a_subclass_is_found(ctx):
+    cls = resolve_trainer_class("stack_modules:OwnCountSFTTrainer")
+    step = run_trainer_class(ctx, layout_of(ctx.batch, 4), cls, user_args={})
+    assert rel_err(ctx.reference.grads, step.gradient) > 0.1
+
+
+@pytest.mark.parametrize("name", ["DPOTrainer", "GRPOTrainer", "RewardTrainer"])
+def test_other_objectives_are_refused_naming_them(name):
+    with pytest.raises(UsageError, match=f"{name} trains .*not a token mean"):
+        resolve_trainer_class(f"trl:{name}")
+
+
+def test_not_a_trainer_is_refused_and_the_config_class_is_found():
+    with pytest.raises(UsageError, match="not a subclass of transformers.Trainer"):
+        resolve_trainer_class("collections:OrderedDict")
+    assert arguments_class(resolve_trainer_class(SFT)).__name__ == "SFTConfig"
+
+
+def test_a_config_value_the_class_refuses_is_a_usage_error(ctx):
+    with pytest.raises(UsageError, match="SFTConfig refused"):
+        run_trainer_class(ctx, layout_of(ctx.batch, 2), resolve_trainer_class(SFT), user_args={"no_such_field": 1})
+
