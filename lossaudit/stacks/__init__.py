@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import EnvironmentProblem
-from ..forward import model_inputs
-from ..layouts import Microbatch
 
 # optional package -> the extra that installs it
 EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl"}
@@ -43,7 +41,3 @@ def require(package: str, what: str) -> None:
     if missing(package):
         raise EnvironmentProblem(f"{what} needs {package}: {pip_command(package)}")
 
-
-def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: torch.device) -> list[dict]:
-    """The layout's microbatches as a user's loop sees them: model inputs plus ``labels``."""
-    return [{**model_inputs(model, mb, device), "labels": mb.labels.to(device)} for mb in microbatches]

@@ -35,7 +35,8 @@ from ..grads import trainable
 from ..layouts import Microbatch
 from ..registry import Registry
 from ..tokens import count_targets, token_losses
-from . import StackStep, batch_dicts, require
+from . import StackStep, require
+from .step import batch_dicts
 
 Factory = Callable[[torch.nn.Module], object]  # model -> LightningModule
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..registry import did_you_mean
 from . import require
 
 # lossaudit task -> peft TaskType
@@ -71,8 +72,6 @@ def peft_config(method: str, args: dict, task: str):
     """A fresh adapter config of ``method`` (lora, prompt_tuning, ...) with the user's ``args``."""
     require("peft", "--peft")
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    from ..registry import did_you_mean
 
     key = method.upper().replace("-", "_")
     by_name = {str(getattr(t, "value", t)): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}

@@ -9,11 +9,17 @@ from typing import Callable
 
 import torch
 
+from ..forward import model_inputs
 from ..grads import trainable
 from ..layouts import Microbatch
-from . import StackStep, batch_dicts
+from . import StackStep
 
 StepFn = Callable[[torch.nn.Module, list[dict]], object]
+
+
+def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: torch.device) -> list[dict]:
+    """The layout's microbatches as a user's loop sees them: model inputs plus ``labels``."""
+    return [{**model_inputs(model, mb, device), "labels": mb.labels.to(device)} for mb in microbatches]
 
 
 def run_step_function(model: torch.nn.Module, microbatches: list[Microbatch], fn: StepFn,

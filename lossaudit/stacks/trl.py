@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import tempfile
 from functools import lru_cache
 
@@ -143,8 +144,6 @@ def layout_subclass(cls: type) -> type:
 
 
 def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
-    import inspect
-
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
