@@ -14,7 +14,8 @@ from .forward import forward
 from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
 from .reductions import Reduction, StepTokens, Weight
-from .tokens import target_mask, token_losses
+from .stacks.peft import virtual_tokens
+from .tokens import prepend_ignored, target_mask, token_losses
 
 
 @dataclass
@@ -60,14 +61,16 @@ def weighted_sum(weight: Weight, losses: torch.Tensor) -> torch.Tensor:
 def compute_reference(model, batch: Batch, params: Params, device: torch.device, *, label_smoothing: float = 0.0) -> Reference:
     mb = full_batch(batch)
     outputs, _ = forward(model, mb, device)
-    losses = token_losses(outputs.logits, mb.labels.to(device), batch.task, label_smoothing=label_smoothing)
-    mask = target_mask(mb.labels, batch.task)
+    prefix = virtual_tokens(model)  # what a prompt-tuned model scores: its virtual positions too
+    labels = prepend_ignored(mb.labels, prefix)
+    losses = token_losses(outputs.logits, labels.to(device), batch.task, label_smoothing=label_smoothing)
+    mask = target_mask(labels, batch.task)
     count = int(mask.sum())
     loss = losses.sum() / count
     aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
     grads = grads_of(loss, params, retain_graph=False)
     nonfinite = _first_nonfinite(outputs.logits, loss, params, grads)
-    widths = [int(target_mask(s.labels[None], batch.task).shape[1]) for s in batch.samples]
+    widths = [int(target_mask(prepend_ignored(s.labels[None], prefix), batch.task).shape[1]) for s in batch.samples]
     return Reference(
         loss=float(loss.detach()),
         count=count,
