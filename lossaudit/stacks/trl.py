@@ -2,8 +2,9 @@
 as TRL's ``SFTTrainer``, with the class's own dataset preparation and data collator.
 
 The class gets the layout's sequences, in the layout's order, as pre-tokenized rows: ``input_ids``
-and ``labels`` (the audit's targets, prompts already -100), or, with ``completion_only_loss=True``,
-``input_ids`` and ``completion_mask`` so that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
+alone when the batch scores every token (``--no-prompt-masking``), else with ``labels`` (the
+audit's targets, prompts -100), or, with ``completion_only_loss=True``, with ``completion_mask`` so
+that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
 ``processing_class``, and its own arguments class (``SFTConfig`` for ``SFTTrainer``) holding the
 step the stock Trainer path runs (SGD lr 1, per-device batch B/k, k accumulation steps) plus the
 user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe``. The class's
@@ -113,15 +114,20 @@ def _tokenizer(vocab_size: int, pad_id: int, eos_id: int):
 
 
 def rows(ctx, layout: Layout, *, completion_mask: bool = False, rank: int = 0) -> list[dict]:
-    """The layout's sequences, in order, as pre-tokenized dataset rows: ``input_ids`` and the
-    audit's ``labels``, or with ``completion_mask`` instead of labels (1 where the audit scores a
-    token) so that the class's own completion-only masking builds the labels."""
+    """The layout's sequences, in order, as pre-tokenized dataset rows: ``input_ids`` alone where
+    the batch scores every token (the class's collator copies them to labels, as every TRL
+    release does), else with the audit's ``labels``, or with ``completion_mask`` (1 where the
+    audit scores a token) so that the class's own completion-only masking builds the labels."""
+    samples = [ctx.batch.samples[i] for group in layout.rank_groups(rank) for i in group]
+    plain = all(torch.equal(s.labels[1:], s.input_ids[1:]) for s in samples)  # position 0 is never scored
     out = []
-    for i in (i for group in layout.rank_groups(rank) for i in group):
-        sample = ctx.batch.samples[i]
+    for sample in samples:
         labels = sample.labels.tolist()
         row = {"input_ids": sample.input_ids.tolist()}
-        row.update({"completion_mask": [int(x != -100) for x in labels]} if completion_mask else {"labels": labels})
+        if completion_mask:
+            row["completion_mask"] = [int(x != -100) for x in labels]
+        elif not plain:
+            row["labels"] = labels
         out.append(row)
     return out
 
