@@ -52,9 +52,9 @@ def ctx():
 def test_sfttrainer_matches_the_token_mean(ctx, args):
     """Measured: trl 1.16.0 with transformers 5.23.0 and 5.25.0, <= 2.2e-7."""
     step = run_trainer_class(ctx, layout_of(ctx.batch, 4), resolve_trainer_class(SFT), user_args=args)
-    assert rel_err(ctx.reference.grads, step.gradient) < 1e-5
-    assert step.loss == pytest.approx(ctx.reference.loss, rel=1e-5)
-    assert step.extra["trainer_num_items"] == [ctx.reference.count] * 4 and step.notes == []
+    assert rel_err(ctx.reference.grads, step.update.items()) < 1e-5
+    assert step.logged_loss == pytest.approx(ctx.reference.loss, rel=1e-5)
+    assert step.num_items == [ctx.reference.count] * 4
 
 
 def test_sfttrainer_on_plain_rows_on_the_installed_release():
@@ -65,12 +65,12 @@ def test_sfttrainer_on_plain_rows_on_the_installed_release():
     layout = layout_of(plain.batch, 4)
     step = run_trainer_class(plain, layout, resolve_trainer_class(SFT), user_args={})
     if trainer_accumulates_right():
-        assert rel_err(plain.reference.grads, step.gradient) < 1e-5
+        assert rel_err(plain.reference.grads, step.update.items()) < 1e-5
         return
     scale = 4 if transformers_version() in KFOLD_RELEASES else 1  # before 4.46: the mean of means
     expected = {n: scale * g for n, g in mean_of_means_gradient(plain.model, plain.batch, layout)}
-    assert rel_err(expected, step.gradient) < 1e-5
-    assert rel_err(plain.reference.grads, step.gradient) > 0.1
+    assert rel_err(expected, step.update.items()) < 1e-5
+    assert rel_err(plain.reference.grads, step.update.items()) > 0.1
 
 
 class NoLossKwargsLlama(LlamaForCausalLM):
@@ -85,17 +85,16 @@ def test_a_model_that_refuses_loss_kwargs_makes_sfttrainer_a_mean_of_means():
     ctx = context(NoLossKwargsLlama)
     layout = layout_of(ctx.batch, 4)
     step = run_trainer_class(ctx, layout, resolve_trainer_class(SFT), user_args={})
-    assert step.extra["trainer_accepts_loss_kwargs"] is False and step.extra["trainer_num_items"] == [None] * 4
-    assert rel_err(ctx.reference.grads, step.gradient) > 0.1
-    assert rel_err(dict(mean_of_means_gradient(ctx.model, ctx.batch, layout)), step.gradient) < 1e-5
-    assert "model_accepts_loss_kwargs is False" in step.notes[0]
+    assert step.accepts_loss_kwargs is False and step.num_items == [None] * 4
+    assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
+    assert rel_err(dict(mean_of_means_gradient(ctx.model, ctx.batch, layout)), step.update.items()) < 1e-5
 
 
 @MODERN
 def test_a_planted_bug_in_a_subclass_is_found(ctx):
     cls = resolve_trainer_class("stack_modules:OwnCountSFTTrainer")
     step = run_trainer_class(ctx, layout_of(ctx.batch, 4), cls, user_args={})
-    assert rel_err(ctx.reference.grads, step.gradient) > 0.1
+    assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
 
 
 @pytest.mark.parametrize("name", ["DPOTrainer", "RewardTrainer"])

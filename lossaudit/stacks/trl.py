@@ -7,7 +7,8 @@ audit's targets, prompts -100), or, with ``completion_only_loss=True``, with ``c
 that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
 ``processing_class``, and its own arguments class (``SFTConfig`` for ``SFTTrainer``) holding the
 step the stock Trainer path runs (SGD lr 1, per-device batch B/k, k accumulation steps) plus the
-user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe``. The class's
+user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe`` and returned as the
+stock Trainer path's ``StepResult``. The class's
 collator pads its own way (TRL: right, or one flattened row when padding-free).
 
 Trainers whose objective is not a token mean of cross entropy are refused (exit 2).
@@ -28,9 +29,9 @@ from ..compat import installed_name
 from ..errors import UsageError
 from ..grads import UpdateProbe
 from ..layouts import Layout
-from ..paths.trainer_step import _common_settings, _quiet_and_cheap, per_device_batch
+from ..paths.trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch
 from ..registry import load_callable
-from . import StackStep, require
+from . import require
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
 OTHER_OBJECTIVES = {
@@ -188,8 +189,9 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
-def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StackStep:
-    """One step of ``cls`` on ``layout``; the model's weights are restored afterwards."""
+def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StepResult:
+    """One step of ``cls`` on ``layout``, as the stock Trainer path's StepResult (so its notes
+    and report fields apply); the model's weights are restored afterwards."""
     require("datasets", f"--trainer-class {cls.__name__}")
     per_device_batch(layout)
     probe = UpdateProbe(ctx.model)
@@ -198,23 +200,9 @@ def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> Sta
             trainer = _build(ctx, layout, cls, out, user_args)
             probe.watch(trainer.optimizer)
             result = trainer.train()
-            gradient = probe.gradient()
+            update = dict(probe.gradient())  # None everywhere if the class never stepped
     finally:
         probe.restore()
-    extra = {"trainer_class": cls.__name__, "trainer_num_items": trainer.seen_num_items,
-             "trainer_accepts_loss_kwargs": getattr(trainer, "model_accepts_loss_kwargs", None),
-             "logged_loss": float(result.training_loss)}
-    return StackStep(gradient, float(result.training_loss), _notes(trainer, layout, ctx.batch), extra)
-
-
-def _notes(trainer, layout: Layout, batch) -> list[str]:
-    total = sum(batch.group_targets(layout.groups))
-    counted = {n for n in trainer.seen_num_items if n is not None}
-    if counted and counted != {total}:
-        return [f"{type(trainer).__name__.removeprefix('Layout')} gave num_items_in_batch={sorted(counted)}, "
-                f"the step holds {total} target tokens"]
-    if not counted and layout.microbatches > 1:
-        why = " (model_accepts_loss_kwargs is False for this model)" \
-            if getattr(trainer, "model_accepts_loss_kwargs", None) is False else ""
-        return [f"the Trainer passed no num_items_in_batch{why}"]
-    return []
+    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
+                      getattr(trainer, "model_accepts_loss_kwargs", None),
+                      getattr(trainer.args, "average_tokens_across_devices", None))
