@@ -18,7 +18,7 @@ from lossaudit.grads import trainable  # noqa: E402
 from lossaudit.layouts import full_batch, microbatches  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
 from lossaudit.paths.trainer_step import trainer_step  # noqa: E402
-from lossaudit.stacks.peft import load_adapter, peft_config, virtual_tokens, wrap  # noqa: E402
+from lossaudit.stacks.peft import load_adapter, peft_config, virtual_tokens, wrap, wrap_loaded  # noqa: E402
 from lossaudit.stacks.step import run_step_function  # noqa: E402
 from lossaudit.tokens import count_targets, prepend_ignored, token_losses  # noqa: E402
 
@@ -140,3 +140,12 @@ def test_an_unknown_method_or_argument_is_a_usage_error():
         peft_config("lorra", {}, "causal-lm")
     with pytest.raises(UsageError, match="LoraConfig refused"):
         peft_config("lora", {"rr": 2}, "causal-lm")
+
+
+def test_wrap_loaded_takes_one_adapter_or_none():
+    loaded = tiny_llama()
+    assert wrap_loaded(loaded) is loaded
+    wrapped_one = wrap_loaded(loaded, method="prompt_tuning", args={"num_virtual_tokens": 3})
+    assert virtual_tokens(wrapped_one.model) == 3 and wrapped_one.task == loaded.task
+    with pytest.raises(UsageError, match="give one"):
+        wrap_loaded(tiny_llama(), adapter="somewhere", method="lora")

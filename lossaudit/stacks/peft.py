@@ -21,6 +21,7 @@ to ``torch.load``), it builds the adapter from the config and loads the safetens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -148,3 +149,18 @@ def _adapter_dir(directory: str) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def wrap_loaded(loaded, *, adapter: str | None = None, method: str | None = None, args: dict | None = None,
+                seed: int = 0):
+    """``loaded`` (a models.LoadedModel) with its model inside the adapter ``--adapter`` or
+    ``--peft`` names; unchanged when neither is given, and both at once is a usage error."""
+    if adapter and method:
+        raise UsageError("--adapter and --peft: give one (an adapter folder, or a fresh adapter of a method)")
+    if not (adapter or method):
+        return loaded
+    if adapter:
+        model = load_adapter(loaded.model, adapter, loaded.task)
+    else:
+        model = wrap(loaded.model, peft_config(method, args or {}, loaded.task), seed=seed)
+    return dataclasses.replace(loaded, model=model)
