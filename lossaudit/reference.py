@@ -70,12 +70,14 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
     aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
     grads = grads_of(loss, params, retain_graph=False)
     nonfinite = _first_nonfinite(outputs.logits, loss, params, grads)
-    widths = [int(target_mask(prepend_ignored(s.labels[None], prefix), batch.task).shape[1]) for s in batch.samples]
+    widths = [int(target_mask(s.labels[None], batch.task).shape[1]) for s in batch.samples]
     return Reference(
         loss=float(loss.detach()),
         count=count,
         grads={n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)},
-        sequence_losses=[losses[i, :w].detach().cpu() for i, w in enumerate(widths)],
+        # per sequence at the plain model's positions: a prompt-tuned model's first real token,
+        # scored from the last virtual position (a target only when its label is), is left out here
+        sequence_losses=[losses[i, prefix:prefix + w].detach().cpu() for i, w in enumerate(widths)],
         aux=aux,
         nonfinite=nonfinite,
     )
