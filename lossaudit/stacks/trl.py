@@ -31,7 +31,7 @@ from ..grads import UpdateProbe
 from ..layouts import Layout
 from ..paths.trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch
 from ..registry import load_callable
-from . import require
+from . import EXTRAS, require
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
 OTHER_OBJECTIVES = {
@@ -57,7 +57,9 @@ CLASS_DEFAULTS = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
 
 def resolve_trainer_class(spec: str) -> type:
     """The user's ``MODULE:CLASS``: a Trainer subclass whose objective is a token mean."""
-    require("transformers", "--trainer-class")
+    package = spec.partition(":")[0].split(".")[0]
+    if package in EXTRAS:
+        require(package, f"--trainer-class {spec}")
     from transformers import Trainer
 
     cls = load_callable(spec, "trainer class")
