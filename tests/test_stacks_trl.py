@@ -18,7 +18,8 @@ from lossaudit.config import CheckConfig  # noqa: E402
 from lossaudit.errors import UsageError  # noqa: E402
 from lossaudit.grads import trainable  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
-from lossaudit.stacks.trl import arguments_class, resolve_trainer_class, run_trainer_class  # noqa: E402
+from lossaudit.paths.trainer_class import run_trainer_class  # noqa: E402
+from lossaudit.stacks.trl import arguments_class, resolve_trainer_class  # noqa: E402
 
 from stacks_common import (CPU, issue_batch, layout_of, mean_of_means_gradient, reference, rel_err,  # noqa: E402
                            tiny_llama)

@@ -176,10 +176,7 @@ def _outcome(probe, k: int) -> StackStep:
 def run_recipe(model, microbatches: list[Microbatch], recipe: LightningRecipe, *, task: str,
                device: torch.device) -> StackStep:
     total = sum(count_targets(mb.labels, task) for mb in microbatches)
-    step = run_lightning(model, microbatches, recipe_module(model, recipe, task, total), device=device)
-    if recipe.expected:
-        step.notes.insert(0, recipe.doc)
-    return step
+    return run_lightning(model, microbatches, recipe_module(model, recipe, task, total), device=device)
 
 
 def run_user_module(model, microbatches: list[Microbatch], factory: Factory, *, device: torch.device) -> StackStep:

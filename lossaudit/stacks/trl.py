@@ -1,5 +1,6 @@
-"""``--trainer-class MODULE:CLASS``: one optimizer step of a ``transformers.Trainer`` subclass such
-as TRL's ``SFTTrainer``, with the class's own dataset preparation and data collator.
+"""``--trainer-class MODULE:CLASS``: what one optimizer step of a ``transformers.Trainer`` subclass
+such as TRL's ``SFTTrainer`` needs, with the class's own dataset preparation and data collator
+(``paths/trainer_class.py`` runs the step beside the stock Trainer's).
 
 The class gets the layout's sequences, in the layout's order, as pre-tokenized rows: ``input_ids``
 alone when the batch scores every token (``--no-prompt-masking``), else with ``labels`` (the
@@ -16,7 +17,6 @@ Trainers whose objective is not a token mean of cross entropy are refused (exit 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -25,11 +25,9 @@ from functools import lru_cache
 
 import torch
 
-from ..compat import installed_name
+from ..compat import AUDIT_OWNED, installed_name
 from ..errors import UsageError
-from ..grads import UpdateProbe
 from ..layouts import Layout
-from ..paths.trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch
 from ..registry import load_callable
 from . import EXTRAS, require
 
@@ -55,14 +53,18 @@ OTHER_OBJECTIVES = {
 CLASS_DEFAULTS = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
 
 
-def resolve_trainer_class(spec: str) -> type:
-    """The user's ``MODULE:CLASS``: a Trainer subclass whose objective is a token mean."""
-    package = spec.partition(":")[0].split(".")[0]
-    if package in EXTRAS:
-        require(package, f"--trainer-class {spec}")
+def resolve_trainer_class(spec) -> type:
+    """The user's ``MODULE:CLASS`` (or the class itself): a Trainer subclass whose objective is
+    a token mean."""
     from transformers import Trainer
 
-    cls = load_callable(spec, "trainer class")
+    if isinstance(spec, str):
+        package = spec.partition(":")[0].split(".")[0]
+        if package in EXTRAS:
+            require(package, f"--trainer-class {spec}")
+        cls = load_callable(spec, "trainer class")
+    else:
+        cls, spec = spec, getattr(spec, "__qualname__", repr(spec))
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise UsageError(f"--trainer-class {spec}: not a subclass of transformers.Trainer")
     for base in cls.__mro__:
@@ -99,6 +101,16 @@ def arguments(cls: type, settings: dict, user: dict):
         raise UsageError(f"--trainer-arg: {args_cls.__name__} refused the values: {first}") from None
 
 
+def check_arguments(cls: type, user: dict) -> None:
+    """The user's --trainer-arg values, tried on the class's arguments class before any step;
+    a setting the audit owns (learning rate, batch sizes, ...) is refused as for the stock Trainer."""
+    owned = [f"--trainer-arg {key}: {AUDIT_OWNED[key]}" for key in user if key in AUDIT_OWNED]
+    if owned:
+        raise UsageError(*owned)
+    with tempfile.TemporaryDirectory(prefix="lossaudit-args-") as out:
+        arguments(cls, {"output_dir": out, "use_cpu": True, "report_to": "none"}, user)
+
+
 def tokenizer(vocab_size: int, pad_id: int, eos_id: int | None):
     """A word-level tokenizer over ids 0..vocab_size-1 (token ``<i>`` is id i), built offline:
     what a class that insists on a ``processing_class`` gets. Its pad token is the batch's."""
@@ -133,78 +145,3 @@ def rows(ctx, layout: Layout, *, completion_mask: bool = False, rank: int = 0) -
             row["labels"] = labels
         out.append(row)
     return out
-
-
-@lru_cache(maxsize=None)
-def layout_subclass(cls: type) -> type:
-    """``cls`` feeding its dataset in order and recording what compute_loss was given."""
-
-    class Layout_(cls):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            n = kwargs.get("num_items_in_batch")
-            self.seen_num_items.append(int(n) if n is not None else None)
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    Layout_.__name__ = Layout_.__qualname__ = f"Layout{cls.__name__}"
-    return Layout_
-
-
-def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
-    args = arguments(cls, settings, user_args)
-    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
-    kwargs = {}
-    takes = inspect.signature(cls.__init__).parameters
-    loaded = ctx.loaded
-    vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
-    eos = loaded.eos_id if loaded is not None else None
-    for name in ("processing_class", "tokenizer"):  # renamed in transformers 4.46
-        if name in takes:
-            kwargs[name] = tokenizer(vocab, ctx.batch.pad_id, eos)
-            break
-    trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(
-        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)),
-                                   optimizers=(optimizer, schedule), **kwargs)
-    trainer.seen_num_items = []
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
-    return trainer
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    import datasets
-
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was:
-            datasets.enable_progress_bars()
-
-
-def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StepResult:
-    """One step of ``cls`` on ``layout``, as the stock Trainer path's StepResult (so its notes
-    and report fields apply); the model's weights are restored afterwards."""
-    require("datasets", f"--trainer-class {cls.__name__}")
-    per_device_batch(layout)
-    probe = UpdateProbe(ctx.model)
-    try:
-        with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-class-") as out:
-            trainer = _build(ctx, layout, cls, out, user_args)
-            probe.watch(trainer.optimizer)
-            result = trainer.train()
-            update = dict(probe.gradient())  # None everywhere if the class never stepped
-    finally:
-        probe.restore()
-    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
-                      getattr(trainer, "model_accepts_loss_kwargs", None),
-                      getattr(trainer.args, "average_tokens_across_devices", None))
