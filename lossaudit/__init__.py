@@ -48,7 +48,7 @@ def check(model, **options):
         if isinstance(options.get(key), (list, str)):
             value = options[key]
             options[key] = tuple([value] if isinstance(value, str) else value)
-    for key in ("trainer_args", "config_args"):
+    for key in ("trainer_args", "config_args", "peft_args"):
         if isinstance(options.get(key), dict):
             options[key] = tuple((k, str(v)) for k, v in options[key].items())
     progress = options.pop("progress", None)

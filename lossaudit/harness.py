@@ -31,6 +31,7 @@ from .paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView,
 from .paths.reduction import ReductionPath
 from .reductions import REDUCTIONS, StepTokens
 from .reference import compute_reference
+from .stacks.peft import wrap_loaded
 from .tolerance import Tolerance
 from .report import CASE_COLUMNS, Report
 from .tokens import target_mask
@@ -63,6 +64,8 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
         loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
                             allow_download=config.allow_download, num_layers=config.num_layers)
+    loaded = wrap_loaded(loaded, adapter=config.adapter, method=config.peft,  # --adapter / --peft
+                         args={k: parse_value(v) for k, v in config.peft_args}, seed=config.seed)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")

@@ -1,0 +1,74 @@
+"""The stack paths end to end: CLI flags and lossaudit.check keywords reach the runners, and the
+judge finds the planted bugs and passes their correct twins."""
+
+import subprocess
+import sys
+
+import pytest
+
+import lossaudit
+
+import stack_modules
+from stacks_common import needs  # noqa: F401
+
+ONE = dict(microbatches=[4], groupings=["imbalanced"], paddings=["right"])
+
+
+def rows(report, path):
+    return report.cases[report.cases["path"] == path]
+
+
+def verdicts(report, path) -> dict:
+    return {(r["reduction"], r["microbatches"]): r["verdict"] for _, r in rows(report, path).iterrows()}
+
+
+def test_step_path_passes_the_right_step_and_finds_the_planted_one():
+    right = lossaudit.check("llama", path="step", step=stack_modules.token_mean_step, **ONE)
+    assert set(rows(right, "step")["verdict"]) == {"match"}
+    wrong = lossaudit.check("llama", path="step", step="stack_modules:mean_of_means_step", **ONE)
+    case = rows(wrong, "step").iloc[0]
+    assert case["verdict"] == "diverge" and not case["expected"]
+
+
+def test_step_path_from_the_command_line_exits_1_on_the_planted_bug(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lossaudit", "check", "llama", "--path", "step",
+                          "--step", "stack_modules:mean_of_means_step", "--microbatches", "4",
+                          "--groupings", "imbalanced", "--paddings", "right", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=str(tmp_path.parent), env=_env())
+    assert run.returncode == 1, run.stderr
+
+
+def _env():
+    import os
+
+    here = os.path.dirname(__file__)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}
+
+
+def test_lightning_path_shows_naive_as_expected_and_passes_token_count():
+    needs("lightning")
+    report = lossaudit.check("llama", path="lightning", **ONE)
+    cases = rows(report, "lightning").set_index("reduction")
+    assert cases.loc["naive", "verdict"] == "diverge" and cases.loc["naive", "expected"]
+    assert cases.loc["token_count", "verdict"] == "match"
+    assert report.findings.empty
+
+
+def test_lightning_module_planted_bug_is_a_finding():
+    needs("lightning")
+    report = lossaudit.check("llama", path="lightning", lightning_module=stack_modules.forgets_k_module, **ONE)
+    case = rows(report, "lightning").iloc[0]
+    assert case["verdict"] == "diverge" and not case["expected"]
+
+
+def test_trainer_class_sfttrainer_matches():
+    needs("trl")
+    report = lossaudit.check("llama", path="trainer", trainer_class="trl:SFTTrainer", **ONE)
+    assert set(rows(report, "trainer")["verdict"]) == {"match"}
+
+
+def test_peft_lora_audits_the_adapter():
+    needs("peft")
+    report = lossaudit.check("llama", path=["model", "trainer"], peft="lora",
+                             peft_args={"r": 2, "init_lora_weights": False}, **ONE)
+    assert set(report.cases["verdict"]) == {"match"}
