@@ -72,3 +72,26 @@ def test_peft_lora_audits_the_adapter():
     report = lossaudit.check("llama", path=["model", "trainer"], peft="lora",
                              peft_args={"r": 2, "init_lora_weights": False}, **ONE)
     assert set(report.cases["verdict"]) == {"match"}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--path", "step"], "needs --step MODULE:FUNCTION"),
+    (["--step", "nomodule"], "expected MODULE:NAME"),
+    (["--peft-arg", "r=2"], "only with --peft METHOD"),
+    (["--adapter", "/nonexistent", "--peft", "lora"], "give one"),
+])
+def test_bad_stack_options_are_one_line_and_exit_2(capsys, tmp_path, args, says):
+    from lossaudit.cli import main
+
+    assert main(["check", "llama", *args, "--microbatches", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+
+
+def test_a_trainer_class_with_another_objective_exits_2(capsys, tmp_path):
+    needs("trl")
+    from lossaudit.cli import main
+
+    code = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:DPOTrainer", "--microbatches", "2",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2 and "DPOTrainer trains a preference loss" in capsys.readouterr().err
