@@ -95,3 +95,10 @@ def test_a_trainer_class_with_another_objective_exits_2(capsys, tmp_path):
     code = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:DPOTrainer", "--microbatches", "2",
                  "--out", str(tmp_path / "r")])
     assert code == 2 and "DPOTrainer trains a preference loss" in capsys.readouterr().err
+
+
+@pytest.mark.lossaudit("llama", path="step", step=stack_modules.token_mean_step, **ONE)
+def test_the_pytest_marker_passes_a_step_function_through(request):
+    """The marker's options reach lossaudit.check: the declared audit runs after the body."""
+    report = request.getfixturevalue("lossaudit").check()
+    assert list(rows(report, "step")["reduction"]) == ["token_mean_step"]
