@@ -1,6 +1,7 @@
 """The stack paths end to end: CLI flags and lossaudit.check keywords reach the runners, and the
 judge finds the planted bugs and passes their correct twins."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -102,3 +103,14 @@ def test_the_pytest_marker_passes_a_step_function_through(request):
     """The marker's options reach lossaudit.check: the declared audit runs after the body."""
     report = request.getfixturevalue("lossaudit").check()
     assert list(rows(report, "step")["reduction"]) == ["token_mean_step"]
+
+
+def test_prompt_tuning_runs_on_every_path_against_what_it_scores():
+    """Before: the reference crashed ("Expected input batch_size (272) to match target batch_size
+    (240)"). Every path now scores the virtual positions too; right padding matches everywhere."""
+    needs("peft")
+    paths = ["model", "reduction", "trainer", "accelerate"] + (["lightning"] if importlib.util.find_spec("lightning") else [])
+    report = lossaudit.check("llama", path=paths, peft="prompt_tuning", **ONE)
+    assert not (report.cases["verdict"] == "error").any(), report.cases[["path", "detail"]]
+    assert report.findings.empty
+    assert set(report.cases["path"]) == set(paths)

@@ -34,8 +34,9 @@ import torch
 from ..grads import trainable
 from ..layouts import Microbatch
 from ..registry import Registry
-from ..tokens import count_targets, token_losses
+from ..tokens import count_targets, prepend_ignored, token_losses
 from . import StackStep, require
+from .peft import virtual_tokens
 from .step import batch_dicts
 
 Factory = Callable[[torch.nn.Module], object]  # model -> LightningModule
@@ -60,7 +61,8 @@ def naive_loss(model, batch, task, k, total):
 
 def token_count_loss(model, batch, task, k, total):
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    return token_losses(model(**inputs).logits, batch["labels"], task).sum() * k / total
+    labels = prepend_ignored(batch["labels"], virtual_tokens(model))  # what a prompt-tuned model scores
+    return token_losses(model(**inputs).logits, labels, task).sum() * k / total
 
 
 RECIPES: Registry[LightningRecipe] = Registry("lightning recipe")
@@ -175,7 +177,7 @@ def _outcome(probe, k: int) -> StackStep:
 
 def run_recipe(model, microbatches: list[Microbatch], recipe: LightningRecipe, *, task: str,
                device: torch.device) -> StackStep:
-    total = sum(count_targets(mb.labels, task) for mb in microbatches)
+    total = sum(count_targets(prepend_ignored(mb.labels, virtual_tokens(model)), task) for mb in microbatches)
     return run_lightning(model, microbatches, recipe_module(model, recipe, task, total), device=device)
 
 
