@@ -114,3 +114,16 @@ def test_prompt_tuning_runs_on_every_path_against_what_it_scores():
     assert not (report.cases["verdict"] == "error").any(), report.cases[["path", "detail"]]
     assert report.findings.empty
     assert set(report.cases["path"]) == set(paths)
+
+
+def test_an_adapter_folder_is_audited_on_its_base_model(tmp_path):
+    needs("peft")
+    from lossaudit.models import load_model
+    from lossaudit.stacks.peft import peft_config, wrap
+
+    model = wrap(load_model("llama").model, peft_config("lora", {"r": 2, "init_lora_weights": False}, "causal-lm"))
+    model.save_pretrained(tmp_path / "adapter")
+    report = lossaudit.check("llama", path=["model", "trainer"], adapter=str(tmp_path / "adapter"), **ONE)
+    assert set(report.cases["verdict"]) == {"match"}
+    plain = lossaudit.check("llama", path="model", **ONE)  # the adapter's weights were loaded: B != 0 moves the loss
+    assert report.batch["reference_loss"] != pytest.approx(plain.batch["reference_loss"], rel=1e-6)
