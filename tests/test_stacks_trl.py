@@ -48,14 +48,17 @@ def ctx():
 
 
 @MODERN
-@pytest.mark.parametrize("args", [{}, {"completion_only_loss": True}, {"padding_free": True, "max_length": None}],
-                         ids=["labels", "completion-only", "padding-free"])
+@pytest.mark.parametrize("args", [{}, {"completion_only_loss": True}, {"padding_free": True, "max_length": None},
+                                  {"packing": True, "max_length": 32}],
+                         ids=["labels", "completion-only", "padding-free", "packing"])
 def test_sfttrainer_matches_the_token_mean(ctx, args):
-    """Measured: trl 1.16.0 with transformers 5.23.0 and 5.25.0, <= 2.2e-7."""
+    """Measured: trl 1.16.0 with transformers 5.25.0, <= 2.4e-7. Packing makes its own rows (bfd:
+    fewer than the sequences), so the step holds fewer microbatches, each told the step's count."""
     step = run_trainer_class(ctx, layout_of(ctx.batch, 4), resolve_trainer_class(SFT), user_args=args)
     assert rel_err(ctx.reference.grads, step.update.items()) < 1e-5
     assert step.logged_loss == pytest.approx(ctx.reference.loss, rel=1e-5)
-    assert step.num_items == [ctx.reference.count] * 4
+    assert set(step.num_items) == {ctx.reference.count}
+    assert len(step.num_items) == 4 or args.get("packing")
 
 
 def test_sfttrainer_on_plain_rows_on_the_installed_release():
