@@ -62,10 +62,15 @@ def test_lightning_module_planted_bug_is_a_finding():
     assert case["verdict"] == "diverge" and not case["expected"]
 
 
-def test_trainer_class_sfttrainer_matches():
+@pytest.mark.parametrize("adapter", [{}, {"peft": "lora", "peft_args": {"r": 2, "init_lora_weights": False}}],
+                         ids=["full", "lora"])
+def test_trainer_class_sfttrainer_matches(adapter):
     needs("trl")
-    report = lossaudit.check("llama", path="trainer", trainer_class="trl:SFTTrainer", **ONE)
+    if adapter:
+        needs("peft")
+    report = lossaudit.check("llama", path="trainer", trainer_class="trl:SFTTrainer", **adapter, **ONE)
     assert set(rows(report, "trainer")["verdict"]) == {"match"}
+    assert set(rows(report, "trainer")["reduction"]) == {"SFTTrainer"}
 
 
 def test_peft_lora_audits_the_adapter():
