@@ -1,8 +1,12 @@
-"""Runners for the user's own training stack: a training step function, a Lightning module,
-a ``transformers.Trainer`` subclass such as TRL's SFTTrainer, a PEFT-wrapped model.
+"""The user's own training stack (issue 15): a training step function (``step.py``), a Lightning
+module (``lightning.py``), what a ``transformers.Trainer`` subclass such as TRL's SFTTrainer needs
+(``trl.py``; ``paths/trainer_class.py`` runs its step), a PEFT-wrapped model (``peft.py``), a
+model object from Python (``objects.py``).
 
-Each runner only measures: it runs one optimizer step of the stack on a layout's microbatches
-and returns a :class:`StackStep` (the step's gradient, its loss, notes). Judging is elsewhere.
+Runners only measure: one optimizer step of the stack on a layout's microbatches, returned as a
+:class:`StackStep` (the step's gradient, its loss, notes); the paths turn it into an Outcome and
+``judge.py`` judges it. This package imports nothing of the core at import time, so core modules
+may ask ``stacks.peft`` what a wrapped model scores.
 """
 
 from __future__ import annotations
