@@ -5,7 +5,7 @@ model object from Python (``objects.py``).
 
 Runners only measure: one optimizer step of the stack on a layout's microbatches, returned as a
 :class:`StackStep` (the step's gradient, its loss, notes); the paths turn it into an Outcome and
-``judge.py`` judges it. This package imports nothing of the core at import time, so core modules
+``judge.py`` judges it. This package imports only ``errors`` at import time, so core modules
 may ask ``stacks.peft`` what a wrapped model scores.
 """
 
