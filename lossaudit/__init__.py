@@ -24,14 +24,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check(model: str, **options):
+def check(model, **options):
     """Audit ``model`` and return a :class:`lossaudit.report.Report`.
 
-    Options are the fields of :class:`lossaudit.config.CheckConfig`; ``path`` is accepted
-    for ``paths`` and sequences may be lists.
+    ``model`` is a name or directory, or a ``torch.nn.Module`` the caller built (a
+    PreTrainedModel, or a PeftModel around one). Options are the fields of
+    :class:`lossaudit.config.CheckConfig`; ``path`` is accepted for ``paths`` and sequences
+    may be lists.
     """
     from .config import CheckConfig
     from .harness import audit
+
+    loaded = None
+    if not isinstance(model, str):
+        from .stacks.objects import loaded_object
+
+        loaded = loaded_object(model, options.get("task"))
+        model = loaded.name
 
     if "path" in options:
         options["paths"] = options.pop("path")
@@ -39,11 +48,11 @@ def check(model: str, **options):
         if isinstance(options.get(key), (list, str)):
             value = options[key]
             options[key] = tuple([value] if isinstance(value, str) else value)
-    for key in ("trainer_args", "config_args"):
+    for key in ("trainer_args", "config_args", "peft_args"):
         if isinstance(options.get(key), dict):
             options[key] = tuple((k, str(v)) for k, v in options[key].items())
     progress = options.pop("progress", None)
-    return audit(CheckConfig(model=model, **options), progress)
+    return audit(CheckConfig(model=model, **options), progress, loaded=loaded)
 
 
 def compare(old, new, **thresholds):

@@ -46,6 +46,13 @@ class CheckConfig:
     trainer_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for TrainingArguments", ())
     config_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for the model config", ())
     loss_fn: str | None = _help("module:function with compute_loss_func's signature (outputs, labels, num_items_in_batch)")
+    # the user's own training stack (issue 15): MODULE:NAME strings, or the objects themselves from Python
+    step: object = _help("MODULE:FUNCTION(model, microbatches): your training step, for --path step")
+    lightning_module: object = _help("MODULE:FACTORY(model) -> your LightningModule, for --path lightning")
+    trainer_class: object = _help("MODULE:CLASS: a transformers.Trainer subclass for --path trainer (trl:SFTTrainer)")
+    adapter: str | None = _help("a PEFT adapter folder (save_pretrained) to audit on MODEL")
+    peft: str | None = _help("a fresh PEFT adapter of this method on MODEL: lora, prompt_tuning, ...")
+    peft_args: tuple[tuple[str, str], ...] = _help("KEY=VALUE for the --peft method's config", ())
     allow_pickle: bool = _help("allow pickle checkpoints (loaded with weights_only=True)", False)
     trust_remote_code: bool = _help("run code shipped with a model directory", False)
     allow_download: bool = _help("download a hub id that is not in the local cache", False)
@@ -86,10 +93,11 @@ class CheckConfig:
             p.append(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or mps")
         p += _registry_problems(self)
         p += objective_problems(self.trainer_args)
-        if self.trainer_args:
+        if self.trainer_args and not self.trainer_class:  # a trainer class's own arguments class checks them
             from .compat import trainer_arg_problems
 
             p += trainer_arg_problems([k for k, _ in self.trainer_args])
+        p += _stack_problems(self)
         p += [f"unknown padding {x!r}" for x in self.paddings if x not in PADDINGS]
         p += [f"unknown grouping {x!r}" for x in self.groupings if x not in GROUPINGS]
         return p
@@ -136,6 +144,20 @@ def _registry_problems(config: "CheckConfig") -> list[str]:
         except UsageError as exc:
             problems.append(str(exc))
     return problems
+
+
+def _stack_problems(config: "CheckConfig") -> list[str]:
+    """The user's stack options (issue 15): what can be told before any model is built."""
+    p = []
+    if config.adapter and config.peft:
+        p.append("--adapter and --peft: give one (an adapter folder, or a fresh adapter of a method)")
+    if config.peft_args and not config.peft:
+        p.append("--peft-arg: only with --peft METHOD")
+    for flag, value in (("--step", config.step), ("--lightning-module", config.lightning_module),
+                        ("--trainer-class", config.trainer_class)):
+        if isinstance(value, str) and value.count(":") != 1:
+            p.append(f"{flag} {value!r}: expected MODULE:NAME")
+    return p
 
 
 def field_help() -> dict[str, str]:

@@ -10,6 +10,7 @@ import torch
 
 from .moe import aux_spec
 from .layouts import Microbatch
+from .stacks.peft import base_model
 
 
 @lru_cache(maxsize=None)
@@ -23,7 +24,7 @@ def model_inputs(model: torch.nn.Module, mb: Microbatch, device: torch.device) -
     A seq2seq model gets its decoder inputs from the batch, never from its own shift of the
     labels, so every path scores the same decoder sequence whether it passes labels or not.
     """
-    accepted = _forward_params(type(model))
+    accepted = _forward_params(type(base_model(model)))  # a PeftModel's forward takes **kwargs: ask its base
     inputs = {"input_ids": mb.input_ids.to(device), "attention_mask": mb.attention_mask.to(device)}
     if mb.decoder_input_ids is not None:
         inputs["decoder_input_ids"] = mb.decoder_input_ids.to(device)

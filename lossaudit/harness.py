@@ -31,9 +31,10 @@ from .paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView,
 from .paths.reduction import ReductionPath
 from .reductions import REDUCTIONS, StepTokens
 from .reference import compute_reference
+from .stacks.peft import virtual_tokens, wrap_loaded
 from .tolerance import Tolerance
 from .report import CASE_COLUMNS, Report
-from .tokens import target_mask
+from .tokens import prepend_ignored, target_mask
 
 Progress = Callable[[str], None]
 
@@ -63,6 +64,8 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
         loaded = load_model(config.model, task=config.task, seed=config.seed, config_overrides=overrides,
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
                             allow_download=config.allow_download, num_layers=config.num_layers)
+    loaded = wrap_loaded(loaded, adapter=config.adapter, method=config.peft,  # --adapter / --peft
+                         args={k: parse_value(v) for k, v in config.peft_args}, seed=config.seed)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
@@ -117,7 +120,8 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
     The first non-finite logits are named on every case. ``seen`` gets each outcome first."""
     judge = guard.judge
     mbs = microbatches(ctx.batch, layout)
-    step = StepTokens(tuple(target_mask(mb.labels, ctx.batch.task) for mb in mbs))
+    prefix = virtual_tokens(ctx.model)  # PEFT prompt tuning scores its virtual positions too
+    step = StepTokens(tuple(target_mask(prepend_ignored(mb.labels, prefix), ctx.batch.task) for mb in mbs))
     failed: dict[int, str] = {}  # id(path) -> one-line reason
     for path in paths:
         _fail(failed, path, *guard.call(f"the {path.label.path} path", path.start, ctx, layout, step))
@@ -210,7 +214,8 @@ def _shared_forward(ctx, index, mb, step, live, failed, guard, where) -> Microba
 def _forward(ctx, mb, step, with_labels):
     outputs, rejected = forward(ctx.model, mb, ctx.device, with_labels=with_labels,
                                 num_items_in_batch=step.total if with_labels else None)
-    return outputs, ctx.objective.token_losses(outputs.logits, mb.labels.to(ctx.device), ctx.batch.task), rejected
+    labels = prepend_ignored(mb.labels, virtual_tokens(ctx.model)).to(ctx.device)
+    return outputs, ctx.objective.token_losses(outputs.logits, labels, ctx.batch.task), rejected
 
 
 def calibration() -> LogitPath:

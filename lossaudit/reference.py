@@ -14,7 +14,8 @@ from .forward import forward
 from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
 from .reductions import Reduction, StepTokens, Weight
-from .tokens import target_mask, token_losses
+from .stacks.peft import virtual_tokens
+from .tokens import prepend_ignored, target_mask, token_losses
 
 
 @dataclass
@@ -60,8 +61,10 @@ def weighted_sum(weight: Weight, losses: torch.Tensor) -> torch.Tensor:
 def compute_reference(model, batch: Batch, params: Params, device: torch.device, *, label_smoothing: float = 0.0) -> Reference:
     mb = full_batch(batch)
     outputs, _ = forward(model, mb, device)
-    losses = token_losses(outputs.logits, mb.labels.to(device), batch.task, label_smoothing=label_smoothing)
-    mask = target_mask(mb.labels, batch.task)
+    prefix = virtual_tokens(model)  # what a prompt-tuned model scores: its virtual positions too
+    labels = prepend_ignored(mb.labels, prefix)
+    losses = token_losses(outputs.logits, labels.to(device), batch.task, label_smoothing=label_smoothing)
+    mask = target_mask(labels, batch.task)
     count = int(mask.sum())
     loss = losses.sum() / count
     aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
@@ -72,7 +75,9 @@ def compute_reference(model, batch: Batch, params: Params, device: torch.device,
         loss=float(loss.detach()),
         count=count,
         grads={n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)},
-        sequence_losses=[losses[i, :w].detach().cpu() for i, w in enumerate(widths)],
+        # per sequence at the plain model's positions: a prompt-tuned model's first real token,
+        # scored from the last virtual position (a target only when its label is), is left out here
+        sequence_losses=[losses[i, prefix:prefix + w].detach().cpu() for i, w in enumerate(widths)],
         aux=aux,
         nonfinite=nonfinite,
     )

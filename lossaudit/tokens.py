@@ -34,6 +34,16 @@ def shift_right(targets: torch.Tensor, start_id: int) -> torch.Tensor:
     return torch.cat([targets.new_tensor([start_id]), targets[:-1]])
 
 
+def prepend_ignored(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """``labels`` (B, T) after ``count`` IGNORE_INDEX columns: the labels a model scores when it
+    prepends ``count`` virtual positions to its inputs (PEFT prompt tuning, see
+    ``stacks.peft.virtual_tokens``). After the causal shift the last virtual position scores
+    the first real token, a target the unwrapped model never scores."""
+    if not count:
+        return labels
+    return torch.cat([labels.new_full((labels.shape[0], count), IGNORE_INDEX), labels], dim=1)
+
+
 def target_mask(labels: torch.Tensor, task: str) -> torch.Tensor:
     """Bool (B, T'): which aligned positions carry a target."""
     if task == "causal-lm":

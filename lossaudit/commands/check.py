@@ -50,6 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-fn", metavar="MODULE:FUNCTION",
                    help="your compute_loss_func(outputs, labels, num_items_in_batch=None), audited on its own and in the Trainer")
     p.add_argument("--config-arg", dest="config_args", type=_key_value, action="append", default=[])
+    p.add_argument("--step", metavar="MODULE:FUNCTION", help="your training step (path step): "
+                   "FUNCTION(model, microbatches) runs forward and backward, leaves .grad, returns the loss")
+    p.add_argument("--lightning-module", metavar="MODULE:FACTORY",
+                   help="FACTORY(model) -> your LightningModule (path lightning)")
+    p.add_argument("--trainer-class", metavar="MODULE:CLASS",
+                   help="a transformers.Trainer subclass for the trainer path, e.g. trl:SFTTrainer")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (save_pretrained) to audit on MODEL")
+    p.add_argument("--peft", metavar="METHOD", help="a fresh PEFT adapter on MODEL: lora, prompt_tuning, ...")
+    p.add_argument("--peft-arg", dest="peft_args", type=_key_value, action="append", default=[],
+                   help="KEY=VALUE for the --peft method's config (repeatable)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--min-length", type=int, default=4)
@@ -81,13 +91,14 @@ def config_from_args(args: argparse.Namespace):
     from ..config import CheckConfig
 
     options = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
-    for key in ("paths", "trainer_args", "config_args"):
+    for key in ("paths", "trainer_args", "config_args", "peft_args"):
         options[key] = tuple(options[key]) if options[key] is not None else None
     for key in ("reductions", "paddings", "groupings"):  # None: the config's default
         if options[key] is None:
             del options[key]
     options["trainer_args"] = options["trainer_args"] or ()
     options["config_args"] = options["config_args"] or ()
+    options["peft_args"] = options["peft_args"] or ()
     return CheckConfig(**options)
 
 

@@ -33,7 +33,8 @@ from ..forward import model_inputs
 from ..grads import UpdateProbe
 from ..layouts import Layout, Microbatch, collate
 from ..registry import Registry
-from ..tokens import TASKS, count_targets, token_losses
+from ..stacks.peft import virtual_tokens
+from ..tokens import TASKS, count_targets, prepend_ignored, token_losses
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 
 
@@ -70,7 +71,7 @@ def model_loss(model, inputs, labels, task, counts):
 
 def token_sum(model, inputs, labels, task) -> torch.Tensor:
     """The guide's summing criterion; label alignment comes from ``tokens`` (float64)."""
-    return token_losses(model(**inputs).logits, labels, task).sum()
+    return token_losses(model(**inputs).logits, prepend_ignored(labels, virtual_tokens(model)), task).sum()
 
 
 def token_count_loss(model, inputs, labels, task, counts):
@@ -142,7 +143,7 @@ def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Rec
         prepared, optimizer = accelerator.prepare(model, optimizer)
         # inputs are built for the unwrapped model: DDP's forward(*args, **kwargs) hides which it takes
         batches = [(model_inputs(model, mb, device), mb.labels.to(device)) for mb in microbatches]
-        local = sum(count_targets(mb.labels, task) for mb in microbatches)
+        local = sum(count_targets(prepend_ignored(mb.labels, virtual_tokens(model)), task) for mb in microbatches)
         total = int(accelerator.gather(torch.tensor([local], device=device)).sum())
         counts = TokenCounts(k, accelerator.num_processes, local, total)
         loss_fn = partial(_call, recipe.loss, task=task, counts=counts)

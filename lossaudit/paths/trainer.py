@@ -27,6 +27,8 @@ from ..layouts import Layout, group
 from ..tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
+from ..stacks.trl import check_arguments, resolve_trainer_class
+from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
 
 
@@ -85,17 +87,31 @@ class TrainerPath(StepPath):
 
     name = "trainer"
 
-    def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 trainer_class: type | None = None):
         self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
         self.fn = resolve_loss_fn(spec) if spec else None
-        self.label = Label("trainer", spec, trains_aux=spec is None)
+        # --trainer-class: the user's Trainer subclass instead of the stock one (its name in the
+        # reduction column; judged as cross entropy: whether it trains a MoE aux loss is its own)
+        self.trainer_class = trainer_class
+        self.label = Label("trainer", spec or (trainer_class.__name__ if trainer_class else None),
+                           trains_aux=spec is None and trainer_class is None)
         self.full_batch_done = False
 
     @classmethod
     def build(cls, config) -> list["TrainerPath"]:
         user_args = {k: parse_value(v) for k, v in config.trainer_args}
+        if config.trainer_class:
+            trainer_class = resolve_trainer_class(config.trainer_class)
+            check_arguments(trainer_class, user_args)
+            return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
         return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
+
+    def _step(self, ctx, layout: Layout) -> StepResult:
+        if self.trainer_class is not None:
+            return run_trainer_class(ctx, layout, self.trainer_class, user_args=self.user_args)
+        return trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=self.fn)
 
     def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
         """``layouts``, after the GA-off arm (k=1) when the run does not start with one."""
@@ -105,12 +121,15 @@ class TrainerPath(StepPath):
         return layouts
 
     def run(self, ctx, layout):
-        return [self._outcome(ctx, layout, [trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=self.fn)])]
+        return [self._outcome(ctx, layout, [self._step(ctx, layout)])]
 
     def run_layouts(self, ctx, layouts, guard, say):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
             return super().run_layouts(ctx, self.with_full_batch(ctx, layouts), guard, say)
+        if self.trainer_class is not None:
+            reason = f"--trainer-class {self.trainer_class.__name__} runs in one process (--world-size 1)"
+            return [guard.judge.failed(self.label, layout, reason) for layout in self.with_full_batch(ctx, layouts)]
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
         say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
         job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)

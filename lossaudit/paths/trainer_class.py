@@ -1,0 +1,95 @@
+"""One optimizer step of a user's ``transformers.Trainer`` subclass (``--trainer-class``, e.g.
+``trl:SFTTrainer``) on one layout, built as the stock Trainer's step is (``trainer_step``: the
+same settings, SGD lr 1, sequential sampler, ``UpdateProbe``) but with the class's own dataset
+preparation, collator and arguments class (``stacks/trl.py``). Returns the stock step's
+``StepResult``, so the trainer path's notes and report fields apply unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import tempfile
+from functools import lru_cache
+
+import torch
+
+from ..grads import UpdateProbe
+from ..layouts import Layout
+from ..stacks import require
+from ..stacks.trl import arguments, rows, tokenizer
+from .trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch
+
+
+@lru_cache(maxsize=None)
+def layout_subclass(cls: type) -> type:
+    """``cls`` feeding its dataset in order and recording what compute_loss was given."""
+
+    class Layout_(cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            n = kwargs.get("num_items_in_batch")
+            self.seen_num_items.append(int(n) if n is not None else None)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    Layout_.__name__ = Layout_.__qualname__ = f"Layout{cls.__name__}"
+    return Layout_
+
+
+def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
+    args = arguments(cls, settings, user_args)
+    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    kwargs = {}
+    takes = inspect.signature(cls.__init__).parameters
+    loaded = ctx.loaded
+    vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
+    eos = loaded.eos_id if loaded is not None else None
+    for name in ("processing_class", "tokenizer"):  # renamed in transformers 4.46
+        if name in takes:
+            kwargs[name] = tokenizer(vocab, ctx.batch.pad_id, eos)
+            break
+    trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(
+        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)),
+                                   optimizers=(optimizer, schedule), **kwargs)
+    trainer.seen_num_items = []
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StepResult:
+    """One step of ``cls`` on ``layout``, as the stock Trainer path's StepResult (so its notes
+    and report fields apply); the model's weights are restored afterwards."""
+    require("datasets", f"--trainer-class {cls.__name__}")
+    per_device_batch(layout)
+    probe = UpdateProbe(ctx.model)
+    try:
+        with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-class-") as out:
+            trainer = _build(ctx, layout, cls, out, user_args)
+            probe.watch(trainer.optimizer)
+            result = trainer.train()
+            update = dict(probe.gradient())  # None everywhere if the class never stepped
+    finally:
+        probe.restore()
+    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
+                      getattr(trainer, "model_accepts_loss_kwargs", None),
+                      getattr(trainer.args, "average_tokens_across_devices", None))

@@ -1,0 +1,47 @@
+"""The user's own training stack (issue 15): a training step function (``step.py``), a Lightning
+module (``lightning.py``), what a ``transformers.Trainer`` subclass such as TRL's SFTTrainer needs
+(``trl.py``; ``paths/trainer_class.py`` runs its step), a PEFT-wrapped model (``peft.py``), a
+model object from Python (``objects.py``).
+
+Runners only measure: one optimizer step of the stack on a layout's microbatches, returned as a
+:class:`StackStep` (the step's gradient, its loss, notes); the paths turn it into an Outcome and
+``judge.py`` judges it. This package imports only ``errors`` at import time, so core modules
+may ask ``stacks.peft`` what a wrapped model scores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import EnvironmentProblem
+
+# optional package -> the extra that installs it
+EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl"}
+
+
+@dataclass
+class StackStep:
+    """What one optimizer step of a stack did."""
+
+    gradient: list[tuple[str, torch.Tensor | None]]  # per trainable parameter; None: no gradient
+    loss: float  # the loss the stack reports for the step (NaN when it reports none)
+    notes: list[str] = field(default_factory=list)  # facts that explain a divergence
+    extra: dict = field(default_factory=dict)  # report fields
+
+
+def pip_command(package: str) -> str:
+    return f"pip install 'lossaudit[{EXTRAS.get(package, package)}]'"
+
+
+def missing(package: str) -> bool:
+    return importlib.util.find_spec(package) is None
+
+
+def require(package: str, what: str) -> None:
+    """EnvironmentProblem (exit 3) naming the pip command when ``package`` is not installed."""
+    if missing(package):
+        raise EnvironmentProblem(f"{what} needs {package}: {pip_command(package)}")
+

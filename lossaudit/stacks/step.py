@@ -1,0 +1,47 @@
+"""``--step MODULE:FUNCTION``: any training loop. ``FUNCTION(model, microbatches)`` runs the
+user's forward and backward over the layout's microbatches and leaves the step's gradient in
+``.grad``; the runner zeroes ``.grad`` before and reads it after (no optimizer involved)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..forward import model_inputs
+from ..grads import trainable
+from ..layouts import Microbatch
+from . import StackStep
+
+StepFn = Callable[[torch.nn.Module, list[dict]], object]
+
+
+def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: torch.device) -> list[dict]:
+    """The layout's microbatches as a user's loop sees them: model inputs plus ``labels``."""
+    return [{**model_inputs(model, mb, device), "labels": mb.labels.to(device)} for mb in microbatches]
+
+
+def run_step_function(model: torch.nn.Module, microbatches: list[Microbatch], fn: StepFn,
+                      device: torch.device) -> StackStep:
+    """One call of the user's step; ``.grad`` is cleared again afterwards."""
+    params = trainable(model)
+    for _, p in params:
+        p.grad = None
+    try:
+        returned = fn(model, batch_dicts(model, microbatches, device))
+        gradient = [(n, None if p.grad is None else p.grad.detach().cpu().clone()) for n, p in params]
+    finally:
+        for _, p in params:
+            p.grad = None
+    notes = [] if any(g is not None for _, g in gradient) else ["the step function left no gradient in .grad"]
+    return StackStep(gradient, _as_loss(returned), notes)
+
+
+def _as_loss(value) -> float:
+    """The function's return value as the step's loss, if it returned a number (else NaN)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan

@@ -1,0 +1,147 @@
+"""``--trainer-class MODULE:CLASS``: what one optimizer step of a ``transformers.Trainer`` subclass
+such as TRL's ``SFTTrainer`` needs, with the class's own dataset preparation and data collator
+(``paths/trainer_class.py`` runs the step beside the stock Trainer's).
+
+The class gets the layout's sequences, in the layout's order, as pre-tokenized rows: ``input_ids``
+alone when the batch scores every token (``--no-prompt-masking``), else with ``labels`` (the
+audit's targets, prompts -100), or, with ``completion_only_loss=True``, with ``completion_mask`` so
+that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
+``processing_class``, and its own arguments class (``SFTConfig`` for ``SFTTrainer``) holding the
+step the stock Trainer path runs (SGD lr 1, per-device batch B/k, k accumulation steps) plus the
+user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe`` and returned as the
+stock Trainer path's ``StepResult``. The class's
+collator pads its own way (TRL: right, or one flattened row when padding-free).
+
+Trainers whose objective is not a token mean of cross entropy are refused (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import tempfile
+from functools import lru_cache
+
+import torch
+
+from ..compat import AUDIT_OWNED, installed_name
+from ..errors import UsageError
+from ..layouts import Layout
+from ..registry import load_callable
+from . import EXTRAS, require
+
+# Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
+OTHER_OBJECTIVES = {
+    "DPOTrainer": "a preference loss over chosen/rejected pairs (DPO)",
+    "OnlineDPOTrainer": "an online preference loss (online DPO)",
+    "CPOTrainer": "a contrastive preference loss (CPO)",
+    "ORPOTrainer": "an odds-ratio preference loss (ORPO)",
+    "KTOTrainer": "a prospect-theoretic preference loss (KTO)",
+    "BCOTrainer": "a binary-classifier preference loss (BCO)",
+    "NashMDTrainer": "a Nash mirror-descent preference objective",
+    "XPOTrainer": "an exploratory preference objective (XPO)",
+    "GRPOTrainer": "a group-relative policy-gradient reward objective (GRPO)",
+    "RLOOTrainer": "a REINFORCE leave-one-out reward objective (RLOO)",
+    "PPOTrainer": "a PPO reward objective",
+    "RewardTrainer": "a pairwise ranking loss of a reward model",
+    "PRMTrainer": "a process-reward classification loss",
+    "GKDTrainer": "a generalized distillation divergence (GKD)",
+}
+# what the audit sets besides the stock Trainer path's settings, unless --trainer-arg says otherwise
+# (TRL's configs default to bf16 autocast and gradient checkpointing)
+CLASS_DEFAULTS = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+
+
+def resolve_trainer_class(spec) -> type:
+    """The user's ``MODULE:CLASS`` (or the class itself): a Trainer subclass whose objective is
+    a token mean."""
+    from transformers import Trainer
+
+    if isinstance(spec, str):
+        package = spec.partition(":")[0].split(".")[0]
+        if package in EXTRAS:
+            require(package, f"--trainer-class {spec}")
+        cls = load_callable(spec, "trainer class")
+    else:
+        cls, spec = spec, getattr(spec, "__qualname__", repr(spec))
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise UsageError(f"--trainer-class {spec}: not a subclass of transformers.Trainer")
+    for base in cls.__mro__:
+        if base.__name__ in OTHER_OBJECTIVES:
+            raise UsageError(f"--trainer-class {spec}: {base.__name__} trains {OTHER_OBJECTIVES[base.__name__]}, "
+                             "not a token mean of cross entropy; lossaudit audits token-mean objectives only")
+    return cls
+
+
+def arguments_class(cls: type) -> type:
+    """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
+    SFTTrainer), else TrainingArguments."""
+    from transformers import TrainingArguments
+
+    name = cls.__name__.removesuffix("Trainer") + "Config"
+    for module_name in (cls.__module__, cls.__module__.split(".")[0]):
+        found = getattr(importlib.import_module(module_name), name, None)
+        if isinstance(found, type) and issubclass(found, TrainingArguments):
+            return found
+    return TrainingArguments
+
+
+def arguments(cls: type, settings: dict, user: dict):
+    """``arguments_class(cls)`` from the audit's settings (newest names, left out where the
+    release lacks them) and the user's values (taken as given; they win over CLASS_DEFAULTS)."""
+    args_cls = arguments_class(cls)
+    names = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    kwargs = {installed_name(k): v for k, v in settings.items() if installed_name(k)}
+    kwargs.update({k: v for k, v in CLASS_DEFAULTS.items() if k in names and k not in user})
+    try:
+        return args_cls(**kwargs, **user)
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--trainer-arg: {args_cls.__name__} refused the values: {first}") from None
+
+
+def check_arguments(cls: type, user: dict) -> None:
+    """The user's --trainer-arg values, tried on the class's arguments class before any step;
+    a setting the audit owns (learning rate, batch sizes, ...) is refused as for the stock Trainer."""
+    owned = [f"--trainer-arg {key}: {AUDIT_OWNED[key]}" for key in user if key in AUDIT_OWNED]
+    if owned:
+        raise UsageError(*owned)
+    with tempfile.TemporaryDirectory(prefix="lossaudit-args-") as out:
+        arguments(cls, {"output_dir": out, "use_cpu": True, "report_to": "none"}, user)
+
+
+def tokenizer(vocab_size: int, pad_id: int, eos_id: int | None):
+    """A word-level tokenizer over ids 0..vocab_size-1 (token ``<i>`` is id i), built offline:
+    what a class that insists on a ``processing_class`` gets. Its pad token is the batch's."""
+    return _tokenizer(vocab_size, pad_id, pad_id if eos_id is None else eos_id)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(vocab_size: int, pad_id: int, eos_id: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"<{pad_id}>"))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=f"<{pad_id}>", eos_token=f"<{eos_id}>",
+                                   unk_token=f"<{pad_id}>")
+
+
+def rows(ctx, layout: Layout, *, completion_mask: bool = False, rank: int = 0) -> list[dict]:
+    """The layout's sequences, in order, as pre-tokenized dataset rows: ``input_ids`` alone where
+    the batch scores every token (the class's collator copies them to labels, as every TRL
+    release does), else with the audit's ``labels``, or with ``completion_mask`` (1 where the
+    audit scores a token) so that the class's own completion-only masking builds the labels."""
+    samples = [ctx.batch.samples[i] for group in layout.rank_groups(rank) for i in group]
+    plain = all(torch.equal(s.labels[1:], s.input_ids[1:]) for s in samples)  # position 0 is never scored
+    out = []
+    for sample in samples:
+        labels = sample.labels.tolist()
+        row = {"input_ids": sample.input_ids.tolist()}
+        if completion_mask:
+            row["completion_mask"] = [int(x != -100) for x in labels]
+        elif not plain:
+            row["labels"] = labels
+        out.append(row)
+    return out

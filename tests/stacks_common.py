@@ -1,0 +1,59 @@
+"""Shared by tests/test_stacks_*.py: the issue's tiny Llama, batch and layout, an exact float64
+reference for them, and a plain loop that computes what a reduction's step equals."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lossaudit.batch import BatchSpec, make_batch
+from lossaudit.forward import forward
+from lossaudit.grads import compare_grads, trainable
+from lossaudit.layouts import microbatches, plan_layouts
+from lossaudit.models import load_model
+from lossaudit.reference import compute_reference
+from lossaudit.stacks import pip_command
+
+CPU = torch.device("cpu")
+
+
+def needs(package: str):
+    """Skip the module when ``package`` is not installed, naming the pip command."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed: {pip_command(package)}", allow_module_level=True)
+
+
+def tiny_llama():
+    loaded = load_model("llama")
+    loaded.model.train()
+    return loaded
+
+
+def issue_batch(loaded, **spec):
+    """The default audit batch: 8 sequences, prompts masked on every other one."""
+    return make_batch(BatchSpec(**spec), vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task)
+
+
+def layout_of(batch, k: int = 4, grouping: str = "imbalanced", padding: str = "right"):
+    return plan_layouts(batch, (k,), paddings=(padding,), groupings=(grouping,))[0]
+
+
+def reference(model, batch):
+    return compute_reference(model, batch, trainable(model), CPU)
+
+
+def rel_err(reference_grads: dict, gradient) -> float:
+    return compare_grads(reference_grads, gradient).rel_err
+
+
+def mean_of_means_gradient(model, batch, layout) -> list:
+    """What a loop dividing each microbatch's own mean by k produces, computed plainly."""
+    params = trainable(model)
+    total = None
+    for mb in microbatches(batch, layout):
+        loss = forward(model, mb, CPU, with_labels=True)[0].loss / len(layout.groups)
+        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+    return [(n, g) for (n, _), g in zip(params, total)]
