@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 18's GPU measurements in one go, on one H100/H200 (at most about 7 minutes in all):
+# Issues 18 and 14's GPU measurements in one go, on one H100/H200 (at most about 8.5 minutes):
 #
 #   bash benchmarks/gpu_run.sh        # from the repository root; results in $OUT (default ./gpu-out)
 #   (worst case about 7.5 minutes: each benchmark is ended at its budget + 10 s; a device run
 #   with timeout_s 480 leaves it room)
 #
 # Writes at most 6 files to $OUT: env.txt (GPU, versions), run.log (everything printed),
+# sensitivity.json (benchmarks/sensitivity.py: planted 1 % bugs on the 1B model in bf16),
 # 1b.json (--path reduction: passes, training step, audit with 1 and 3 reductions),
 # 8b.json (the same on the 8B shape), 1b-steps.json (--path trainer,accelerate against their
 # own minimal passes). The 8B modes run each in its own process with its own timeout within a
@@ -72,6 +73,9 @@ bench() {  # NAME BUDGET_S MODE_TIMEOUT_S ARGS...: one benchmark, killed at its 
 # The most wanted first: the 1B times (targets 1.15 and 1.10), then the 8B memory (75 GiB),
 # then the Trainer and accelerate paths against their own passes (1.5).
 bench "$SMALL" 100 60 --size "$SMALL" --path reduction --in-process
-bench "$BIG" 170 75 --size "$BIG" --path reduction
-bench "$SMALL-steps" 130 100 --size "$SMALL" --path trainer,accelerate --in-process
+say "sensitivity $SMALL: a 1 % rescale and a 1 % reweighting must be found in $DTYPE, the correct loss must pass"
+(cd benchmarks && timeout -k 5 110 $PY sensitivity.py --size "$SMALL" --device "$DEVICE" --dtype "$DTYPE" \
+    --json "$OUT/sensitivity.json" >>"$LOG" 2>&1); say "sensitivity: exit $?"
+bench "$BIG" 150 70 --size "$BIG" --path reduction
+bench "$SMALL-steps" 110 90 --size "$SMALL" --path trainer,accelerate --in-process
 say "done"
