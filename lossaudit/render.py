@@ -1,4 +1,5 @@
-"""One report, several renderings: JSON (the contract), CSV, Markdown, HTML. Writes are atomic."""
+"""One report, several renderings: JSON (the contract), CSV, Markdown, HTML. A report directory
+is written as one unit (lossaudit.outdir); other files are written atomically."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UsageError
+from .outdir import write_dir, write_error
 from .report import SUMMARY_COLUMNS, Report
 
 
@@ -31,7 +32,7 @@ def write_files(out: Path, renderers: dict, subject, what: str) -> list[Path]:
         for path in [*list(staged)[1:], *list(staged)[:1]]:
             os.replace(staged.pop(path), path)
     except OSError as exc:
-        raise UsageError(f"cannot write the {what} to {out}: {exc.strerror or exc}") from None
+        raise write_error(exc, out, what) from None
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
@@ -145,4 +146,5 @@ RENDERERS = {
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
-    return write_files(out, RENDERERS, report, "report")
+    """The report's files as the directory ``out``, replacing an earlier report as a whole."""
+    return write_dir(out, RENDERERS, report, "report")
