@@ -27,23 +27,15 @@ def __getattr__(name: str):
 def check(model: str, **options):
     """Audit ``model`` and return a :class:`lossaudit.report.Report`.
 
-    Options are the fields of :class:`lossaudit.config.CheckConfig`; ``path`` is accepted
-    for ``paths`` and sequences may be lists.
+    Options are the fields of :class:`lossaudit.config.CheckConfig` (the option table of
+    ``lossaudit.options``); ``path`` is accepted for ``paths``, sequences may be lists, a dict
+    gives KEY=VALUE options, and a string is read as on the command line.
     """
-    from .config import CheckConfig
+    from .config import config_from
     from .harness import audit
 
-    if "path" in options:
-        options["paths"] = options.pop("path")
-    for key in ("paths", "microbatches", "reductions", "paddings", "groupings"):
-        if isinstance(options.get(key), (list, str)):
-            value = options[key]
-            options[key] = tuple([value] if isinstance(value, str) else value)
-    for key in ("trainer_args", "config_args"):
-        if isinstance(options.get(key), dict):
-            options[key] = tuple((k, str(v)) for k, v in options[key].items())
     progress = options.pop("progress", None)
-    return audit(CheckConfig(model=model, **options), progress)
+    return audit(config_from(model, **options), progress)
 
 
 def compare(old, new, **thresholds):

@@ -126,7 +126,8 @@ class Option:
         """``add_argument`` keywords; ``unset_default``: default None, so that an option not
         given can be told apart (the pytest plugin's options)."""
         default = None if unset_default or self.kind in ("list", "pairs") else self.default
-        kwargs: dict = {"help": self.help, "dest": self.name}
+        shown = self.kind == "value" and self.default not in (None, "")
+        kwargs: dict = {"help": self.help + (f" (default {self.default})" if shown else ""), "dest": self.name}
         if self.kind == "on":
             return {**kwargs, "action": "store_true", "default": default}
         if self.kind == "off":
@@ -154,7 +155,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "str", "", "model_type (built tiny), save_pretrained directory, or cached hub id",
            check=not_blank, metavar="MODEL"),
     Option("task", "str | None", None, "causal-lm, seq2seq, token-classification, sequence-classification "
-           "(default: what the model supports, causal-lm first)", "--task"),
+           "(default: what the model supports, causal-lm first)", "--task", metavar="TASK"),
     Option("paths", "tuple[str, ...] | None", None, "paths to audit, e.g. model,trainer (repeatable; "
            "default every path that applies)", "--path", "list", parse_names, nonempty, "NAME", repeat=True),
     Option("microbatches", "tuple[int, ...] | None", None, "values of k, e.g. 1,2,4,8 (default 1,2,4,8 "
@@ -181,8 +182,8 @@ OPTIONS: tuple[Option, ...] = (
            "--no-prompt-masking", "off"),
     Option("seed", "int", 0, "seed for the model weights and the batch (0 to 2**32-1)", "--seed",
            parse=parse_int, check=seed_check, metavar="N"),
-    Option("device", "str", "cpu", "torch device: cpu, cuda, cuda:N or mps", "--device"),
-    Option("dtype", "str", "float32", "model dtype: float32, float64, bfloat16 or float16", "--dtype"),
+    Option("device", "str", "cpu", "torch device: cpu, cuda, cuda:N or mps", "--device", metavar="DEVICE"),
+    Option("dtype", "str", "float32", "model dtype: float32, float64, bfloat16 or float16", "--dtype", metavar="DTYPE"),
     Option("trainer_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for TrainingArguments (repeatable)",
            "--trainer-arg", "pairs", parse_key_value, metavar="KEY=VALUE"),
     Option("config_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for the model config (repeatable)",
