@@ -55,33 +55,38 @@ class _Config:
         object.__setattr__(self, "objective", Objective.from_trainer_args(self.trainer_args))
 
     def problems(self) -> list[str]:
-        p = _table_problems(self)
-        if p:  # a value of the wrong kind would make the checks below raise
-            return p
+        p, bad = _table_problems(self)
+        ok = lambda *names: not bad & set(names)  # noqa: E731  (checks of values of the right kind only)
         if self.task is not None and self.task not in TASKS:
             p.append(f"unknown --task {self.task!r}; choose from {', '.join(TASKS)}")
-        ranks = max(self.world_size, 1)
-        for k in self.microbatches or ():
-            if k < 1 or k * ranks > self.batch_size:
-                most = f"the batch size over --world-size ({self.batch_size // ranks})" if ranks > 1 else \
-                    f"the batch size ({self.batch_size})"
-                p.append(f"--microbatches {k}: must be between 1 and {most}")
-        if self.world_size > self.batch_size:
+        if ok("microbatches", "batch_size"):
+            ranks = self.world_size if ok("world_size") else 1
+            for k in self.microbatches or ():
+                if not isinstance(k, int) or k < 1 or k * ranks > self.batch_size:
+                    most = f"the batch size over --world-size ({self.batch_size // ranks})" if ranks > 1 else \
+                        f"the batch size ({self.batch_size})"
+                    p.append(f"--microbatches {k}: must be between 1 and {most}")
+        if ok("world_size", "batch_size") and self.world_size > self.batch_size:
             p.append(f"--world-size {self.world_size}: more ranks than sequences in the batch ({self.batch_size})")
-        if self.max_length < self.min_length:
+        if ok("max_length", "min_length") and self.max_length < self.min_length:
             p.append("need 2 <= --min-length <= --max-length")
-        if self.empty_sequences >= self.batch_size:
+        if ok("empty_sequences", "batch_size") and self.empty_sequences >= self.batch_size:
             p.append("--empty-sequences must leave at least one sequence with targets")
         if self.dtype not in DTYPES:
             p.append(f"unknown --dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             p.append(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or mps")
-        p += _code_problems(self)
-        p += objective_problems(self.trainer_args)
-        p += trainer_arg_problems(self.trainer_args)
-        p += [f"unknown padding {x!r}; choose from {', '.join(PADDINGS)}" for x in self.paddings if x not in PADDINGS]
-        p += [f"unknown grouping {x!r}; choose from {', '.join(GROUPINGS)}" for x in self.groupings
-              if x not in GROUPINGS]
+        if ok("loss_fn", "reductions"):
+            p += _code_problems(self)
+        if ok("trainer_args"):
+            p += objective_problems(self.trainer_args)
+            p += trainer_arg_problems(self.trainer_args)
+        if ok("paddings"):
+            p += [f"unknown padding {x!r}; choose from {', '.join(PADDINGS)}" for x in self.paddings
+                  if x not in PADDINGS]
+        if ok("groupings"):
+            p += [f"unknown grouping {x!r}; choose from {', '.join(GROUPINGS)}" for x in self.groupings
+                  if x not in GROUPINGS]
         return p
 
     @property
@@ -146,14 +151,16 @@ def config_from(model: str | None = None, **values) -> "CheckConfig":
     return CheckConfig(**coerced)
 
 
-def _table_problems(config) -> list[str]:
-    problems = []
+def _table_problems(config) -> tuple[list[str], set[str]]:
+    """The option table's own checks: the problems, and the fields that have one."""
+    problems, bad = [], set()
     for option in OPTIONS:
         value = getattr(config, option.name)
         problem = option.check(value) if option.check and value is not None else None
         if problem:
             problems.append(f"{option.cli}: {problem}" if option.flag else "no MODEL given")
-    return problems
+            bad.add(option.name)
+    return problems, bad
 
 
 def _code_problems(config) -> list[str]:

@@ -8,7 +8,7 @@
   SIGTERM held back): no moment shows files of two runs side by side, and an interrupted or
   failed write leaves the old report whole and no staged file behind.
 
-``LOSSAUDIT_TEST_PAUSE=POINT:DIR`` (tests only) stops a run at ``locked`` or ``staged``: it
+``LOSSAUDIT_TEST_PAUSE=POINT:DIR`` (tests only) stops a run at ``locked``, ``staged`` or ``swapping``: it
 creates ``DIR/reached-POINT`` and waits for ``DIR/go-POINT``, so a test can send a signal or
 start a second writer at a known moment instead of racing a timer.
 """
@@ -107,6 +107,7 @@ def write_dir(out: Path, renderers: dict, subject, what: str) -> list[Path]:
             (staged / name).write_text(render(subject), encoding="utf-8")
         pause_point("staged")
         with signals_held():
+            pause_point("swapping")  # a signal sent now waits until the swap is done
             _swap(staged, out)
     except OSError as exc:
         raise write_error(exc, out, what) from None

@@ -84,17 +84,20 @@ def _check_out(out: Path, overwrite: bool, name: str, whole: bool) -> None:
     existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, not a directory")
-    if not _can_create_in(existing):
-        raise UsageError(f"--out {out}: cannot create files in {existing}")
+    reason = _cannot_create_in(existing)
+    if reason:
+        raise UsageError(f"--out {out}: cannot create files in {existing}: {reason}")
 
 
-def _can_create_in(directory: Path) -> bool:
+def _cannot_create_in(directory: Path) -> str | None:
     """Try it: permission bits say nothing to root, nor about read-only file systems."""
     try:
         with tempfile.TemporaryFile(dir=directory, prefix=".lossaudit-probe-"):
-            return True
-    except OSError:
-        return False
+            return None
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     from ..terminal import print_summary, progress, use_color
 
     config = config_from_args(args)
+    refuse_unknown_paths(config)
     baseline = check_baseline(args)
     replacing = baseline is not None and args.replace_baseline
     with claimed_out(args, config, args.overwrite or replacing) as out:
@@ -179,6 +183,16 @@ def run(args: argparse.Namespace) -> int:
     if baseline is None:
         return report.exit_status
     return gate_status(report, baseline, args, out)
+
+
+def refuse_unknown_paths(config) -> None:
+    """A --path name no path has, refused before the model is built (whether a known path
+    applies to the model and can run is decided when the audit is planned)."""
+    from ..paths import PATHS
+
+    unknown = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
+    if unknown:
+        raise UsageError(*unknown)
 
 
 def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:
