@@ -150,12 +150,10 @@ def resolve_task(name: str, *, task: str | None = None, allow_pickle: bool = Fal
                  trust_remote_code: bool = False, allow_download: bool = False) -> str:
     """The task an audit of ``name`` will run, from its config alone (no weights are read):
     the default report directory is named, locked and probed before the audit."""
-    from transformers import CONFIG_MAPPING
-
     trust = Trust(allow_pickle, trust_remote_code, allow_download)
     source, path = _locate(name, trust)
     if source == "tiny":
-        return _choose_task(CONFIG_MAPPING[name](), task, name)
+        return _choose_task(tiny_config(name, {}, None), task, name)
     refuse_untrusted(path, read_config_json(path), trust)
     try:
         config = _load_config(path, trust)

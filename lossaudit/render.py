@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .outdir import write_dir, write_error
-from .report import SUMMARY_COLUMNS, Report
+from .report import SUMMARY_COLUMNS, Report, _fmt, findings_table, markdown_table  # noqa: F401  (re-exported)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -59,21 +59,6 @@ def _umask() -> int:
     return mask
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.3g}"
-    return "" if value is None else str(value)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.itertuples(index=False):
-        cells = (_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def summary_frame(report: Report) -> pd.DataFrame:
     """Worst error per (path, reduction) and k: the pivot a person reads first."""
     cases = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
@@ -83,12 +68,6 @@ def summary_frame(report: Report) -> pd.DataFrame:
     table = table.reindex(columns=sorted(table.columns))  # k ascending, whichever path ran first
     table.columns = [f"k={k}" for k in table.columns]
     return table
-
-
-def findings_table(report: Report) -> str:
-    findings = report.worst_first(report.findings)
-    columns = SUMMARY_COLUMNS + ["detail"]
-    return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
 
 
 def describe(report: Report) -> tuple[str, str, str]:

@@ -52,8 +52,6 @@ class Report:
     def assert_clean(self) -> "Report":
         __tracebackhide__ = True  # pytest shows the caller's line and this message, not our frame
         if len(self.findings):
-            from .render import findings_table
-
             raise DivergenceError(findings_table(self))
         return self
 
@@ -100,6 +98,27 @@ class Report:
             return cls.from_dict(data)
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    columns = list(frame.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame.itertuples(index=False):
+        cells = (_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings_table(report: "Report") -> str:
+    findings = report.worst_first(report.findings)
+    columns = SUMMARY_COLUMNS + ["detail"]
+    return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
 
 
 MAX_REPORT_BYTES = 256 << 20  # a report of a thousand cases is about 1 MiB

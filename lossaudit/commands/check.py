@@ -186,13 +186,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def refuse_unknown_paths(config) -> None:
-    """A --path name no path has, refused before the model is built (whether a known path
-    applies to the model and can run is decided when the audit is planned)."""
+    """A --path no path has, or one its spec says cannot run with these settings, refused before
+    the model is built (the audit's planning decides it again, with the model's task)."""
     from ..paths import PATHS
 
-    unknown = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
-    if unknown:
-        raise UsageError(*unknown)
+    problems = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
+    for name in config.paths or ():
+        reason = PATHS.get(name).unavailable(config) if name in PATHS else None
+        if reason:
+            problems.append(f"--path {name}: {reason}")
+    if problems:
+        raise UsageError(*problems)
 
 
 def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:
