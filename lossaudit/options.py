@@ -214,7 +214,10 @@ def add_arguments(parser, prefix: str = "", *, unset_default: bool = False) -> N
             continue
         flag = option.flag or f"--{option.name}"
         kwargs["dest"] = f"{prefix.replace('-', '_')}{option.name}"
-        parser.addoption(f"--{prefix}{flag[2:]}", **kwargs) if prefix else parser.add_argument(flag, **kwargs)
+        if prefix:  # a pytest option group
+            parser.addoption(f"--{prefix}{flag[2:]}", **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
 
 
 def values_from(namespace: dict, prefix: str = "") -> dict:
