@@ -29,30 +29,21 @@ def check(model, **options):
 
     ``model`` is a name or directory, or a ``torch.nn.Module`` the caller built (a
     PreTrainedModel, or a PeftModel around one). Options are the fields of
-    :class:`lossaudit.config.CheckConfig`; ``path`` is accepted for ``paths`` and sequences
-    may be lists.
+    :class:`lossaudit.config.CheckConfig` (the option table of ``lossaudit.options``); ``path``
+    is accepted for ``paths``, sequences may be lists, a dict gives KEY=VALUE options, and a
+    string is read as on the command line.
     """
-    from .config import CheckConfig
+    from .config import config_from
     from .harness import audit
 
     loaded = None
-    if not isinstance(model, str):
+    if not isinstance(model, str):  # an object the caller built
         from .stacks.objects import loaded_object
 
         loaded = loaded_object(model, options.get("task"))
         model = loaded.name
-
-    if "path" in options:
-        options["paths"] = options.pop("path")
-    for key in ("paths", "microbatches", "reductions", "paddings", "groupings"):
-        if isinstance(options.get(key), (list, str)):
-            value = options[key]
-            options[key] = tuple([value] if isinstance(value, str) else value)
-    for key in ("trainer_args", "config_args", "peft_args"):
-        if isinstance(options.get(key), dict):
-            options[key] = tuple((k, str(v)) for k, v in options[key].items())
     progress = options.pop("progress", None)
-    return audit(CheckConfig(model=model, **options), progress, loaded=loaded)
+    return audit(config_from(model, **options), progress, loaded=loaded)
 
 
 def compare(old, new, **thresholds):

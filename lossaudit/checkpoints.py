@@ -14,6 +14,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,11 @@ def pickle_files(path: Path) -> list[Path]:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise UsageError(f"{index}: cannot read the shard index: {_first_line(exc)}") from None
-        return [path / name for name in sorted(shards)]
+        files = [path / str(name) for name in sorted(map(str, shards))]
+        outside = [f for f in files if not f.resolve().is_relative_to(path.resolve())]
+        if outside:
+            raise UsageError(f"{index}: names a shard outside the model directory ({outside[0]}); refused")
+        return files
     return sorted(path.glob(PICKLE_WEIGHTS))
 
 
@@ -103,7 +108,9 @@ def pickle_state_dict(path: Path) -> dict:
     state = {}
     for file in pickle_files(path):
         try:
-            shard = torch.load(file, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch's own warnings would come before lossaudit's one line
+                warnings.simplefilter("ignore")
+                shard = torch.load(file, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
             raise UsageError(f"{file}: refused by torch.load(weights_only=True): it holds more than tensors "
                              f"({_unsupported(exc)}), which could run code when unpickled") from None
@@ -116,19 +123,48 @@ def pickle_state_dict(path: Path) -> dict:
 
 
 def load_weights(auto_class, path: Path, config, trust: Trust):
-    """The model of ``auto_class`` for ``config`` with the directory's weights."""
+    """The model of ``auto_class`` for ``config`` with the directory's weights; a checkpoint
+    that is broken, or does not fill every weight with one of the right shape, is refused."""
     with quiet():
         if list(path.glob("*.safetensors")) or not trust.allow_pickle or not pickle_files(path):
-            return auto_class.from_pretrained(path, config=config, local_files_only=True,
-                                              trust_remote_code=trust.trust_remote_code, use_safetensors=True)
-        state = pickle_state_dict(path)
-        model, info = _model_class(auto_class, config, trust).from_pretrained(
-            None, config=config, state_dict=state, output_loading_info=True)
-    problems = [f"{len(info[k])} {k.replace('_', ' ')} ({', '.join(sorted(map(str, info[k]))[:3])})"
-                for k in ("missing_keys", "mismatched_keys") if info.get(k)]
+            check_safetensors(path)
+            model, info = auto_class.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=trust.trust_remote_code,
+                use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True)
+            kind = "safetensors"
+        else:
+            state = pickle_state_dict(path)
+            model, info = _model_class(auto_class, config, trust).from_pretrained(
+                None, config=config, state_dict=state, output_loading_info=True)
+            kind = "pickle"
+    problems = [f"{len(info[k])} {k.replace('_', ' ')} ({', '.join(sorted(map(_key, info[k]))[:3])}"
+                f"{', ...' if len(info[k]) > 3 else ''})" for k in ("missing_keys", "mismatched_keys") if info.get(k)]
     if problems:
-        raise UsageError(f"{path}: the pickle checkpoint does not fit config.json: {'; '.join(problems)}")
+        raise UsageError(f"{path}: the {kind} checkpoint does not fit config.json: {'; '.join(problems)}")
     return model
+
+
+def check_safetensors(path: Path) -> None:
+    """Every safetensors file's header reads and covers its file (an empty, cut or garbled file
+    is refused by name before transformers reports it its own way)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # SafetensorError is no OSError; anything else is a broken file too
+            if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "SafetensorError":
+                raise
+            raise UsageError(f"{file}: not a readable safetensors file: {_first_line(exc)}") from None
+
+
+def _key(item) -> str:
+    """A missing key is a name; a mismatched one (name, checkpoint shape, model shape)."""
+    if isinstance(item, (tuple, list)) and item:
+        return f"{item[0]}: {'x'.join(map(str, item[1]))} in the checkpoint, {'x'.join(map(str, item[2]))} in the model" \
+            if len(item) == 3 else str(item[0])
+    return str(item)
 
 
 def _model_class(auto_class, config, trust: Trust):

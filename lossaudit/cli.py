@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
+import traceback
 
 from .commands import COMMANDS
-from .errors import LossauditError, UsageError
+from .errors import EnvironmentProblem, LossauditError, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,25 +45,50 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as SIGINT is: the same clean-up, the same exit."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, 1, 2 or 3 whatever happens; LOSSAUDIT_DEBUG=1 adds the traceback to
+    stderr but never changes the status."""
     debug = os.environ.get("LOSSAUDIT_DEBUG") == "1"
     quiet_libraries()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("missing command; try: python -m lossaudit check llama")
-        return importlib.import_module(f"lossaudit.commands.{args.command}").run(args)
+        return _run(args)
     except LossauditError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"lossaudit: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_status
-    except KeyboardInterrupt:
-        print("lossaudit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"lossaudit: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
         return 3
     except Exception as exc:  # an internal error: one line, the traceback on request
-        if debug:
-            raise
-        print(f"lossaudit: internal error: {type(exc).__name__}: {_one_line(exc)} (set LOSSAUDIT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        _traceback(debug)
+        hint = "" if debug else " (set LOSSAUDIT_DEBUG=1 for the traceback)"
+        print(f"lossaudit: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return 3
+
+
+def _run(args) -> int:
+    """The command; a SystemExit from code it called (a user's reduction or loss function) is
+    not the command's answer: it must never pass for a clean run."""
+    try:
+        return importlib.import_module(f"lossaudit.commands.{args.command}").run(args)
+    except SystemExit as exc:
+        raise EnvironmentProblem(f"code called during the run raised SystemExit({exc.code!r}); "
+                                 "the run was not completed") from None
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        traceback.print_exc(file=sys.stderr)

@@ -21,7 +21,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     if isinstance(exc, (oom, torch.cuda.OutOfMemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()  # the CPU allocator says "can't allocate memory"
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def must_propagate(exc: BaseException) -> bool:

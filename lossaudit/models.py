@@ -76,9 +76,20 @@ def _auto_classes() -> dict:
     }
 
 
+AUTO_MAP_KEYS = {  # config.json's auto_map keys of a remote-code model's heads
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+
 def supported_tasks(config) -> list[str]:
+    """Tasks with a head for ``config``: in transformers' own mapping, or (a remote-code model,
+    whose dynamic classes never enter that mapping) named by config.json's auto_map."""
     classes = _auto_classes()
-    return [t for t in TASKS if type(config) in classes[t]._model_mapping]
+    auto_map = getattr(config, "auto_map", None) or {}
+    return [t for t in TASKS if type(config) in classes[t]._model_mapping or AUTO_MAP_KEYS[t] in auto_map]
 
 
 def _choose_task(config, task: str | None, name: str) -> str:
@@ -129,16 +140,50 @@ def load_model(
     unless ``allow_download``). What a saved model may do is in ``lossaudit.checkpoints``."""
     trust = Trust(allow_pickle, trust_remote_code, allow_download)
     overrides = dict(config_overrides or {})
-    if os.path.isdir(name) and not _bare_type_over_other_dir(name):
-        return _from_pretrained(Path(name), name, "directory", task, overrides, trust, num_layers)
-    if name in _model_types():
+    source, path = _locate(name, trust)
+    if source == "tiny":
         return _tiny(name, task, seed, overrides, num_layers)
+    return _from_pretrained(path, name, source, task, overrides, trust, num_layers)
+
+
+def resolve_task(name: str, *, task: str | None = None, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, allow_download: bool = False) -> str:
+    """The task an audit of ``name`` will run, from its config alone (no weights are read):
+    the default report directory is named, locked and probed before the audit."""
+    trust = Trust(allow_pickle, trust_remote_code, allow_download)
+    source, path = _locate(name, trust)
+    if source == "tiny":
+        return _choose_task(tiny_config(name, {}, None), task, name)
+    refuse_untrusted(path, read_config_json(path), trust)
+    try:
+        config = _load_config(path, trust)
+    except (OSError, ValueError) as exc:
+        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {_first(exc)}") from None
+    return _choose_task(config, task, name)
+
+
+def _locate(name: str, trust: Trust) -> tuple[str, Path | None]:
+    if os.path.isdir(name) and not _bare_type_over_other_dir(name):
+        return "directory", Path(name)
+    if name in _model_types():
+        return "tiny", None
     if "/" in name and not name.startswith((".", "/")):
-        return _from_pretrained(snapshot_dir(name, trust), name, "cache", task, overrides, trust, num_layers)
+        return "cache", snapshot_dir(name, trust)
     raise UsageError(
         f"unknown model {name!r}: not a directory, a transformers model_type or a cached hub id"
         + did_you_mean(name, _model_types())
     )
+
+
+def _load_config(path: Path, trust: Trust, **kwargs):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust.trust_remote_code,
+                                      **kwargs)
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _bare_type_over_other_dir(name: str) -> bool:
@@ -166,14 +211,12 @@ def _tiny(name: str, task: str | None, seed: int, overrides: dict, num_layers: i
 
 def _from_pretrained(path: Path, name: str, source: str, task, overrides: dict, trust: Trust,
                      num_layers: int | None) -> LoadedModel:
-    from transformers import AutoConfig
-
     refuse_untrusted(path, read_config_json(path), trust)
-    try:
-        def load_config(**kwargs):
-            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust.trust_remote_code,
-                                              **kwargs)
 
+    def load_config(**kwargs):
+        return _load_config(path, trust, **kwargs)
+
+    try:
         if overrides:
             _refuse_unknown_keys(type(load_config()), overrides)
         with _overrides_blamed(overrides):
@@ -187,9 +230,7 @@ def _from_pretrained(path: Path, name: str, source: str, task, overrides: dict, 
     except UsageError:
         raise
     except (OSError, ValueError) as exc:
-        remote = remote_code_message(path, exc)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(remote or f"cannot load {name!r} ({source}): {first}") from None
+        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {_first(exc)}") from None
     except ImportError as exc:
         raise EnvironmentProblem(f"cannot load {name!r}: {exc}") from None
     return LoadedModel(model, name, task, source, overrides)

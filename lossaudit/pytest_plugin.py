@@ -7,7 +7,9 @@
     def test_llama_accumulates():      # a marked test that runs no audit itself runs the declared one
         ...
 
-Options: ``--lossaudit-model`` (the model of every audit that names none), ``--lossaudit-baseline``
+Options: every setting of ``lossaudit check`` as ``--lossaudit-...`` (``--lossaudit-model``, the
+model of every audit that names none; ``--lossaudit-seed``, ``--lossaudit-path``, ...: generated
+from the option table of ``lossaudit.options``), ``--lossaudit-baseline``
 (compare every audit with this report.json; a regression fails the test) and the gate's
 thresholds as ``--lossaudit-max-grad-growth`` and so on (the same definitions as the CLI's).
 Loaded when pytest starts, in every project that has lossaudit installed: nothing here imports
@@ -22,14 +24,18 @@ import pytest
 
 from .errors import UsageError
 from .gate import Gate, add_pytest_options
+from .options import add_arguments as add_config_options
+from .options import values_from
 
 MARKER = "lossaudit"
+PREFIX = "lossaudit-"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lossaudit", "loss-reduction audits (lossaudit)")
-    group.addoption("--lossaudit-model", metavar="MODEL", default=None,
-                    help="model of every audit that names none: model_type, save_pretrained directory or cached hub id")
+    # every setting of an audit, from the option table the CLI is generated from: the default of
+    # every audit in the session (a marker's options and check()'s keywords override it)
+    add_config_options(group, prefix=PREFIX, unset_default=True)
     group.addoption("--lossaudit-baseline", metavar="FILE", type=Path, default=None,
                     help="compare every audit with this report.json; a regression fails the test")
     add_pytest_options(group)
@@ -79,14 +85,20 @@ class Auditor:
             problem = str(exc)
         pytest.fail(f"lossaudit: {problem}", pytrace=False)  # outside the except: no chained traceback
 
+    def session_options(self) -> dict:
+        """The audit settings given on pytest's command line (--lossaudit-seed 3, ...)."""
+        return values_from(vars(self._config.option), PREFIX)
+
     def _check(self, model, baseline, options):
         import lossaudit
         from .baseline import GatedReport, compare
         from .report import Report
 
-        merged = {**self.declared, **options}
-        declared_model = merged.pop("model", None)
-        model = model or declared_model or self._config.getoption("lossaudit_model")
+        merged = {**self.session_options(), **self.declared, **options}
+        if "path" in merged:
+            merged["paths"] = merged.pop("path")
+        model = model or merged.pop("model", None)
+        merged.pop("model", None)
         if not model:
             raise UsageError("no model to audit: pass one to lossaudit.check(), mark the test with "
                              "@pytest.mark.lossaudit(model=...), or run pytest with --lossaudit-model")

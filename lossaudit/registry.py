@@ -25,6 +25,9 @@ def load_callable(spec: str, kind: str) -> Callable:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot load {kind} {spec!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails to import (SyntaxError, its own errors)
+        first = " ".join(str(exc).split())[:200]
+        raise UsageError(f"cannot load {kind} {spec!r}: importing {module_name} raised {type(exc).__name__}: {first}") from None
     if not callable(fn):
         raise UsageError(f"{kind} {spec!r} is not callable")
     return fn

@@ -1,4 +1,5 @@
-"""One report, several renderings: JSON (the contract), CSV, Markdown, HTML. Writes are atomic."""
+"""One report, several renderings: JSON (the contract), CSV, Markdown, HTML. A report directory
+is written as one unit (lossaudit.outdir); other files are written atomically."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UsageError
-from .report import SUMMARY_COLUMNS, Report
+from .outdir import write_dir, write_error
+from .report import SUMMARY_COLUMNS, Report, _fmt, findings_table, markdown_table  # noqa: F401  (re-exported)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -31,7 +32,7 @@ def write_files(out: Path, renderers: dict, subject, what: str) -> list[Path]:
         for path in [*list(staged)[1:], *list(staged)[:1]]:
             os.replace(staged.pop(path), path)
     except OSError as exc:
-        raise UsageError(f"cannot write the {what} to {out}: {exc.strerror or exc}") from None
+        raise write_error(exc, out, what) from None
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
@@ -58,21 +59,6 @@ def _umask() -> int:
     return mask
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.3g}"
-    return "" if value is None else str(value)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.itertuples(index=False):
-        cells = (_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def summary_frame(report: Report) -> pd.DataFrame:
     """Worst error per (path, reduction) and k: the pivot a person reads first."""
     cases = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
@@ -82,12 +68,6 @@ def summary_frame(report: Report) -> pd.DataFrame:
     table = table.reindex(columns=sorted(table.columns))  # k ascending, whichever path ran first
     table.columns = [f"k={k}" for k in table.columns]
     return table
-
-
-def findings_table(report: Report) -> str:
-    findings = report.worst_first(report.findings)
-    columns = SUMMARY_COLUMNS + ["detail"]
-    return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
 
 
 def describe(report: Report) -> tuple[str, str, str]:
@@ -145,4 +125,5 @@ RENDERERS = {
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
-    return write_files(out, RENDERERS, report, "report")
+    """The report's files as the directory ``out``, replacing an earlier report as a whole."""
+    return write_dir(out, RENDERERS, report, "report")

@@ -52,8 +52,6 @@ class Report:
     def assert_clean(self) -> "Report":
         __tracebackhide__ = True  # pytest shows the caller's line and this message, not our frame
         if len(self.findings):
-            from .render import findings_table
-
             raise DivergenceError(findings_table(self))
         return self
 
@@ -76,6 +74,9 @@ class Report:
     def from_dict(cls, data: dict) -> "Report":
         if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("cases"), list):
             raise UsageError(f"not a lossaudit report (expected schema {SCHEMA!r})")
+        problem = report_problem(data)
+        if problem:
+            raise UsageError(f"not a valid lossaudit report: {problem}")
         cases = pd.DataFrame(data["cases"])
         for column in CASE_COLUMNS:
             if column not in cases:
@@ -86,15 +87,94 @@ class Report:
     @classmethod
     def load(cls, path: str | Path) -> "Report":
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(read_bounded(Path(path)))
         except FileNotFoundError:
             raise UsageError(f"{path}: no such report") from None
+        except PermissionError:
+            raise UsageError(f"{path}: permission denied") from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"{path}: cannot read report: {exc}") from None
         try:
             return cls.from_dict(data)
         except UsageError as exc:
             raise UsageError(f"{path}: {exc}") from None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    columns = list(frame.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame.itertuples(index=False):
+        cells = (_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings_table(report: "Report") -> str:
+    findings = report.worst_first(report.findings)
+    columns = SUMMARY_COLUMNS + ["detail"]
+    return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
+
+
+MAX_REPORT_BYTES = 256 << 20  # a report of a thousand cases is about 1 MiB
+
+
+def read_bounded(path: Path, limit: int = MAX_REPORT_BYTES) -> str:
+    """The file's text, refusing one larger than ``limit`` (or endless, as /dev/zero) unread."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB, which no report is")
+    return data.decode("utf-8")
+
+
+NUMBER_FIELDS = ("loss", "reference_loss", "loss_abs_err", "loss_rel_err", "grad_rel_err", "grad_cosine",
+                 "grad_max_abs", "grad_scale", "worst_param_rel_err")
+TEXT_FIELDS = {"path": False, "padding": False, "grouping": False, "reduction": True, "worst_param": True,
+               "detail": True}  # field: may be null
+VERDICTS = ("match", "diverge", "error")
+SECTIONS = {"environment": dict, "model": dict, "tolerance": dict, "batch": dict, "tensor_errors": list}
+
+
+def report_problem(data: dict) -> str | None:
+    """The first field of a report.json that compare or a baseline could not use, else None."""
+    for key, kind in SECTIONS.items():
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            return f"{key!r} is a {type(data[key]).__name__}, not a {kind.__name__}"
+    for i, case in enumerate(data["cases"]):
+        problem = _case_problem(case)
+        if problem:
+            return f"case {i + 1}: {problem}"
+    return None
+
+
+def _case_problem(case) -> str | None:
+    if not isinstance(case, dict):
+        return f"a {type(case).__name__}, not an object"
+    for key, nullable in TEXT_FIELDS.items():
+        value = case.get(key)
+        if not (isinstance(value, str) or (value is None and (nullable or key not in case))):
+            return f"{key!r} is {value!r}, not a string"
+    for key in ("microbatches", "world_size"):
+        value = case.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"{key!r} is {value!r}, not a positive integer"
+    if not isinstance(case.get("microbatches"), int):
+        return "'microbatches' is missing"
+    if case.get("verdict") not in VERDICTS:
+        return f"'verdict' is {case.get('verdict')!r}, not one of {', '.join(VERDICTS)}"
+    if not isinstance(case.get("expected", False), bool):
+        return f"'expected' is {case.get('expected')!r}, not true or false"
+    for key in NUMBER_FIELDS:
+        value = case.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key!r} is {value!r}, not a number"
+    return None
 
 
 def _json_value(value):

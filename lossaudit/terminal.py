@@ -44,12 +44,22 @@ def progress_printer(stream=None):
     stream = stream or sys.stderr
     if not stream.isatty():
         return None
+    shown = [0]  # length of the line on screen
 
     def say(message: str) -> None:
-        stream.write("\r\033[K" + message)
+        stream.write(_rewrite(message, shown[0]))
+        shown[0] = len(message)
         stream.flush()
 
     return say
+
+
+def _rewrite(message: str, shown: int) -> str:
+    """``message`` over the current line: ESC[K clears the rest, except on a dumb terminal,
+    which prints escape codes as they are; there spaces blank what the old line had more."""
+    if os.environ.get("TERM") == "dumb":
+        return "\r" + message + " " * max(shown - len(message), 0) + ("\r" + message if shown > len(message) else "")
+    return "\r\033[K" + message
 
 
 @contextlib.contextmanager
@@ -66,7 +76,8 @@ def progress(*, color: bool, stream=None) -> Iterator:
         try:
             yield say
         finally:
-            stream.write("\r\033[K")
+            say("")
+            stream.write("\r")
             stream.flush()
         return
     from rich.console import Console

@@ -8,7 +8,7 @@ import lossaudit
 from lossaudit.compat import label_smoothing_accumulates_right, release_has_ga_fix
 from lossaudit.config import CheckConfig
 from lossaudit.forward import forward
-from lossaudit.harness import prepare
+from lossaudit.harness import prepare, selected_paths
 from lossaudit.layouts import full_batch
 
 from test_cli import assert_usage_error, run
@@ -31,11 +31,12 @@ def test_bad_label_smoothing_and_an_unloadable_loss_fn_are_reported_together():
     assert "label_smoothing_factor=2" in str(caught.value) and "no_such_module" in str(caught.value)
 
 
-def test_the_model_path_cannot_audit_a_label_smoothed_objective():
+def test_the_model_path_cannot_audit_a_label_smoothed_objective():  # decided when the audit is planned
     with pytest.raises(lossaudit.UsageError, match="--path model: the model's own loss is plain cross entropy"):
-        CheckConfig(model="llama", paths=("model",), trainer_args=(("label_smoothing_factor", "0.1"),))
+        selected_paths(CheckConfig(model="llama", paths=("model",), trainer_args=(("label_smoothing_factor", "0.1"),)),
+                       "causal-lm")
     with pytest.raises(lossaudit.UsageError, match="--path loss-fn: needs --loss-fn"):
-        CheckConfig(model="llama", paths=("loss-fn",))
+        selected_paths(CheckConfig(model="llama", paths=("loss-fn",)), "causal-lm")
 
 
 def test_the_reference_computes_the_label_smoothed_objective():

@@ -3,78 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import itertools
 import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UsageError
 from ..gate import OPTIONS as GATE_OPTIONS
 from ..gate import Gate, add_gate_arguments
+from ..outdir import claim
+from ..options import add_arguments as add_config_arguments
+from ..options import parse_names, values_from
 from ..terminal import add_color_argument
 
 HELP = "audit one model"
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from None
+def _names(text: str) -> tuple[str, ...]:  # sweep's --path and --types read lists the same way
+    return parse_names(text)
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a report directory")
+    return Path(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="model_type (built tiny), save_pretrained directory, or cached hub id")
-    p.add_argument("--task", help="causal-lm, seq2seq, token-classification, sequence-classification")
-    p.add_argument("--path", dest="paths", type=_names, action="extend",
-                   help="paths to audit, e.g. model,trainer (repeatable; default all that apply)")
-    p.add_argument("--microbatches", type=_ints, help="values of k, e.g. 1,2,4,8")
-    p.add_argument("--reductions", type=_names, help="reductions, e.g. mean_of_means,num_items or module:function")
-    p.add_argument("--paddings", type=_names, help="padding sides: right,left (default both)")
-    p.add_argument("--groupings", type=_names,
-                   help="how sequences are grouped into microbatches: contiguous,length_sorted,imbalanced (default all)")
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--trainer-arg", dest="trainer_args", type=_key_value, action="append", default=[])
-    p.add_argument("--loss-fn", metavar="MODULE:FUNCTION",
-                   help="your compute_loss_func(outputs, labels, num_items_in_batch=None), audited on its own and in the Trainer")
-    p.add_argument("--config-arg", dest="config_args", type=_key_value, action="append", default=[])
-    p.add_argument("--step", metavar="MODULE:FUNCTION", help="your training step (path step): "
-                   "FUNCTION(model, microbatches) runs forward and backward, leaves .grad, returns the loss")
-    p.add_argument("--lightning-module", metavar="MODULE:FACTORY",
-                   help="FACTORY(model) -> your LightningModule (path lightning)")
-    p.add_argument("--trainer-class", metavar="MODULE:CLASS",
-                   help="a transformers.Trainer subclass for the trainer path, e.g. trl:SFTTrainer")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (save_pretrained) to audit on MODEL")
-    p.add_argument("--peft", metavar="METHOD", help="a fresh PEFT adapter on MODEL: lora, prompt_tuning, ...")
-    p.add_argument("--peft-arg", dest="peft_args", type=_key_value, action="append", default=[],
-                   help="KEY=VALUE for the --peft method's config (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--min-length", type=int, default=4)
-    p.add_argument("--empty-sequences", type=int, default=0, help="sequences with no target token")
-    p.add_argument("--no-prompt-masking", dest="prompt_masking", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
-    p.add_argument("--num-layers", type=int, help="keep this many layers (cut a checkpoint's depth for a fast audit)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load a pickle checkpoint (pytorch_model.bin) with torch.load(weights_only=True)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run code that config.json's auto_map names")
-    p.add_argument("--allow-download", action="store_true",
-                   help="download a hub id that is not in the local cache (default: the cache only)")
-    p.add_argument("--out", type=Path, help="report directory (default reports/MODEL-TASK/)")
+    add_config_arguments(p)  # the audit's settings: the option table of lossaudit.options
+    p.add_argument("--out", type=_out_dir, metavar="DIR", help="report directory (default reports/MODEL-TASK/)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--baseline", type=Path, metavar="FILE",
                    help="a report.json to compare with after the audit: exit 1 on a regression too")
@@ -84,50 +44,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_color_argument(p)
 
 
-NOT_CONFIG = {"command", "out", "overwrite", "color", "baseline", "replace_baseline"} | {o.dest for o in GATE_OPTIONS}
-
-
 def config_from_args(args: argparse.Namespace):
     from ..config import CheckConfig
 
-    options = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
-    for key in ("paths", "trainer_args", "config_args", "peft_args"):
-        options[key] = tuple(options[key]) if options[key] is not None else None
-    for key in ("reductions", "paddings", "groupings"):  # None: the config's default
-        if options[key] is None:
-            del options[key]
-    options["trainer_args"] = options["trainer_args"] or ()
-    options["config_args"] = options["config_args"] or ()
-    options["peft_args"] = options["peft_args"] or ()
-    return CheckConfig(**options)
+    return CheckConfig(**values_from(vars(args)))
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or name).strip("-") or "model"
 
 
-def check_out(out: Path | None, overwrite: bool, name: str = "report.json") -> None:
-    """Fail before any work if the report (``name``) cannot be written or would replace one."""
+REPORT_FILES = ("report.json", "cases.csv", "report.md", "report.html")
+
+
+def check_out(out: Path | None, overwrite: bool, name: str = "report.json", *, whole: bool = False) -> None:
+    """Fail before any work if the report (``name``) cannot be written or would replace one.
+    ``whole``: the directory is replaced as one unit, so it may hold nothing but a report."""
     if out is None:
         return
+    try:
+        _check_out(out, overwrite, name, whole)
+    except PermissionError as exc:
+        raise UsageError(f"--out {out}: permission denied ({exc.filename or out})") from None
+
+
+def _check_out(out: Path, overwrite: bool, name: str, whole: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     if (out / name).exists() and not overwrite:
         raise UsageError(f"--out {out}: already holds a report; pass --overwrite to replace it")
+    if whole and out.is_dir():
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise UsageError(f"--out {out}: is the working directory or holds it; choose a report directory")
+        other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if other:
+            raise UsageError(f"--out {out}: holds files that are not a report ({', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''}); a report directory is replaced as a whole: "
+                             "choose a new or empty directory")
     existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, not a directory")
-    if not _can_create_in(existing):
-        raise UsageError(f"--out {out}: cannot create files in {existing}")
+    reason = _cannot_create_in(existing)
+    if reason:
+        raise UsageError(f"--out {out}: cannot create files in {existing}: {reason}")
 
 
-def _can_create_in(directory: Path) -> bool:
+def _cannot_create_in(directory: Path) -> str | None:
     """Try it: permission bits say nothing to root, nor about read-only file systems."""
     try:
         with tempfile.TemporaryFile(dir=directory, prefix=".lossaudit-probe-"):
-            return True
-    except OSError:
-        return False
+            return None
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -155,14 +125,45 @@ def check_baseline(args: argparse.Namespace):
     return baseline
 
 
-def default_out(model: str, task: str) -> Path:
-    """reports/MODEL-TASK/, or -2, -3, ... beside it: an earlier report is never replaced."""
+def default_outs(model: str, task: str) -> Iterator[Path]:
+    """reports/MODEL-TASK/, then -2, -3, ... beside it."""
     base = Path("reports") / f"{_slug(model)}-{task}"
-    out, n = base, 1
-    while (out / "report.json").exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+    yield base
+    for n in itertools.count(2):
+        yield base.with_name(f"{base.name}-{n}")
+
+
+def default_out(model: str, task: str) -> Path:
+    """The first of ``default_outs`` that holds no report: an earlier report is never replaced."""
+    return next(out for out in default_outs(model, task) if not (out / "report.json").exists())
+
+
+def _held_report(overwrite: bool):
+    def taken(out: Path) -> str | None:
+        if (out / "report.json").exists() and not overwrite:
+            return f"--out {out}: already holds a report; pass --overwrite to replace it"
+        return None
+
+    return taken
+
+
+@contextlib.contextmanager
+def claimed_out(args: argparse.Namespace, config, overwrite: bool) -> Iterator[Path]:
+    """The report directory, locked for this run from before the audit until its report is in
+    place. The default one moves on to the next free name while another run holds it."""
+    from ..models import resolve_task
+
+    if args.out is not None:
+        check_out(args.out, overwrite, whole=True)
+        with claim(iter([args.out]), skip_busy=False, taken=_held_report(overwrite)) as out:
+            yield out
+        return
+    task = resolve_task(config.model, task=config.task, allow_pickle=config.allow_pickle,
+                        trust_remote_code=config.trust_remote_code, allow_download=config.allow_download)
+    first = default_out(config.model, task)
+    check_out(first, False, whole=True)
+    with claim(default_outs(config.model, task), skip_busy=True, taken=_held_report(False)) as out:
+        yield out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,21 +172,35 @@ def run(args: argparse.Namespace) -> int:
     from ..render import write_report
     from ..terminal import print_summary, progress, use_color
 
-    baseline = check_baseline(args)
-    replacing = baseline is not None and args.replace_baseline
-    check_out(args.out, args.overwrite or replacing)
     args.world_size = joined_world_size(args.world_size, args.device)  # under torchrun: the launcher's ranks
     config = config_from_args(args)
-    with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
-        report = audit(config, say if is_leader() else None)
+    refuse_unknown_paths(config)
+    baseline = check_baseline(args)
+    replacing = baseline is not None and args.replace_baseline
     if not is_leader():  # under a launcher, rank 0 writes and prints the report
-        return report.exit_status
-    out = args.out or default_out(config.model, report.model["task"])
-    written = write_report(report, out)
+        return audit(config).exit_status
+    with claimed_out(args, config, args.overwrite or replacing) as out:
+        with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
+            report = audit(config, say)
+        written = write_report(report, out)
     print_summary(report, written, color=use_color(sys.stdout, args.color))
     if baseline is None:
         return report.exit_status
     return gate_status(report, baseline, args, out)
+
+
+def refuse_unknown_paths(config) -> None:
+    """A --path no path has, or one its spec says cannot run with these settings, refused before
+    the model is built (the audit's planning decides it again, with the model's task)."""
+    from ..paths import PATHS
+
+    problems = [PATHS.unknown(name) for name in config.paths or () if name not in PATHS]
+    for name in config.paths or ():
+        reason = PATHS.get(name).unavailable(config) if name in PATHS else None
+        if reason:
+            problems.append(f"--path {name}: {reason}")
+    if problems:
+        raise UsageError(*problems)
 
 
 def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:

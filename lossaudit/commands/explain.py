@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import BY_NAME, parse_int, seed_check
+
 HELP = "walk through the loss-reduction math on a tiny example"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME",
                    help="also run the two-microbatch walkthrough on this model's batch (a model_type or directory)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --model's weights and batch")
+    seed = BY_NAME["seed"]  # the audit's seed option: the same parser, range and help
+    p.add_argument("--seed", type=_seed, default=seed.default, metavar=seed.metavar, help=seed.help)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = parse_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    problem = seed_check(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

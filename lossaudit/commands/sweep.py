@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     tasks, paths = _validate(args)
     out = args.out or default_out()
     check_out(out, args.overwrite, "sweep.json")
+    if args.types is not None and not args.types:
+        raise UsageError("--types: is empty: name at least one model type")
     if args.types:
         _unknown_types(args.types, tasks)
     jobs = plan_jobs(tasks, paths, args.types, args.seed)
