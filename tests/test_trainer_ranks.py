@@ -15,7 +15,7 @@ import json
 import pytest
 
 import lossaudit
-from lossaudit.compat import installed_name, trainer_accumulates_right, trainer_takes
+from lossaudit.compat import installed_name, trainer_accumulates_right, trainer_counts_unshifted, trainer_takes
 from lossaudit.layouts import Layout
 from lossaudit.paths.trainer_step import StepUnavailable, per_device_batch
 
@@ -38,7 +38,12 @@ def test_default_trainer_on_two_ranks_does_what_the_installed_release_does():
     total = report.batch["target_tokens"]
     assert len(cases) == 4 and (cases["world_size"] == 2).all()  # k=1 and 2, contiguous and length-sorted
     assert all(len(set(t)) == 2 for t in cases["rank_tokens"])  # the ranks really were uneven
-    if averages_tokens_by_default() and trainer_accumulates_right():
+    if averages_tokens_by_default() and trainer_accumulates_right() and trainer_counts_unshifted():
+        # 4.46.2 .. 5.10.0: the gathered count also counts each collator row's first label
+        assert report.exit_status == 1 and (cases["verdict"] == "diverge").all()
+        assert all(n > total for t in cases["trainer_num_items"] for n in t)
+        assert (cases["grad_scale"] < 1).all()
+    elif averages_tokens_by_default() and trainer_accumulates_right():
         # 5.23: the count is gathered over ranks and the loss multiplied by the rank count
         assert report.exit_status == 0, cases[["microbatches", "grouping", "verdict", "detail"]]
         for _, case in cases.iterrows():
@@ -70,7 +75,8 @@ def test_tokens_not_averaged_across_devices_is_found_and_named(tmp_path):
         assert case["detail"].startswith("tokens not averaged across devices (average_tokens_across_devices=False)")
         assert "per-rank normalisation" in case["detail"]
         k, local = case["microbatches"], case["rank_tokens"]
-        assert case["trainer_num_items"] == [local[0]] * k + [local[1]] * k  # each rank's own count
+        if not trainer_counts_unshifted():  # else each rank's count also counts its rows' first labels
+            assert case["trainer_num_items"] == [local[0]] * k + [local[1]] * k  # each rank's own count
         assert case["logged_loss_rel_err"] < 0.01  # the loss curve hides it: look at gradients
 
 
