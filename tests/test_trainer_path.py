@@ -105,7 +105,7 @@ def test_a_batch_that_k_does_not_split_evenly_is_an_error_case_not_a_crash():
                              groupings=["contiguous"], paddings=["right"])
     case = only(cases_of(report, "trainer", 4))
     assert case["verdict"] == "error" and "equal microbatches" in case["detail"]
-    assert only(cases_of(report, "trainer", 1))["verdict"] == "match"
+    assert only(cases_of(report, "trainer", 1))["verdict"] == ("diverge" if OVERCOUNTS else "match")
 
 
 def test_compute_loss_func_ignoring_num_items_is_found_on_its_own_and_in_the_trainer():
