@@ -57,8 +57,8 @@ def test_release_comparison():
     assert release_has_ga_fix(GA_FIX_RELEASE) is True
     assert release_has_ga_fix("4.46.0.dev0") is True and release_has_ga_fix("5.23.0") is True
     assert trainer_accumulates_right("4.47.0") is False and trainer_accumulates_right("4.47.1") is True
-    assert [trainer_counts_unshifted(v) for v in ("4.46.1", "4.46.2", "4.57.6", "5.10.0", "5.10.1")] == \
-        [False, True, True, True, False]
+    assert [trainer_counts_unshifted(v) for v in ("4.46.1", "4.46.2", "4.47.0", "4.57.6", "5.10.0", "5.10.1")] == \
+        [False, True, False, True, True, False]
 
 
 def test_trainer_step_on_the_installed_transformers():

@@ -71,8 +71,9 @@ def smoothing_over_num_items(outputs, labels, num_items_in_batch=None):
 
 
 def overcount_rows(step: StepTokens):
-    """The step's count taken over unshifted collator rows: +1 per row (each row's first
-    token is a label no position predicts), as the Trainer counted on 4.46.2 .. 5.10.0."""
+    """The step's count taken over the unshifted labels of collator rows: +1 per row (each
+    row's first token is a label no position predicts), as the Trainer of 4.46.2 .. 5.10.0
+    counts a batch of such rows (--no-prompt-masking)."""
     rows = sum(m.shape[0] for m in step.masks)
     return [1.0 / (step.total + rows)] * step.k
 
