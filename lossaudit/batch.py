@@ -2,7 +2,10 @@
 
 What a sample holds depends on the task (the labels are what the model is scored on):
 
-- causal-lm: ``input_ids`` (T,) and ``labels`` (T,) = the ids, -100 on the prompt;
+- causal-lm: ``input_ids`` (T,) and ``labels`` (T,) as the collators build them: the ids
+  themselves (DataCollatorForLanguageModeling(mlm=False): the first token is a label, the
+  shift drops it), or -100 on a prompt prefix and the ids after it (TRL's completion-only
+  masking: ``completion_mask`` folded into the labels);
 - seq2seq: encoder ``input_ids`` (S,), decoder ``labels`` (T,) and ``decoder_input_ids`` (T,)
   = the start token then the targets shifted right (as the model's own shift would build them);
 - token-classification: ``input_ids`` (T,), ``labels`` (T,) class ids, -100 on ignored tokens
@@ -31,7 +34,7 @@ class BatchSpec:
     batch_size: int = 8
     max_length: int = 32
     min_length: int = 4
-    prompt_masking: bool = True  # every other sequence gets a masked prompt (SFT style)
+    prompt_masking: bool = True  # every other sequence gets a masked prompt (SFT style); False: no masking at all
     empty_sequences: int = 0  # sequences with no target at all, placed last
     seed: int = 0
 
@@ -99,16 +102,23 @@ def _randint(low: int, high: int, g: torch.Generator, size: tuple = (1,)) -> tor
 
 
 def _ids(spec: BatchSpec, vocab: Vocab, g: torch.Generator) -> torch.Tensor:
+    """Text never holds the pad id: a collator that masks pad ids in the labels
+    (DataCollatorForLanguageModeling) would drop it, a classifier that pools the last
+    non-pad token would stop at it."""
     length = int(_randint(spec.min_length, spec.max_length + 1, g))
-    return _randint(FIRST_TOKEN_ID, vocab.size, g, (length,))
+    ids = _randint(FIRST_TOKEN_ID, vocab.size, g, (length,))
+    if vocab.pad_id >= FIRST_TOKEN_ID:
+        ids[ids == vocab.pad_id] = FIRST_TOKEN_ID if vocab.pad_id != FIRST_TOKEN_ID else FIRST_TOKEN_ID + 1
+    return ids
 
 
 def _causal(spec, vocab, g, *, empty, masked) -> Sample:
-    """The first label is always ignored: nothing predicts the first token, and keeping it
-    ignored makes the target set the same under left and right padding."""
+    """An unmasked sequence's labels are its ids: the first is a label no position predicts
+    (the shift drops it), as DataCollatorForLanguageModeling(mlm=False) leaves it. A masked
+    one ignores a prompt of 1 to T-1 tokens, as completion-only masking does."""
     ids = _ids(spec, vocab, g)
     labels = ids.clone()
-    prompt = len(ids) if empty else int(_randint(1, len(ids), g)) if masked else 1
+    prompt = len(ids) if empty else int(_randint(1, len(ids), g)) if masked else 0
     labels[:prompt] = IGNORE_INDEX
     return Sample(ids, labels)
 

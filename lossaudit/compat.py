@@ -21,6 +21,13 @@ GA_FIX_RELEASE = "4.46.0"
 # no longer divides by k either: each step is k times the token mean (see tox.ini, README).
 KFOLD_RELEASES = ("4.47.0", "4.48.0")
 
+# Releases whose Trainer counts num_items_in_batch over the unshifted labels: 4.46.2 dropped
+# 4.46.0's ``labels[..., 1:]`` (for seq2seq), 5.10.1 shifts again for causal LMs
+# (``Trainer._loss_shifts_labels``). A collator's row, whose first token is a label the shift
+# drops, is counted once too often: the step is N / (N + such rows) of the token mean at every
+# k (measured, tox.ini). [first affected, first fixed)
+UNSHIFTED_COUNT_RELEASES = ("4.46.2", "5.10.1")
+
 # The first release whose Trainer scales a label-smoothed loss for accumulation (measured:
 # 4.46.0 to 5.14.0 give k times the token mean with label_smoothing_factor > 0 and k > 1).
 LABEL_SMOOTHING_GA_FIX_RELEASE = "5.15.0"
@@ -72,6 +79,14 @@ def trainer_accumulates_right(version: str | None = None) -> bool:
     """Whether the stock Trainer's accumulated step is the token mean on ``version``, as measured."""
     version = version or transformers_version()
     return release_has_ga_fix(version) and version not in KFOLD_RELEASES
+
+
+def trainer_counts_unshifted(version: str | None = None) -> bool:
+    """Whether the Trainer's num_items_in_batch counts a causal LM's first labels (measured)."""
+    version = version or transformers_version()
+    first, fixed = UNSHIFTED_COUNT_RELEASES
+    # the k-fold releases pass no num_items_in_batch at all: their count is never used
+    return _at_least(version, first) and not _at_least(version, fixed) and version not in KFOLD_RELEASES
 
 
 def label_smoothing_accumulates_right(version: str | None = None) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import Batch
-from .tokens import IGNORE_INDEX
+from .tokens import IGNORE_INDEX, drop_after_padding
 
 GROUPINGS = ("contiguous", "length_sorted", "imbalanced")
 PADDINGS = ("right", "left")
@@ -114,15 +114,18 @@ def _mask(rows: list[torch.Tensor], side: str) -> torch.Tensor:
     return pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, side)
 
 
-def _labels(samples: list, task: str, side: str) -> torch.Tensor:
+def _labels(samples: list, task: str, side: str, mask: torch.Tensor) -> torch.Tensor:
     if task == "sequence-classification":  # one label per sequence: nothing to pad
         return torch.stack([s.labels.reshape(()) for s in samples])
-    return pad([s.labels for s in samples], IGNORE_INDEX, side)
+    return drop_after_padding(pad([s.labels for s in samples], IGNORE_INDEX, side), mask, task)
 
 
 def collate(batch: Batch, indices: tuple[int, ...], padding: str) -> Microbatch:
-    """Pad the chosen sequences to the longest among them, as a data collator does
-    (a seq2seq collator pads the decoder side the same way, labels with -100)."""
+    """Pad the chosen sequences to the longest among them, as a data collator does (labels
+    with -100; a seq2seq collator pads the decoder side the same way). One difference from
+    the collators, on left padding only: a causal LM's first token is not scored from the
+    pad position before it (``tokens.drop_after_padding``), so the targets do not depend on
+    the padding side. tests/test_collators.py compares with each real collator."""
     samples = [batch.samples[i] for i in indices]
     mask = _mask([s.input_ids for s in samples], padding)
     decoder = {}
@@ -134,7 +137,7 @@ def collate(batch: Batch, indices: tuple[int, ...], padding: str) -> Microbatch:
         input_ids=pad([s.input_ids for s in samples], batch.pad_id, padding),
         attention_mask=mask,
         position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-        labels=_labels(samples, batch.task, padding),
+        labels=_labels(samples, batch.task, padding, mask),
         **decoder,
     )
 

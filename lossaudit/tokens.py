@@ -44,6 +44,22 @@ def prepend_ignored(labels: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([labels.new_full((labels.shape[0], count), IGNORE_INDEX), labels], dim=1)
 
 
+def drop_after_padding(labels: torch.Tensor, attention_mask: torch.Tensor, task: str) -> torch.Tensor:
+    """Labels (B, T) with -100 where the position that would predict them is padding.
+
+    causal-lm: left padding puts a row's first token right after padding, where the shift
+    scores it from a pad position's logits; a right-padded or unpadded row never scores its
+    first token. Dropping it keeps a row's target set the same under either padding (what
+    DataCollatorForLanguageModeling with ``padding_side="left"`` does not: it scores it).
+    Other tasks do not shift: unchanged.
+    """
+    if task != "causal-lm":
+        return labels
+    out = labels.clone()
+    out[:, 1:][attention_mask[:, :-1] == 0] = IGNORE_INDEX
+    return out
+
+
 def target_mask(labels: torch.Tensor, task: str) -> torch.Tensor:
     """Bool (B, T'): which aligned positions carry a target."""
     if task == "causal-lm":

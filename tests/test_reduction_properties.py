@@ -16,7 +16,7 @@ from toy import toy_batch, toy_context
 def steps(draw):
     n = draw(st.integers(1, 8))
     lengths = draw(st.lists(st.integers(2, 12), min_size=n, max_size=n))
-    prompts = [draw(st.integers(1, length - 1)) for length in lengths]
+    prompts = [draw(st.integers(0, length - 1)) for length in lengths]  # 0: a collator row, no masking
     k = draw(st.integers(1, n))
     return lengths, prompts, k, draw(st.sampled_from(PADDINGS)), draw(st.sampled_from(GROUPINGS))
 

@@ -12,8 +12,10 @@ AI, ROCKS, EOS = 0, 1, 2
 
 def test_reference_loss_of_the_worked_example_is_1_2639():
     logits = P.log()[None]  # softmax(log P) = P (rows sum to 1 to 4 places)
-    # labels as a causal LM holds them: the first token is predicted by nothing
-    labels = torch.tensor([[IGNORE_INDEX, ROCKS, EOS]])
-    losses = token_losses(logits, labels, "causal-lm")
-    assert losses.shape == (1, 2)
-    assert round(float(losses.sum() / 2), 4) == 1.2639
+    # labels as a collator builds them, the ids: the first token is a label no position
+    # predicts, and the shift drops it; with it ignored the loss is the same
+    for first in (AI, IGNORE_INDEX):
+        labels = torch.tensor([[first, ROCKS, EOS]])
+        losses = token_losses(logits, labels, "causal-lm")
+        assert losses.shape == (1, 2)
+        assert round(float(losses.sum() / 2), 4) == 1.2639

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from lossaudit.tokens import IGNORE_INDEX, align, count_targets, target_mask, token_losses
+from lossaudit.tokens import IGNORE_INDEX, align, count_targets, drop_after_padding, target_mask, token_losses
 
 
 def test_causal_alignment_pairs_position_t_with_label_t_plus_1():
@@ -33,3 +33,16 @@ def test_token_classification_does_not_shift():
     labels = torch.tensor([[0, IGNORE_INDEX, 2]])
     assert target_mask(labels, "token-classification").tolist() == [[True, False, True]]
     assert count_targets(torch.tensor([3, IGNORE_INDEX]), "sequence-classification") == 1
+
+
+def test_a_label_after_padding_is_dropped_only_in_a_causal_lm():
+    # left padding: row 1's first token (7) would be scored from the pad position before it
+    labels = torch.tensor([[5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    dropped = drop_after_padding(labels, mask, "causal-lm")
+    assert dropped.tolist() == [[5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8]]
+    assert target_mask(dropped, "causal-lm").sum(dim=1).tolist() == [3, 1]  # T-1 each, as unpadded
+    assert torch.equal(drop_after_padding(labels, mask, "token-classification"), labels)
+    # right padding: nothing follows padding but padding, so nothing changes
+    right = torch.tensor([[7, 8, IGNORE_INDEX, IGNORE_INDEX]])
+    assert torch.equal(drop_after_padding(right, torch.tensor([[1, 1, 0, 0]]), "causal-lm"), right)

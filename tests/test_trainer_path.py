@@ -10,15 +10,18 @@ import pytest
 import torch
 
 import lossaudit
-from lossaudit.compat import GA_FIX_RELEASE, release_has_ga_fix, trainer_accumulates_right, trainer_takes
+from lossaudit.batch import BatchSpec
+from lossaudit.compat import (GA_FIX_RELEASE, release_has_ga_fix, trainer_accumulates_right, trainer_counts_unshifted,
+                              trainer_takes)
 from lossaudit.config import CheckConfig
-from lossaudit.harness import audit
+from lossaudit.harness import audit, batch_for
 from lossaudit.models import LoadedModel, load_model
 
 import planted
 
 FIXED = release_has_ga_fix()
 RIGHT = trainer_accumulates_right()  # after the fix and not one of the measured k-fold releases
+OVERCOUNTS = trainer_counts_unshifted()  # 4.46.2 .. 5.10.0: num_items_in_batch counts first labels
 HAS_LOSS_FUNC = trainer_takes("compute_loss_func")
 ONE_LAYOUT = dict(microbatches=[4], groupings=["imbalanced"], paddings=["right"])  # the widest token spread
 
@@ -42,17 +45,33 @@ def _loaded(model_class) -> LoadedModel:
     return LoadedModel(model, "llama", "causal-lm", "tiny")
 
 
+def first_labels() -> int:
+    """Rows of the default batch whose first token is a label (collator rows, right padding):
+    what a count over the unshifted labels adds."""
+    batch = batch_for(load_model("llama"), BatchSpec())
+    return sum(int(s.labels[0]) != -100 for s in batch.samples)
+
+
 def test_release_comparison():
     assert release_has_ga_fix("4.45.2") is False
     assert release_has_ga_fix(GA_FIX_RELEASE) is True
     assert release_has_ga_fix("4.46.0.dev0") is True and release_has_ga_fix("5.23.0") is True
     assert trainer_accumulates_right("4.47.0") is False and trainer_accumulates_right("4.47.1") is True
+    assert [trainer_counts_unshifted(v) for v in ("4.46.1", "4.46.2", "4.47.0", "4.57.6", "5.10.0", "5.10.1")] == \
+        [False, True, False, True, True, False]
 
 
 def test_trainer_step_on_the_installed_transformers():
     report = lossaudit.check("llama", path=["trainer"], **ONE_LAYOUT)
     full, accumulated = only(cases_of(report, "trainer", 1)), only(cases_of(report, "trainer", 4))
-    assert full["verdict"] == "match", full["detail"]  # GA off: every release is right
+    total = report.batch["target_tokens"]
+    if OVERCOUNTS:  # every k, GA off too: the collator rows' first labels are counted
+        for case in (full, accumulated):
+            assert case["verdict"] == "diverge", case["detail"]
+            assert case["trainer_num_items"] == [total + first_labels()] * case["microbatches"]
+            assert case["grad_scale"] == pytest.approx(total / (total + first_labels()), rel=1e-4)
+        return
+    assert full["verdict"] == "match", full["detail"]  # GA off: every other release is right
     assert full["logged_loss"] == pytest.approx(report.batch["reference_loss"], rel=1e-5)
     if RIGHT:
         assert accumulated["verdict"] == "match", accumulated["detail"]
@@ -86,7 +105,7 @@ def test_a_batch_that_k_does_not_split_evenly_is_an_error_case_not_a_crash():
                              groupings=["contiguous"], paddings=["right"])
     case = only(cases_of(report, "trainer", 4))
     assert case["verdict"] == "error" and "equal microbatches" in case["detail"]
-    assert only(cases_of(report, "trainer", 1))["verdict"] == "match"
+    assert only(cases_of(report, "trainer", 1))["verdict"] == ("diverge" if OVERCOUNTS else "match")
 
 
 def test_compute_loss_func_ignoring_num_items_is_found_on_its_own_and_in_the_trainer():
@@ -109,7 +128,7 @@ def test_correct_compute_loss_func_passes_on_its_own_and_in_the_trainer():
     assert only(cases_of(report, "loss-fn", 4, name))["verdict"] == "match"
     for k in (1, 4):
         trained = only(cases_of(report, "trainer", k, name))
-        expected = "error" if not HAS_LOSS_FUNC else "match" if RIGHT or k == 1 else "diverge"
+        expected = "error" if not HAS_LOSS_FUNC else "diverge" if OVERCOUNTS else "match" if RIGHT or k == 1 else "diverge"
         assert trained["verdict"] == expected, trained["detail"]
 
 
@@ -132,7 +151,7 @@ def test_the_same_route_with_the_stock_model_passes_where_the_trainer_is_right()
     config = CheckConfig(model="llama", paths=("trainer",), microbatches=(4,), groupings=("imbalanced",),
                          paddings=("right",))
     case = only(cases_of(audit(config, loaded=_loaded(LlamaForCausalLM)), "trainer", 4))
-    assert case["verdict"] == ("match" if RIGHT else "diverge"), case["detail"]
+    assert case["verdict"] == ("match" if RIGHT and not OVERCOUNTS else "diverge"), case["detail"]
 
 
 def test_the_update_is_read_exactly_not_by_subtraction():

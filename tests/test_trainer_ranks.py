@@ -15,7 +15,10 @@ import json
 import pytest
 
 import lossaudit
-from lossaudit.compat import installed_name, trainer_accumulates_right, trainer_takes
+from lossaudit.batch import BatchSpec
+from lossaudit.harness import batch_for
+from lossaudit.models import load_model
+from lossaudit.compat import installed_name, trainer_accumulates_right, trainer_counts_unshifted, trainer_takes
 from lossaudit.layouts import Layout
 from lossaudit.paths.trainer_step import StepUnavailable, per_device_batch
 
@@ -23,6 +26,11 @@ from test_distributed import no_children_left
 
 SMALL = dict(world_size=2, batch_size=4, max_length=12, microbatches=[1, 2])
 FIELD = installed_name("average_tokens_across_devices")  # None before transformers 4.47
+
+
+def first_labels(**spec) -> int:
+    """Rows of the batch whose first token is a label (collator rows): what an unshifted count adds."""
+    return sum(int(s.labels[0]) != -100 for s in batch_for(load_model("llama"), BatchSpec(**spec)).samples)
 
 
 def averages_tokens_by_default() -> bool:
@@ -38,7 +46,12 @@ def test_default_trainer_on_two_ranks_does_what_the_installed_release_does():
     total = report.batch["target_tokens"]
     assert len(cases) == 4 and (cases["world_size"] == 2).all()  # k=1 and 2, contiguous and length-sorted
     assert all(len(set(t)) == 2 for t in cases["rank_tokens"])  # the ranks really were uneven
-    if averages_tokens_by_default() and trainer_accumulates_right():
+    if averages_tokens_by_default() and trainer_accumulates_right() and trainer_counts_unshifted():
+        # 4.46.2 .. 5.10.0: the gathered count also counts each collator row's first label
+        assert report.exit_status == 1 and (cases["verdict"] == "diverge").all()
+        assert all(n > total for t in cases["trainer_num_items"] for n in t)
+        assert (cases["grad_scale"] < 1).all()
+    elif averages_tokens_by_default() and trainer_accumulates_right():
         # 5.23: the count is gathered over ranks and the loss multiplied by the rank count
         assert report.exit_status == 0, cases[["microbatches", "grouping", "verdict", "detail"]]
         for _, case in cases.iterrows():
@@ -46,7 +59,13 @@ def test_default_trainer_on_two_ranks_does_what_the_installed_release_does():
             assert case["trainer_num_items"] == [total] * (2 * case["microbatches"])
     else:  # no gathered count (4.47.0: average_tokens_across_devices=False by default)
         assert report.exit_status == 1 and (cases["verdict"] == "diverge").all()
-        assert all("per-rank normalisation" in d for d in cases[cases["microbatches"] == 1]["detail"])
+        if trainer_counts_unshifted():  # 4.46.2, 4.46.3: each rank's count plus its rows' first labels
+            for _, case in cases.iterrows():
+                k, given = case["microbatches"], case["trainer_num_items"]
+                extra = [given[0] - case["rank_tokens"][0], given[k] - case["rank_tokens"][1]]
+                assert all(e >= 0 for e in extra) and sum(extra) == first_labels(batch_size=4, max_length=12)
+        else:
+            assert all("per-rank normalisation" in d for d in cases[cases["microbatches"] == 1]["detail"])
     assert no_children_left() == []
 
 
@@ -63,14 +82,22 @@ def test_tokens_not_averaged_across_devices_is_found_and_named(tmp_path):
     for case in cases:
         assert case["verdict"] == "diverge" and case["grad_rel_err"] > 0.1, case["detail"]
         assert case["trainer_average_tokens_across_devices"] is False
+        k, local, given = case["microbatches"], case["rank_tokens"], case["trainer_num_items"]
+        if trainer_counts_unshifted():
+            # 4.46.2 .. 5.10.0: each rank still counts only its own rows (never gathered), each
+            # row's first label included. The trainer path names per-rank normalisation only
+            # for exact per-rank counts.
+            assert given == [given[0]] * k + [given[k]] * k
+            extra = [n - t for n, t in zip((given[0], given[k]), local)]
+            assert all(0 <= e <= 2 for e in extra) and sum(extra) == first_labels(batch_size=4, max_length=12)
+            continue
         if case["microbatches"] == 1:  # whatever the release passes, one microbatch per rank names it
             assert "per-rank normalisation" in case["detail"]
         if not trainer_accumulates_right():  # 4.47.0, 4.48.0 pass no num_items_in_batch at all
             continue
         assert case["detail"].startswith("tokens not averaged across devices (average_tokens_across_devices=False)")
         assert "per-rank normalisation" in case["detail"]
-        k, local = case["microbatches"], case["rank_tokens"]
-        assert case["trainer_num_items"] == [local[0]] * k + [local[1]] * k  # each rank's own count
+        assert given == [local[0]] * k + [local[1]] * k  # each rank's own count
         assert case["logged_loss_rel_err"] < 0.01  # the loss curve hides it: look at gradients
 
 

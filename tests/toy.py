@@ -43,13 +43,14 @@ class ToyLM(torch.nn.Module):
 
 
 def toy_batch(lengths, prompts, seed: int = 0) -> Batch:
-    """Sequences of the given lengths; the first ``prompts[i]`` labels are ignored (min 1)."""
+    """Sequences of the given lengths; the first ``prompts[i]`` labels are ignored (0: none, a
+    collator's row, whose first label the shift drops)."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for length, prompt in zip(lengths, prompts):
         ids = torch.randint(1, VOCAB, (length,), generator=g)
         labels = ids.clone()
-        labels[: max(prompt, 1)] = IGNORE_INDEX
+        labels[:prompt] = IGNORE_INDEX
         samples.append(Sample(ids, labels))
     return Batch(tuple(samples), "causal-lm", pad_id=0)
 
