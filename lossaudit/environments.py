@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from .errors import EnvironmentProblem, UsageError
 
 MANIFEST = "lossaudit-env.json"
@@ -132,13 +135,15 @@ class Spec:
         return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', pins)[:80]}-{self.key}"
 
     def constraints(self, lifted: set[str] = frozenset()) -> list[str]:
-        """The pins, then every base distribution at its version (unless lifted or pinned)."""
+        """Every base distribution at its current version, unless lifted or pinned."""
         pinned = dict(self.pins)
-        return [f"{n}=={v}" for n, v in self.pins] + [f"{n}=={v}" for n, v in self.base
-                                                      if n not in pinned and n not in lifted]
+        return [f"{n}=={v}" for n, v in self.base if n not in pinned and n not in lifted]
 
     def requirements(self) -> list[str]:
-        return sorted({n for n, _ in self.base} | {n for n, _ in self.pins})
+        """The pins (first: an unknown release fails before the rest is collected), then the
+        rest of the base by name, its version from the constraints."""
+        pinned = dict(self.pins)
+        return [f"{n}=={v}" for n, v in self.pins] + [n for n, _ in self.base if n not in pinned]
 
     def describe(self) -> str:
         return " ".join(f"{n}=={v}" for n, v in self.pins) or "the current versions"
@@ -273,8 +278,47 @@ def _install(tool: str, spec: Spec, path: Path, out) -> set[str]:
 
 
 def conflicting_constraints(output: str, pinned: set[str]) -> set[str]:
-    """The base constraints an installer names in a conflict (never a pin: those must hold)."""
-    return {normalize(n) for n in _CONSTRAINT_IN_CONFLICT.findall(output)} - pinned
+    """The base constraints an installer names in a conflict (never a pin: those must hold):
+    a constrained distribution itself, or (pip) a constrained distribution whose own
+    requirement on the contested one admits no version that a pin's requirement admits
+    (kernels needs huggingface-hub>=1.32 where transformers 4.46 needs <1.0)."""
+    named = {normalize(n) for n in _CONSTRAINT_IN_CONFLICT.findall(output)} - pinned
+    return named or _incompatible_dependers(output, pinned)
+
+
+def _incompatible_dependers(output: str, pinned: set[str]) -> set[str]:
+    needs = [(normalize(who), normalize(what), _specifiers(spec)) for who, what, spec in _DEPENDS.findall(output)]
+    lifted = set()
+    for contested in {what for _, what, _ in needs}:
+        pins = [spec for who, what, spec in needs if what == contested and who in pinned]
+        if not pins:
+            continue
+        mentioned = {Version(s.version) for _, what, spec in needs if what == contested for s in spec
+                     if _is_version(s.version)}
+        allowed = [v for v in mentioned if all(v in spec for spec in pins)]
+        for who, what, spec in needs:
+            if what == contested and who not in pinned and not any(v in spec for v in allowed):
+                lifted.add(who)
+    return lifted
+
+
+# pip: "    kernels 0.19.1 depends on huggingface-hub>=1.32.0", "transformers 4.46.0 depends on x<1.0 and >=0.23.2"
+_DEPENDS = re.compile(r"^\s*(\S+) \S+ depends on ([A-Za-z0-9._-]+)(?:\[[^\]]*\])?([^;\n]*)", re.MULTILINE)
+
+
+def _specifiers(text: str) -> SpecifierSet:
+    try:
+        return SpecifierSet(",".join(part.strip() for part in text.split(" and ") if part.strip()))
+    except InvalidSpecifier:
+        return SpecifierSet()
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+        return True
+    except InvalidVersion:
+        return False
 
 
 def _run(command: list[str], out, what: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -77,8 +77,8 @@ def path_row(release: str, path: str, cases: pd.DataFrame, environment: str) -> 
 
 
 def _row(release: str, path: str, verdict: str, **fields) -> dict:
-    row = dict.fromkeys(COLUMNS)
-    row.update(release=release, path=path, verdict=verdict, findings=0, cases=0, **fields)
+    row = {**dict.fromkeys(COLUMNS), "findings": 0, "cases": 0, **fields}
+    row.update(release=release, path=path, verdict=verdict)
     return row
 
 

@@ -41,12 +41,15 @@ def test_the_key_names_the_pins_the_base_the_interpreter_and_the_source():
 def test_constraints_pin_everything_else_at_its_current_version(pins, lifted):
     s = spec(pins)
     constraints = dict(line.split("==") for line in s.constraints(lifted))
-    for name, version in pins.items():
-        assert constraints[name] == version  # a pin always holds, even when "lifted"
+    requirements = s.requirements()
+    assert requirements[:len(pins)] == [f"{n}=={v}" for n, v in sorted(pins.items())]  # the pins first, exact
     for name, version in BASE.items():
         if name not in pins:
             assert constraints.get(name) == (None if name in lifted else version)
-    assert set(s.requirements()) == set(BASE) | set(pins)  # everything installed, lifted or not
+            assert name in requirements  # installed, lifted or not
+        else:
+            assert name not in constraints and name not in requirements  # the pin replaces it
+    assert len(requirements) == len(set(BASE) | set(pins))
 
 
 def test_pip_and_lossaudit_itself_are_never_pinned():
@@ -114,3 +117,19 @@ def test_uvs_conflict_names_the_constraint_too():
           "tokenizers>=0.20,<0.21 and you require tokenizers==0.23.3, we can conclude that you require "
           "transformers!=4.46.0.\n      And because you require transformers==4.46.0, your requirements are unsatisfiable.")
     assert envs.conflicting_constraints(uv, {"transformers"}) == {"tokenizers"}
+
+
+PIP_DEPENDER_CONFLICT = """\
+The conflict is caused by:
+    The user requested huggingface-hub
+    accelerate 1.16.0 depends on huggingface_hub>=0.21.0
+    kernels 0.19.1 depends on huggingface-hub>=1.32.0
+    tokenizers 0.23.3 depends on huggingface-hub<3.0 and >=0.16.4
+    transformers 4.46.0 depends on huggingface-hub<1.0 and >=0.23.2
+"""
+
+
+def test_a_constrained_distribution_that_needs_what_the_pin_excludes_is_lifted_alone():
+    # kernels admits no huggingface-hub that transformers 4.46 admits; accelerate and tokenizers do
+    assert envs.conflicting_constraints(PIP_DEPENDER_CONFLICT, {"transformers"}) == {"kernels"}
+    assert envs.conflicting_constraints(PIP_DEPENDER_CONFLICT, set()) == set()  # no pin: nothing to favour
