@@ -94,7 +94,7 @@ def render_json(history: History) -> str:
 
 def render_markdown(history: History) -> str:
     lines = [f"# lossaudit history: {history.model}", "", f"Made by `{history.command}` "
-             f"in {history.wall_s:.0f} s; each release in its own environment (the installed one in the current).",
+             f"in {history.wall_s:.0f} s; each release in its own environment (the installed release in the current one).",
              "", history.markdown_table(), ""]
     if history.notes:
         lines += ["Releases that moved other packages too:", "", *[f"- {n}" for n in history.notes], ""]

@@ -18,7 +18,7 @@ from ..environment import _version
 from ..environments import Spec, current_distributions, default_cache, ensure, parse_pin, source_directory
 from ..errors import LossauditError, UsageError
 from .check import check_out
-from .upgrade import _slug, add_common_arguments, parse_own
+from .upgrade import add_common_arguments, parse_own, slug
 
 HELP = "audit MODEL on several transformers releases (isolated, cached environments): a table"
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if not releases:
         raise UsageError("--transformers: name the releases to audit, e.g. --transformers 4.46.0,5.25.0")
     validate(args.model, forwarded)
-    out = args.out or Path("reports") / _slug(f"history-{Path(args.model).name}")
+    out = args.out or Path("reports") / slug(f"history-{Path(args.model).name}")
     check_out(out, args.overwrite, "history.json")
     cache, base, source = args.env_cache or default_cache(), current_distributions(), source_directory()
     command = shlex.join(["python", "-m", "lossaudit", "history", args.model, "--transformers", ",".join(releases),

@@ -81,7 +81,7 @@ def _pins(pairs, option: str) -> dict[str, str]:
     return pins
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not to:
         raise UsageError("--to: name at least one release to preview, e.g. --to transformers==5.25.0")
     validate(args.model, forwarded)
-    out = args.out or Path("reports") / _slug(f"upgrade-{Path(args.model).name}-" + "-".join(f"{n}-{v}" for n, v in to.items()))
+    pins = "-".join(f"{n}-{v}" for n, v in to.items())
+    out = args.out or Path("reports") / slug(f"upgrade-{Path(args.model).name}-{pins}")
     check_out(out, args.overwrite, FILES[0])
     cache, base, source = args.env_cache or default_cache(), current_distributions(), source_directory()
     say = _say
