@@ -161,13 +161,6 @@ class Env:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
-    @property
-    def lifted(self) -> list[str]:
-        return self.manifest.get("lifted", [])
-
-    def version(self, name: str) -> str | None:
-        return self.manifest.get("installed", {}).get(normalize(name))
-
 
 def isolated_environ(env_path: Path | None = None) -> dict[str, str]:
     """os.environ without what would reach outside an environment, its bin/ first on PATH."""
@@ -224,6 +217,9 @@ def _build(spec: Spec, cache: Path, say) -> Env:
             _run(_install_command(tool, path) + ["--no-deps", *offline, "-e", spec.source], out,
                  "installing lossaudit from its source directory")
         installed = _installed(path)
+    except EnvironmentProblem as exc:  # the installer's whole output stays in the log
+        shutil.rmtree(path, ignore_errors=True)
+        raise EnvironmentProblem(f"{exc} (log: {log})") from None
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
