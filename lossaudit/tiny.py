@@ -175,6 +175,15 @@ QUIRKS: dict[str, tuple[dict, str]] = {
     # a sliding layer's head_dim is its qk_nope + qk_rope (192 + 64 by default), shrunk with them
     "dots3_note_text": ({"head_dim": HEAD_DIM // 2 + 12}, "its sliding layers' head_dim is their qk_nope + qk_rope"),
     "dots3_note": ({"text_config": {"head_dim": HEAD_DIM // 2 + 12}}, "as dots3_note_text"),
+    # every 5th layer is indexed attention (past the kept layers), kv_source_layers holds layer
+    # indices (not renumbered by slicing) and index_num_heads (12) must fit the query heads of one
+    # key head: one sliding layer, an indexer and a reindexer that reads its keys, with a top-k
+    # and pool below the audit's sequence length so the selection is exercised
+    "kolibri1_1": ({"num_hidden_layers": 3, "layer_types": ["sliding_attention", *["indexed_attention"] * 2],
+                    "kv_source_layers": [0, 1, 1], "index_layers": [1], "mlp_only_layers": [0],
+                    "index_num_heads": HEADS // KV_HEADS, "index_topk": 8, "index_pool_size": 16,
+                    "index_compression": 4, "index_num_local_tokens": 4, "index_num_sink_tokens": 2},
+                   "its default indexed-attention layout lies past the kept layers and names layers by index"),
 }
 
 

@@ -111,3 +111,15 @@ def test_keep_layers_counts_thresholds_and_index_lists(count, data):
     assert (0 < dense) == any(i < dense for i in keep)  # a dense layer is kept when there is one
     assert (0 < dense < count) <= any(i >= dense for i in keep)  # and a MoE layer too
     assert bool(moe) == any(i in moe for i in keep)
+
+
+def test_kolibri_keeps_an_indexer_and_a_reindexer_and_its_loss_matches():
+    pytest.importorskip("transformers.models.kolibri1_1")
+    import lossaudit
+
+    c = tiny_config("kolibri1_1")
+    assert c.layer_types == ["sliding_attention", "indexed_attention", "indexed_attention"]
+    assert c.index_layers == [1] and c.kv_source_layers == [0, 1, 1]  # layer 2 rescores layer 1's pool
+    assert c.index_topk < 32 and c.index_num_heads <= c.num_attention_heads // c.num_key_value_heads
+    report = lossaudit.check("kolibri1_1", paths=["model"], microbatches=[1, 4], groupings=["imbalanced"])
+    assert len(report.cases) == 4 and (report.cases["verdict"] == "match").all()

@@ -1,3 +1,3 @@
 """Subcommands of ``python -m lossaudit``, one module each (see ``lossaudit.cli``)."""
 
-COMMANDS = ("check", "compare", "explain", "sweep")
+COMMANDS = ("check", "compare", "explain", "sweep", "upgrade", "history")

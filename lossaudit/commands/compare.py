@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..gate import Gate, add_gate_arguments
 
-HELP = "compare a report with a baseline report: exit 1 on a regression"
+HELP = "compare a report with a baseline report (or two sweeps): exit 1 on a regression"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..baseline import compare, render_comparison
     from ..report import Report
+    from ..sweep_compare import is_sweep
+    from ..sweep_compare import run as compare_sweeps
 
+    if is_sweep(args.old) or is_sweep(args.new):  # two sweep.json files: the change list of model types
+        return compare_sweeps(args.old, args.new)
     old, new = Report.load(args.old), Report.load(args.new)  # both checked before any output
     comparison = compare(old, new, Gate.from_args(args), old_name=str(args.old), new_name=str(args.new))
     print(render_comparison(comparison))
