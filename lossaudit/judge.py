@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import causes
-from .errors import RankFailure, UsageError
+from .errors import LossauditError, RankFailure
 from .faults import must_propagate, one_line
 from .forward import forward
 from .grads import GradDiff, compare_grads
@@ -24,8 +24,9 @@ from .paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
 from .tolerance import Tolerance, deviations
 
 
-class UserCodeExit(UsageError):
-    """Code under audit called sys.exit: the run cannot be trusted to go on (exit 2)."""
+class UserCodeExit(LossauditError):
+    """Code under audit called sys.exit: never swallowed, the run ends (exit 3, as any
+    SystemExit from called code)."""
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Measured:
         return abs(self.loss - t) / abs(t) if t else abs(self.loss)
 
     def deviation(self) -> dict[str, float]:
-        return deviations(self.loss_rel_err, self.grads, self.weights)
+        t = self.aux_target
+        ratio = self.aux / t.mean if t is not None and self.aux is not None and t.mean else None
+        return deviations(self.loss_rel_err, self.grads, self.weights, ratio)
 
 
 @dataclass

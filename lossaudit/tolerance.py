@@ -28,20 +28,27 @@ BOUNDS = {
     # gradient rounds differently in the backward); the floor keeps 4x that, under a 1 % bug
     "weights": {"float64": (1e-7, 1e-6), "float32": (1e-5, 1e-3), "bfloat16": (4e-3, 8e-3), "float16": (1e-3, 4e-3)},
 }
+# the router aux loss a MoE step carried, against the mean over microbatches it should: both
+# from the same router logits, so only the loss code's own rounding separates them
+BOUNDS["aux"] = {"float64": (1e-6, 1e-4), "float32": (1e-4, 1e-3), "bfloat16": (1e-2, 5e-2), "float16": (5e-3, 2e-2)}
 BOUNDS["loss"] = BOUNDS["grad"]  # the loss shares the gradient's tolerance, as it always has
-FACTOR = {"grad": 5.0, "loss": 5.0, "scale": 3.0, "direction": 10.0, "weights": 3.0}
+FACTOR = {"grad": 5.0, "loss": 5.0, "aux": 3.0, "scale": 3.0, "direction": 10.0, "weights": 3.0}
 METRICS = tuple(BOUNDS)
 NAMES = {"grad": "gradient relative error", "loss": "loss relative error", "scale": "|scale - 1|",
-         "direction": "1 - cosine", "weights": "max |microbatch weight - 1|"}
+         "direction": "1 - cosine", "weights": "max |microbatch weight - 1|",
+         "aux": "|carried aux / mean aux - 1|"}
 # kept for readers of the per-dtype table: the gradient (and loss) error's floor and cap
 FLOOR = {dtype: bounds[0] for dtype, bounds in BOUNDS["grad"].items()}
 CAP = {dtype: bounds[1] for dtype, bounds in BOUNDS["grad"].items()}
 NOISE_FACTOR = FACTOR["grad"]
 
 
-def deviations(loss_rel_err: float, grads, weights: list[float] | None) -> dict[str, float]:
-    """Each metric's distance from a perfect match (0 is exact). ``grads``: a GradDiff or None."""
+def deviations(loss_rel_err: float, grads, weights: list[float] | None, aux_ratio: float | None = None) -> dict[str, float]:
+    """Each metric's distance from a perfect match (0 is exact). ``grads``: a GradDiff or None;
+    ``aux_ratio``: the router aux a MoE step reported carrying over the mean it should carry."""
     out = {"loss": loss_rel_err}
+    if aux_ratio is not None:
+        out["aux"] = abs(aux_ratio - 1.0)
     if grads is not None:
         out["grad"] = grads.rel_err
         out["scale"] = abs(grads.scale - 1.0)

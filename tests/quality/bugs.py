@@ -140,7 +140,7 @@ def aux_mean_path():
     from lossaudit.paths import PATHS
     from lossaudit.paths.base import PathSpec
 
-    PATHS.register(AUX_MEAN, PathSpec(AUX_MEAN, lambda config: planted.AuxLoop(lambda k: 1.0 / k), ("causal-lm",),
+    PATHS.register(AUX_MEAN, PathSpec(AUX_MEAN, lambda config: [planted.AuxLoop(lambda k: 1.0 / k)], ("causal-lm",),
                                       "planted: the aux loss averaged over microbatches"), replace=True)
     try:
         yield
@@ -199,9 +199,7 @@ PLANTS = (
 # (bug, dtype) the current verdicts miss, with why: the lead's verdict rebuild (issue 14) flips
 # them; test_detection marks them xfail(strict=True), so one that starts being found fails
 # the suite until it is taken off this list.
-MISSED = {
-    ("aux-summed", "bfloat16"): "k x the aux (coef 0.001) moves the gradient 4e-3, inside bf16's flat 1e-2 tolerance",
-}
+MISSED: dict = {}
 
 
 def audit(plant: Plant, dtype: str, *, twin: bool = False):
