@@ -9,6 +9,8 @@ accumulation, padding and data parallelism as on the full batch?
 
 from __future__ import annotations
 
+import importlib
+
 from .errors import DivergenceError, EnvironmentProblem, LossauditError, UsageError
 
 __version__ = "0.1.0"
@@ -18,8 +20,6 @@ LAZY = {"StepTokens": "reductions", "register_reduction": "reductions"}
 def __getattr__(name: str):
     """torch loads on first use: ``import lossaudit`` stays light for the pytest plugin."""
     if name in LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import DivergenceError
 from .gate import Gate
+from .render import findings_table
 from .report import Report
 
 CASE_KEY = ["path", "reduction", "microbatches", "padding", "grouping", "world_size"]
@@ -252,9 +254,6 @@ class GatedReport:
 
     def assert_clean(self) -> "GatedReport":
         __tracebackhide__ = True  # pytest shows the caller's line and this message, not our frame
-        from .errors import DivergenceError
-        from .render import findings_table
-
         problems = [findings_table(self.report)] if len(self.report.findings) else []
         if self.comparison is not None and self.comparison.failed:
             problems.append(failures_text(self.comparison))

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 from functools import lru_cache
 
+from packaging.version import Version
+
 from .registry import did_you_mean
 
 # The first release whose Trainer passes num_items_in_batch to the loss (the Oct-2024 fix).
@@ -96,8 +98,6 @@ def label_smoothing_accumulates_right(version: str | None = None) -> bool:
 
 
 def _at_least(version: str, release: str) -> bool:
-    from packaging.version import Version
-
     return Version(version).release >= Version(release).release
 
 

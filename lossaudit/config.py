@@ -20,12 +20,11 @@ from .compat import AUDIT_OWNED, trainer_arg_problems as unknown_trainer_args
 from .errors import UsageError
 from .layouts import GROUPINGS, PADDINGS
 from .objective import Objective, objective_problems
-from .options import BY_NAME, OPTIONS, parse_value
+from .options import BY_NAME, DTYPES, OPTIONS, parse_value
 from .reductions import DEFAULT_REDUCTIONS, resolve_reduction
 from .registry import load_callable
 from .tokens import TASKS
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEFAULT_MICROBATCHES = (1, 2, 4, 8)
 DEFAULT_SELECTIONS = {"reductions": DEFAULT_REDUCTIONS, "paddings": PADDINGS, "groupings": GROUPINGS}
 

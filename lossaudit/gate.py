@@ -12,6 +12,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 METRICS = {"grad": "grad_rel_err", "loss": "loss_rel_err"}
 
 
@@ -165,8 +167,6 @@ class Gate:
     def parse(cls, **options) -> "Gate":
         """From Python keyword arguments: ``Gate.parse(max_grad_growth="5x", strict=True)``;
         the values are the CLI's strings (or numbers). Raises UsageError on a bad value."""
-        from .errors import UsageError
-
         known = {o.dest: o for o in OPTIONS}
         values, problems = {}, []
         for key, value in options.items():

@@ -11,8 +11,7 @@ import math
 import pandas as pd
 
 from . import plots
-from .render import _fmt, describe, summary_frame
-from .report import SUMMARY_COLUMNS, Report
+from .report import SUMMARY_COLUMNS, Report, _fmt, describe, summary_frame
 
 VERDICT_CLASSES = {"match", "diverge", "error"}
 

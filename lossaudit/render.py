@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from .outdir import write_dir, write_error
-from .report import SUMMARY_COLUMNS, Report, _fmt, findings_table, markdown_table  # noqa: F401  (re-exported)
+from . import html_report
+from .report import (SUMMARY_COLUMNS, Report, _fmt, describe, findings_table,  # noqa: F401  (re-exported)
+                     markdown_table, summary_frame)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -59,32 +61,6 @@ def _umask() -> int:
     return mask
 
 
-def summary_frame(report: Report) -> pd.DataFrame:
-    """Worst error per (path, reduction) and k: the pivot a person reads first."""
-    cases = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
-        lambda r: f":{r}" if isinstance(r, str) else ""))
-    table = cases.pivot_table(index="label", columns="microbatches", values="grad_rel_err",
-                              aggfunc="max", dropna=False, sort=False)
-    table = table.reindex(columns=sorted(table.columns))  # k ascending, whichever path ran first
-    table.columns = [f"k={k}" for k in table.columns]
-    return table
-
-
-def describe(report: Report) -> tuple[str, str, str]:
-    """Title, environment sentence and reference sentence, shared by Markdown and HTML."""
-    env = report.environment
-    model = report.model
-    tol = report.tolerance
-    return (
-        f"lossaudit report: {model.get('name')} ({model.get('task')})",
-        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
-        f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
-        f"Reference: full batch, token mean in float64, loss {report.batch.get('reference_loss', float('nan')):.6g} "
-        f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
-        f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
-    )
-
-
 def render_markdown(report: Report) -> str:
     title, environment, reference = describe(report)
     out = [
@@ -111,9 +87,7 @@ def render_markdown(report: Report) -> str:
 
 
 def render_html(report: Report) -> str:
-    from .html_report import render_html as render  # imports matplotlib only when asked
-
-    return render(report)
+    return html_report.render_html(report)
 
 
 RENDERERS = {

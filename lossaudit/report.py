@@ -121,6 +121,32 @@ def findings_table(report: "Report") -> str:
     return f"{len(findings)} finding(s):\n" + markdown_table(findings[columns])
 
 
+def summary_frame(report: Report) -> pd.DataFrame:
+    """Worst error per (path, reduction) and k: the pivot a person reads first."""
+    cases = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
+        lambda r: f":{r}" if isinstance(r, str) else ""))
+    table = cases.pivot_table(index="label", columns="microbatches", values="grad_rel_err",
+                              aggfunc="max", dropna=False, sort=False)
+    table = table.reindex(columns=sorted(table.columns))  # k ascending, whichever path ran first
+    table.columns = [f"k={k}" for k in table.columns]
+    return table
+
+
+def describe(report: Report) -> tuple[str, str, str]:
+    """Title, environment sentence and reference sentence, shared by Markdown and HTML."""
+    env = report.environment
+    model = report.model
+    tol = report.tolerance
+    return (
+        f"lossaudit report: {model.get('name')} ({model.get('task')})",
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
+        f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
+        f"Reference: full batch, token mean in float64, loss {report.batch.get('reference_loss', float('nan')):.6g} "
+        f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
+        f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
+    )
+
+
 MAX_REPORT_BYTES = 256 << 20  # a report of a thousand cases is about 1 MiB
 
 

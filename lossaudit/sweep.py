@@ -11,9 +11,16 @@ from __future__ import annotations
 import math
 import re
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 
+import lossaudit
+
+from .paths import PATHS
+from .tiny import tiny_config
 from .tokens import TASKS
+from .workers import CRASH, MEMORY, TIMEOUT, WorkerPool
 
 PASS, FINDING, SKIP = "pass", "finding", "skip"
 
@@ -61,6 +68,7 @@ class Job:
     task: str
     paths: tuple[str, ...]
     seed: int = 0
+    dtype: str = "float32"
 
 
 def mapping_names(task: str) -> dict[str, str]:
@@ -76,29 +84,25 @@ def mapping_names(task: str) -> dict[str, str]:
 
 
 def plan_jobs(tasks: tuple[str, ...], paths: tuple[str, ...], types: tuple[str, ...] | None = None,
-              seed: int = 0) -> list[Job]:
+              seed: int = 0, dtype: str = "float32") -> list[Job]:
     """A job per model type the auto mapping of each task lists (or per type of ``types``
     that it lists), each with the paths that apply to the task."""
-    from .paths import PATHS
-
     jobs = []
     for task in tasks:
         names = mapping_names(task)
         chosen = [t for t in (types or sorted(names)) if t in names]
         applicable = tuple(p for p in paths if task in PATHS.get(p).tasks)
-        jobs += [Job(t, task, applicable, seed) for t in chosen if applicable]
+        jobs += [Job(t, task, applicable, seed, dtype) for t in chosen if applicable]
     return jobs
 
 
 def worker_setup() -> None:
     """Once per worker: the heavy imports, one thread (jobs use the cores), quiet libraries."""
-    import warnings
-
     warnings.filterwarnings("ignore")
     import torch
     import transformers
 
-    from . import harness  # noqa: F401  (imports every path)
+    from . import harness  # noqa: F401  lazy: every path registered, after this worker's warning filter
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
@@ -110,8 +114,6 @@ def audit_model(job: Job) -> list[dict]:
     if job.model_type in NOT_AUDITABLE:
         return skip_rows(job, NOT_AUDITABLE[job.model_type], 0.0)
     try:
-        from .tiny import tiny_config
-
         tiny_config(job.model_type)
     except Exception as exc:
         return skip_rows(job, skip_reason(exc, building=True), time.monotonic() - started)
@@ -123,12 +125,10 @@ def audit_model(job: Job) -> list[dict]:
 
 
 def _audit(job: Job):
-    import lossaudit
-
     return lossaudit.check(
         job.model_type, task=job.task, paths=[*job.paths, "reduction"], reductions=["num_items"],
         microbatches=list(SWEEP_MICROBATCHES), groupings=list(SWEEP_GROUPINGS), paddings=list(SWEEP_PADDINGS),
-        seed=job.seed,
+        seed=job.seed, dtype=job.dtype,
     )
 
 
@@ -149,8 +149,6 @@ def skip_reason(exc: BaseException, *, building: bool) -> str:
 
 
 def _where(exc: BaseException) -> str:
-    import traceback
-
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
     library = [f for f in frames if "transformers" in f.filename]
     frame = (library or frames or [None])[-1]
@@ -201,7 +199,8 @@ def rows_from_report(job: Job, report, seconds: float) -> list[dict]:
 def classify(bad, sensitive) -> tuple[str, str]:
     """Why a path's cases diverge. A layout where lossaudit's own correct reduction of the
     model's logits diverges too shows a padding-sensitive model (no loss can match there);
-    a divergence on any other layout is the model's loss itself."""
+    a divergence on any other layout is the path's own step (the model's loss on the model path;
+    on the trainer path it may be the Trainer's count, which the case's detail names)."""
     moved = set(zip(sensitive["microbatches"], sensitive["padding"]))
     own = bad[[(k, p) not in moved for k, p in zip(bad["microbatches"], bad["padding"])]]
     causes, reasons = [], []
@@ -209,8 +208,8 @@ def classify(bad, sensitive) -> tuple[str, str]:
         full = own[own["microbatches"] == 1]
         case = (full if len(full) else own.sort_values("grad_rel_err", ascending=False)).iloc[0]
         causes.append("loss-definition" if len(full) else "loss-reduction")
-        reasons.append(("the model's own loss differs from the token mean even on the full batch: " if len(full)
-                        else "the model's loss is reduced wrongly across microbatches: ")
+        reasons.append(("the step differs from the token mean even on the full batch: " if len(full)
+                        else "the step is reduced wrongly across microbatches: ")
                        + f"{case['detail']} ({_layout(case)})")
     if len(sensitive):
         causes.append("padding-sensitive")
@@ -282,8 +281,6 @@ def settings_dict(**values) -> dict:
 
 def failure_reason(outcome) -> str:
     """The skip reason of a job its worker did not finish (see ``lossaudit.workers``)."""
-    from .workers import CRASH, MEMORY, TIMEOUT
-
     return {
         TIMEOUT: f"timed out: {outcome.detail}",
         MEMORY: f"out of memory (the worker's cap): {outcome.detail}",
@@ -295,8 +292,6 @@ def run_sweep(jobs: list[Job], *, workers: int, limits, progress=None,
               auditor: str = "lossaudit.sweep:audit_model") -> list[dict]:
     """Rows of every job, each audited in an isolated worker. ``progress(job, rows)`` is
     called as each job ends."""
-    from .workers import WorkerPool
-
     rows: list[dict] = []
 
     def done(outcome) -> None:

@@ -52,7 +52,8 @@ def render_markdown(sweep: Sweep) -> str:
         "",
         "A finding's `cause`: `padding-sensitive` when lossaudit's own correct reduction of the model's logits",
         "diverges as well (the model's outputs depend on padding or grouping, so no loss can match);",
-        "`loss-definition` when the model's loss differs from the token mean already on the full batch;",
+        "`loss-definition` when the path's step differs from the token mean already on the full batch (the",
+        "model's loss on the model path; on the trainer path the reason names what the Trainer did);",
         "`loss-reduction` when it matches on the full batch but not when accumulated over microbatches.",
         "",
     ]

@@ -120,7 +120,7 @@ def summary_lines(report: Report, written: list[Path]) -> list[Line]:
         [],
         [("worst gradient relative error per path and k  (* = expected to differ, not a finding)", "bold")],
     ]
-    from .render import summary_frame
+    from .report import summary_frame  # lazy: the CLI parses arguments with this module, keep pandas out
 
     table = summary_frame(report)
     expected = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(

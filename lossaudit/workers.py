@@ -56,7 +56,7 @@ def _is_memory_error(exc: BaseException) -> bool:
 def _worker_main(conn: Connection, function: str, setup: str | None, memory_bytes: int | None) -> None:
     """A worker: cap memory, import once, then answer items until told to stop (None)."""
     if memory_bytes:
-        import resource
+        import resource  # lazy: Unix only
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     if setup:

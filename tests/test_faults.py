@@ -171,16 +171,25 @@ def test_the_cli_writes_the_report_with_the_failed_path_as_an_error(tmp_path, mo
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
     RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
 ])
-@pytest.mark.parametrize("where", ["path", "reference"])
+@pytest.mark.parametrize("where", ["path", "reference", "trainer", "accelerate"])
 def test_out_of_memory_is_one_line_naming_the_knobs_and_exit_3(exc, where, monkeypatch, capsys, tmp_path):
+    """Out of memory ends the run wherever it happens, a step path's own loop included (the
+    guard never turns it into an error case)."""
+    from lossaudit.paths import accelerate, trainer
+
     def boom(*args, **kwargs):
         raise exc
 
+    path = where if where in ("trainer", "accelerate") else "model"
     if where == "path":  # inside a path: must not be swallowed into an error case
         monkeypatch.setattr(ModelPath, "microbatch", boom)
-    else:
+    elif where == "reference":
         monkeypatch.setattr(harness, "compute_reference", boom)
-    status = cli.main(["check", "llama", "--microbatches", "1", "--path", "model", "--batch-size", "2",
+    elif where == "trainer":
+        monkeypatch.setattr(trainer, "trainer_step", boom)
+    else:
+        monkeypatch.setattr(accelerate, "run_step", boom)
+    status = cli.main(["check", "llama", "--microbatches", "1", "--path", path, "--batch-size", "2",
                        "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert status == 3

@@ -1,6 +1,7 @@
 """The package's import graph: no cycle, and no import inside a function except a heavy
-library kept lazy on purpose, or lossaudit's own modules from an entry point that must load
-without torch (the pytest plugin loads in every project that installs lossaudit)."""
+library kept lazy on purpose, lossaudit's own modules from an entry point that must load
+without torch (the pytest plugin loads in every project that installs lossaudit), or one
+whose line says why (``# lazy: ...``)."""
 
 import ast
 from pathlib import Path
@@ -47,7 +48,8 @@ def scan():
     graph, nested = {}, []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
-        tree = ast.parse(path.read_text())
+        source = path.read_text()
+        tree, lines = ast.parse(source), source.splitlines()
         edges = set()
 
         def visit(node, in_function):
@@ -57,7 +59,7 @@ def scan():
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
                     targets = resolve(name, child, path.name == "__init__.py")
                     own = [t for t in targets if t == "lossaudit" or t.startswith("lossaudit.")]
-                    if in_function:
+                    if in_function and "# lazy:" not in lines[child.lineno - 1] and "lazy:" not in lines[child.lineno - 1]:
                         nested.append((name, child.lineno, targets))
                     else:
                         edges.update(own)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..terminal import add_color_argument, use_color
+from ..options import DTYPES
 from ..tokens import TASKS
 from .check import _names, check_out
 
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per model before it is killed (default 120)")
     p.add_argument("--memory", type=int, default=4096, help="MiB of address space per worker (default 4096)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     p.add_argument("--auditor", default="lossaudit.sweep:audit_model", help=argparse.SUPPRESS)  # tests plant crashes
     add_color_argument(p)
 
@@ -79,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--types: is empty: name at least one model type")
     if args.types:
         _unknown_types(args.types, tasks)
-    jobs = plan_jobs(tasks, paths, args.types, args.seed)
+    jobs = plan_jobs(tasks, paths, args.types, args.seed, args.dtype)
     limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory << 20)
     started = time.monotonic()
     with _progress(len(jobs), color=use_color(sys.stderr, args.color)) as tick:
         rows = run_sweep(jobs, workers=args.jobs, limits=limits, progress=tick, auditor=args.auditor)
     settings = settings_dict(tasks=list(tasks), paths=list(paths), jobs=args.jobs, timeout_s=args.timeout,
                              memory_mib=args.memory, wall_s=round(time.monotonic() - started, 1))
-    sweep = Sweep(environment(device="cpu", dtype="float32", seed=args.seed), settings, rows)
+    sweep = Sweep(environment(device="cpu", dtype=args.dtype, seed=args.seed), settings, rows)
     written = write_sweep(sweep, out)
     for task in tasks:
         print(f"lossaudit sweep: {headline(sweep, task)}")

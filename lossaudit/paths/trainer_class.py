@@ -17,7 +17,7 @@ from ..grads import UpdateProbe
 from ..layouts import Layout
 from ..stacks import require
 from ..stacks.trl import arguments, rows, tokenizer
-from .trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch
+from .trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch, prepared
 
 
 @lru_cache(maxsize=None)
@@ -39,7 +39,6 @@ def layout_subclass(cls: type) -> type:
 
 def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
     args = arguments(cls, settings, user_args)
@@ -57,10 +56,7 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(
         rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)),
                                    optimizers=(optimizer, schedule), **kwargs)
-    trainer.seen_num_items = []
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
-    return trainer
+    return prepared(trainer)
 
 
 @contextlib.contextmanager

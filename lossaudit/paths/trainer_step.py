@@ -144,8 +144,6 @@ def _common_settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
 
 def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: dict,
            compute_loss_func: Callable | None):
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     args = training_arguments(_settings(ctx, layout, out), user_args)
     optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
@@ -160,6 +158,14 @@ def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: di
         optimizers=(optimizer, schedule),
         **kwargs,
     )
+    return prepared(trainer)
+
+
+def prepared(trainer):
+    """A built Trainer made ready for one audited step: what compute_loss gets is recorded (see
+    LayoutTrainer) and nothing prints."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     trainer.seen_num_items = []
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
