@@ -74,16 +74,16 @@ def _gradient_fits(weights: list[float], m: "Measured", tol: Tolerance, facts: "
 def measured(m: "Measured", loss: float, reference: Reference, tol: Tolerance) -> str:
     """What was measured, where no cause fits."""
     parts = []
-    w = m.weights
-    if w:
+    w, g = m.weights, m.grads
+    aligned = g is not None and math.isfinite(g.cosine) and 1.0 - g.cosine <= tol.tolerances["direction"]
+    if w and len(w) > 1:  # one microbatch's projection says no more than the scale below
         mean = sum(w) / len(w)
-        if all(abs(x - mean) <= tol.tolerances["weights"] * max(1.0, abs(mean)) for x in w):
+        if aligned and all(abs(x - mean) <= tol.tolerances["weights"] * max(1.0, abs(mean)) for x in w):
             parts.append(f"every microbatch weighs {mean:.4g}x its token-mean share: a uniform rescale of the step")
         else:
             parts.append("each microbatch weighs " + ", ".join(f"{x:.4g}" for x in w) + "x its token-mean share")
-    g = m.grads
     if g is not None and math.isfinite(g.cosine) and math.isfinite(g.scale):
-        if 1.0 - g.cosine <= tol.tolerances["direction"]:
+        if aligned:
             parts.append(f"gradient is {g.scale:.4g}x the reference in the same direction")
         else:
             parts.append(f"gradient scale {g.scale:.4g} (least squares), 1 - cosine {1.0 - g.cosine:.2g}")
