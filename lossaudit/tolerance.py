@@ -63,6 +63,7 @@ class Tolerance:
     dtype: str
     tolerances: dict  # metric -> tolerance
     noise: dict  # metric -> worst deviation of the correct reduction over all layouts
+    loss_noise: float = 0.0  # the loss's own (the "loss" noise above shares the gradient's)
 
     @classmethod
     def measure(cls, dtype: str, calibration: list[dict[str, float]]) -> "Tolerance":
@@ -71,12 +72,13 @@ class Tolerance:
         for metric in METRICS:
             values = [d[metric] for d in calibration if metric in d and math.isfinite(d[metric])]
             noise[metric] = max(values, default=0.0)
+        loss_noise = noise["loss"]
         noise["grad"] = noise["loss"] = max(noise["grad"], noise["loss"])  # one relative-error noise floor
         tolerances = {}
         for metric, by_dtype in BOUNDS.items():
             floor, cap = by_dtype[dtype]
             tolerances[metric] = min(max(floor, FACTOR[metric] * noise[metric]), cap)
-        return cls(dtype, tolerances, noise)
+        return cls(dtype, tolerances, noise, loss_noise)
 
     @property
     def rtol(self) -> float:

@@ -30,6 +30,17 @@ def token_mean_step(model, microbatches):
     return loss
 
 
+def rescaled_step(model, microbatches):
+    """Planted bug: token sums over a count 1 % too large (a gradient 0.990x the right one)."""
+    total = sum(_targets(b) for b in microbatches) * 1.01
+    loss = 0.0
+    for batch in microbatches:
+        part = _token_sum(model, batch) / total
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
 def mean_of_means_step(model, microbatches):
     """Planted bug: nanoGPT's ``loss / gradient_accumulation_steps``."""
     loss = 0.0

@@ -31,6 +31,18 @@ def test_step_path_passes_the_right_step_and_finds_the_planted_one():
     assert case["verdict"] == "diverge" and not case["expected"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_path_finds_a_one_percent_rescale_in_either_dtype(dtype):
+    """A whole step has no per-microbatch view: its least-squares scale against the reference,
+    judged against the correct reduction's noise, is what finds a 1 % rescale in bfloat16."""
+    options = {**ONE, "dtype": dtype}
+    assert set(rows(lossaudit.check("llama", path="step", step=stack_modules.token_mean_step, **options),
+                    "step")["verdict"]) == {"match"}
+    case = rows(lossaudit.check("llama", path="step", step=stack_modules.rescaled_step, **options), "step").iloc[0]
+    assert case["verdict"] == "diverge" and case["grad_scale"] == pytest.approx(1 / 1.01, abs=3e-3)
+    assert "in the same direction" in case["detail"]
+
+
 def test_step_path_from_the_command_line_exits_1_on_the_planted_bug(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lossaudit", "check", "llama", "--path", "step",
                           "--step", "stack_modules:mean_of_means_step", "--microbatches", "4",
