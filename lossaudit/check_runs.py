@@ -65,10 +65,11 @@ class Side:
 
 def run_check(side: Side, model: str, forwarded: list[str], say=lambda line: None) -> int:
     """``python -m lossaudit check MODEL ... --out side.out`` with the side's interpreter; its
-    output goes to ``side.out/check.log``. Returns check's exit status (0 or 1); a usage or
+    output goes to ``side.out`` + ``.log`` beside it (the report directory holds the report
+    alone: check replaces it as a whole). Returns check's exit status (0 or 1); a usage or
     environment error of the audit itself is raised as one line."""
-    side.out.mkdir(parents=True, exist_ok=True)
-    log = side.out / "check.log"
+    side.out.parent.mkdir(parents=True, exist_ok=True)
+    log = side.out.with_name(side.out.name + ".log")
     # its output goes to a file, which check colors no more than any pipe
     command = [side.python, "-m", "lossaudit", "check", model, *forwarded, "--out", str(side.out), "--overwrite"]
     environ = None if side.env is None else isolated_environ(side.env.path)

@@ -15,11 +15,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 
-import lossaudit
-
-from .paths import PATHS
-from .tiny import tiny_config
-from .tokens import TASKS
+from .options import TASKS
 from .workers import CRASH, MEMORY, TIMEOUT, WorkerPool
 
 PASS, FINDING, SKIP = "pass", "finding", "skip"
@@ -87,6 +83,7 @@ def plan_jobs(tasks: tuple[str, ...], paths: tuple[str, ...], types: tuple[str, 
               seed: int = 0, dtype: str = "float32") -> list[Job]:
     """A job per model type the auto mapping of each task lists (or per type of ``types``
     that it lists), each with the paths that apply to the task."""
+    from .paths import PATHS  # lazy: this module's row schema is read by compare, which needs no torch
     jobs = []
     for task in tasks:
         names = mapping_names(task)
@@ -114,6 +111,8 @@ def audit_model(job: Job) -> list[dict]:
     if job.model_type in NOT_AUDITABLE:
         return skip_rows(job, NOT_AUDITABLE[job.model_type], 0.0)
     try:
+        from .tiny import tiny_config  # lazy: as above, torch waits for a sweep
+
         tiny_config(job.model_type)
     except Exception as exc:
         return skip_rows(job, skip_reason(exc, building=True), time.monotonic() - started)
@@ -125,6 +124,7 @@ def audit_model(job: Job) -> list[dict]:
 
 
 def _audit(job: Job):
+    import lossaudit  # lazy: as above
     return lossaudit.check(
         job.model_type, task=job.task, paths=[*job.paths, "reduction"], reductions=["num_items"],
         microbatches=list(SWEEP_MICROBATCHES), groupings=list(SWEEP_GROUPINGS), paddings=list(SWEEP_PADDINGS),

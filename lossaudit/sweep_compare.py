@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .report import read_bounded
 from .sweep import FINDING, PASS, SCHEMA, SKIP
 
 Key = tuple[str, str]  # (model_type, task)
@@ -21,7 +22,7 @@ Key = tuple[str, str]  # (model_type, task)
 def read(path: Path) -> dict | None:
     """The JSON in ``path`` (None when it is no JSON object); a missing file is a usage error."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_bounded(Path(path)))  # /dev/zero is refused, not read to the end
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:

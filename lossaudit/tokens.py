@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .options import TASKS  # noqa: F401  (re-exported: the tasks whose labels this module aligns)
+
 IGNORE_INDEX = -100
-TASKS = ("causal-lm", "seq2seq", "token-classification", "sequence-classification")
 
 
 def align(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,13 +124,18 @@ def test_the_pytest_marker_passes_a_step_function_through(request):
 
 def test_prompt_tuning_runs_on_every_path_against_what_it_scores():
     """Before: the reference crashed ("Expected input batch_size (272) to match target batch_size
-    (240)"). Every path now scores the virtual positions too; right padding matches everywhere."""
+    (240)"). Every path now scores the virtual positions too, so on the collator-shaped default
+    batch the wrapped model scores each unmasked row's first token: the paths that count what it
+    scores match, and the stock Trainer, which divides by the plain count, is found."""
     needs("peft")
     paths = ["model", "reduction", "trainer", "accelerate"] + (["lightning"] if importlib.util.find_spec("lightning") else [])
     report = lossaudit.check("llama", path=paths, peft="prompt_tuning", **ONE)
-    assert not (report.cases["verdict"] == "error").any(), report.cases[["path", "detail"]]
-    assert report.findings.empty
-    assert set(report.cases["path"]) == set(paths)
+    cases = report.cases
+    assert not (cases["verdict"] == "error").any(), cases[["path", "detail"]]
+    assert set(cases["path"]) == set(paths)
+    assert set(report.findings["path"]) == {"trainer"}, report.findings[["path", "reduction", "detail"]]
+    trainer = cases[cases["path"] == "trainer"].iloc[0]
+    assert trainer["trainer_num_items"][0] < report.batch["target_tokens"]  # the plain count, not what is scored
 
 
 def test_an_adapter_folder_is_audited_on_its_base_model(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..terminal import add_color_argument, use_color
 from ..options import DTYPES
-from ..tokens import TASKS
+from ..options import TASKS
 from .check import _names, check_out
 
 HELP = "audit every model type of the installed transformers (a conformance table)"
