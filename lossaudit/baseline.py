@@ -19,8 +19,7 @@ import pandas as pd
 
 from .errors import DivergenceError
 from .gate import Gate
-from .render import findings_table
-from .report import Report
+from .report import Report, findings_table
 
 CASE_KEY = ["path", "reduction", "microbatches", "padding", "grouping", "world_size"]
 ENVIRONMENT_KEYS = ("python", "torch", "transformers", "accelerate", "trl", "device", "dtype", "seed")

@@ -97,7 +97,12 @@ def claim(candidates: Iterator[Path], *, skip_busy: bool, taken) -> Iterator[Pat
 
 
 def write_dir(out: Path, renderers: dict, subject, what: str) -> list[Path]:
-    """Every ``name: render(subject)`` as the directory ``out``, replacing what it held as a whole."""
+    """Every ``name: render(subject)`` as the directory ``out``, replacing what it held as a
+    whole. A directory that also holds files of its own (a caller's logs) keeps them: there the
+    report's files are renamed in one by one, all under held signals, so an interrupt still
+    never leaves files of two runs side by side."""
+    if out.is_dir() and any(p.name not in renderers and p.name not in OUTPUT_NAMES for p in out.iterdir()):
+        return _write_into(out, renderers, subject, what)
     staged = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,36 @@ def write_dir(out: Path, renderers: dict, subject, what: str) -> list[Path]:
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)  # the staged files, or the old report after a swap
+    return [out / name for name in renderers]
+
+
+# files lossaudit writes into a report or sweep directory: an earlier run's, never a caller's own
+OUTPUTS = (frozenset({"report.json", "cases.csv", "report.md", "report.html"}),
+           frozenset({"sweep.json", "sweep.csv", "sweep.md"}))
+OUTPUT_NAMES = frozenset().union(*OUTPUTS)
+
+
+def _write_into(out: Path, renderers: dict, subject, what: str) -> list[Path]:
+    """The report's files into ``out`` beside what else it holds (see ``write_dir``); an earlier
+    run's file that this one does not write is removed with the same held signals."""
+    staged = None
+    try:
+        staged = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+        for name, render in renderers.items():
+            (staged / name).write_text(render(subject), encoding="utf-8")
+            os.chmod(staged / name, 0o666 & ~_umask())
+        pause_point("staged")
+        with signals_held():
+            pause_point("swapping")
+            for name in renderers:
+                os.replace(staged / name, out / name)
+            for stale in set().union(*(kind for kind in OUTPUTS if kind & set(renderers))) - set(renderers):
+                (out / stale).unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(exc, out, what) from None
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     return [out / name for name in renderers]
 
 

@@ -8,12 +8,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
-from .outdir import write_dir, write_error
 from . import html_report
-from .report import (SUMMARY_COLUMNS, Report, _fmt, describe, findings_table,  # noqa: F401  (re-exported)
-                     markdown_table, summary_frame)
+from .outdir import write_dir, write_error
+from .report import SUMMARY_COLUMNS, Report, describe, findings_table, markdown_table, summary_frame
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -4,8 +4,6 @@ Tests that depend on the release assert what is right for the installed one: the
 before the Oct-2024 fix (4.46.0) must be found diverging, the Trainer after it must match.
 """
 
-import math
-
 import pytest
 import torch
 

@@ -54,7 +54,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or name).strip("-") or "model"
 
 
-REPORT_FILES = ("report.json", "cases.csv", "report.md", "report.html")
 
 
 def check_out(out: Path | None, overwrite: bool, name: str = "report.json", *, whole: bool = False) -> None:
@@ -76,11 +75,6 @@ def _check_out(out: Path, overwrite: bool, name: str, whole: bool) -> None:
     if whole and out.is_dir():
         if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
             raise UsageError(f"--out {out}: is the working directory or holds it; choose a report directory")
-        other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
-        if other:
-            raise UsageError(f"--out {out}: holds files that are not a report ({', '.join(other[:3])}"
-                             f"{', ...' if len(other) > 3 else ''}); a report directory is replaced as a whole: "
-                             "choose a new or empty directory")
     existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, not a directory")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import tempfile
 from functools import lru_cache
 
