@@ -19,26 +19,25 @@ def _token_sum(model, batch: dict) -> torch.Tensor:
         reduction="sum")
 
 
-def token_mean_step(model, microbatches):
-    """Right: token sums over the step's target count."""
-    total = sum(_targets(b) for b in microbatches)
+def _token_sums_over(model, microbatches, count_factor: float) -> float:
+    """Each microbatch's token sum over the step's target count times ``count_factor``."""
+    total = sum(_targets(b) for b in microbatches) * count_factor
     loss = 0.0
     for batch in microbatches:
         part = _token_sum(model, batch) / total
         part.backward()
         loss += float(part.detach())
     return loss
+
+
+def token_mean_step(model, microbatches):
+    """Right: token sums over the step's target count."""
+    return _token_sums_over(model, microbatches, 1.0)
 
 
 def rescaled_step(model, microbatches):
     """Planted bug: token sums over a count 1 % too large (a gradient 0.990x the right one)."""
-    total = sum(_targets(b) for b in microbatches) * 1.01
-    loss = 0.0
-    for batch in microbatches:
-        part = _token_sum(model, batch) / total
-        part.backward()
-        loss += float(part.detach())
-    return loss
+    return _token_sums_over(model, microbatches, 1.01)
 
 
 def mean_of_means_step(model, microbatches):
