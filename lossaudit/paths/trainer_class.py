@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import tempfile
 from functools import lru_cache
 
 import torch
 
-from ..grads import UpdateProbe
 from ..layouts import Layout
 from ..stacks import require
 from ..stacks.trl import arguments, rows, tokenizer
-from .trainer_step import StepResult, _common_settings, _quiet_and_cheap, per_device_batch, prepared
+from .trainer_step import StepResult, _common_settings, per_device_batch, prepared, train_one_step
 
 
 @lru_cache(maxsize=None)
@@ -77,15 +75,4 @@ def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> Ste
     and report fields apply); the model's weights are restored afterwards."""
     require("datasets", f"--trainer-class {cls.__name__}")
     per_device_batch(layout)
-    probe = UpdateProbe(ctx.model)
-    try:
-        with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-class-") as out:
-            trainer = _build(ctx, layout, cls, out, user_args)
-            probe.watch(trainer.optimizer)
-            result = trainer.train()
-            update = dict(probe.gradient())  # None everywhere if the class never stepped
-    finally:
-        probe.restore()
-    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
-                      getattr(trainer, "model_accepts_loss_kwargs", None),
-                      getattr(trainer.args, "average_tokens_across_devices", None))
+    return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args), _no_progress_bars)

@@ -197,10 +197,16 @@ def trainer_step(
     if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
         raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
     per_device_batch(layout)
+    return train_one_step(ctx, lambda out: _build(ctx, layout, rank, out, user_args, compute_loss_func))
+
+
+def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=contextlib.nullcontext) -> StepResult:
+    """``build(output_dir)``'s Trainer trains one step; the update it applied is read exactly and
+    the model's weights are restored. ``quiet``: more chatter to silence (a library's bars)."""
     probe = UpdateProbe(ctx.model)
     try:
-        with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
-            trainer = _build(ctx, layout, rank, out, user_args, compute_loss_func)
+        with _quiet_and_cheap(), quiet(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
+            trainer = build(out)
             probe.watch(trainer.optimizer)
             result = trainer.train()
             update = dict(probe.gradient())  # None everywhere if the Trainer never stepped
