@@ -96,7 +96,6 @@ class TrainerPath(StepPath):
         self.trainer_class = trainer_class
         self.label = Label("trainer", spec or (trainer_class.__name__ if trainer_class else None),
                            trains_aux=spec is None and trainer_class is None)
-        self.full_batch_done = False
 
     @classmethod
     def build(cls, config) -> list["TrainerPath"]:
@@ -115,9 +114,8 @@ class TrainerPath(StepPath):
 
     def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
         """``layouts``, after the GA-off arm (k=1) when the run does not start with one."""
-        if not self.full_batch_done and layouts and layouts[0].microbatches != 1:
+        if layouts and layouts[0].microbatches != 1:
             layouts = [full_batch_layout(ctx.batch, layouts[0].world_size), *layouts]
-        self.full_batch_done = True
         return layouts
 
     def run(self, ctx, layout):
