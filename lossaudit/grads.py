@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -26,11 +26,33 @@ def grads_of(loss: torch.Tensor, params: Params, *, retain_graph: bool = True) -
     )
 
 
+CHUNK = 1 << 24  # elements widened at once: a 16-bit tensor's float32 copy stays at 64 MiB
+
+
+def chunks(x: torch.Tensor, y: torch.Tensor, wide: torch.dtype):
+    """(x, y) flattened, in pieces of CHUNK elements widened to ``wide``: no widened copy of a
+    whole tensor (an 8B model's embedding gradient is 2 GiB in float32)."""
+    x, y = x.reshape(-1), y.reshape(-1).to(x.device)
+    for a, b in zip(x.split(CHUNK), y.split(CHUNK)):
+        yield a.to(wide), b.to(wide)
+
+
+def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x . y in float32 or wider, as a 0-dim tensor on x's device (no host synchronisation)."""
+    wide = _wide(x, y)
+    if x.dtype == wide and y.dtype == wide and x.device == y.device:
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return sum((torch.dot(a, b) for a, b in chunks(x, y, wide)), torch.zeros((), dtype=wide, device=x.device))
+
+
+def total(terms: list[torch.Tensor]) -> float:
+    """The float64 sum of 0-dim tensors, read with one host synchronisation."""
+    return float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum()) if terms else 0.0
+
+
 def dots(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
     """Sum over parameters of a . b (float32 or wider), with one host synchronisation."""
-    terms = [torch.dot(x.reshape(-1).to(_wide(x, y)), y.reshape(-1).to(device=x.device, dtype=_wide(x, y)))
-             for x, y in zip(a, b) if x is not None and y is not None]
-    return float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum()) if terms else 0.0
+    return total([dot(x, y) for x, y in zip(a, b) if x is not None and y is not None])
 
 
 def _wide(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
@@ -71,17 +93,22 @@ class GradDiff:
     per_tensor: tuple[tuple[str, float], ...] = ()
 
 
-def _tensor_stats(g: torch.Tensor, r: torch.Tensor) -> list[float]:
-    """||d||², ||r||², ||g||², d·r, g·r and max|d| for d = g - r, two flat tensors in their
-    (float32 or wider) dtype: dot products read each tensor once and make no temporary but d.
-    Where g ~ r, d is exact (Sterbenz), so what is small there is read from d (see _near)."""
-    if not g.numel():
-        return [0.0] * 6
-    d = g - r
-    low, high = torch.aminmax(d)  # max|d| without |d| (vector_norm(ord=inf) costs ~9x more on CPU)
-    stats = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(g, g), torch.dot(d, r), torch.dot(g, r),
-                         torch.maximum(-low, high)])
-    return stats.tolist()
+def _tensor_stats(g: torch.Tensor | None, r: torch.Tensor, factor: float) -> torch.Tensor:
+    """||d||², ||r||², ||g||², d·r, g·r and max|d| for d = factor·g - r (g None: zeros), on r's
+    device as one tensor, computed on pieces widened to float32 or wider: dot products make no
+    temporary but d. Where g ~ r, d is exact (Sterbenz), so what is small there is read from d
+    (see _near)."""
+    wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
+    stats = torch.zeros(6, dtype=wide, device=r.device)
+    for gc, rc in chunks(torch.zeros_like(r) if g is None else g.to(r.device), r, wide):
+        if factor != 1.0:
+            gc = gc * factor
+        d = gc - rc
+        low, high = torch.aminmax(d) if d.numel() else (stats[5], stats[5])  # max|d| without |d| (~9x cheaper on CPU)
+        piece = torch.stack([torch.dot(d, d), torch.dot(rc, rc), torch.dot(gc, gc), torch.dot(d, rc), torch.dot(gc, rc),
+                             torch.maximum(-low, high)])
+        stats = torch.cat([stats[:5] + piece[:5], torch.maximum(stats[5:], piece[5:])])
+    return stats
 
 
 def _near(d2: float, r2: float, g2: float) -> bool:
@@ -108,19 +135,21 @@ def _scale(d2: float, r2: float, g2: float, dr: float, gr: float) -> float:
     return 1.0 + dr / r2 if _near(d2, r2, g2) else gr / r2
 
 
-def compare_grads(reference: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]]) -> GradDiff:
-    diff2 = ref2 = got2 = d_ref = g_ref = 0.0
-    max_abs = worst_rel = 0.0
-    worst = ""
-    nonfinite = None
-    per_tensor = []
+def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]], *,
+                  factor: float = 1.0) -> GradDiff:
+    """``factor`` x ``grads`` against ``reference``, tensor by tensor; every statistic stays on
+    the device until one host synchronisation at the end."""
+    names, stats = [], []
     for name, g in grads:
-        r = reference[name]
-        wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
-        r = r.to(wide).reshape(-1)
-        g = torch.zeros_like(r) if g is None else g.to(device=r.device, dtype=wide).reshape(-1)
-        d2, r2, g2, dr, gr, d_max = _tensor_stats(g, r)
-        if nonfinite is None and not math.isfinite(g2) and not bool(torch.isfinite(g).all()):
+        names.append(name)
+        stats.append(_tensor_stats(g, reference[name], factor).to(torch.float64))
+    if not stats:
+        return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
+    table = torch.stack([s.to(stats[0].device) for s in stats]).cpu()  # the one synchronisation
+    diff2 = ref2 = got2 = d_ref = g_ref = max_abs = worst_rel = 0.0
+    worst, nonfinite, per_tensor = "", None, []
+    for name, (d2, r2, g2, dr, gr, d_max) in zip(names, table.tolist()):
+        if nonfinite is None and not math.isfinite(d_max):  # the reference is finite (else nothing is compared)
             nonfinite = name
         diff2, ref2, got2, d_ref, g_ref = diff2 + d2, ref2 + r2, got2 + g2, d_ref + dr, g_ref + gr
         max_abs = max(max_abs, d_max)

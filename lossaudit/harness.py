@@ -22,12 +22,14 @@ from .environment import environment
 from .errors import EnvironmentProblem, UsageError
 from .faults import has_nonfinite, out_of_memory_is_environmental
 from .forward import forward
-from .grads import GradAccumulator, dots, grads_of, trainable
+from .accumulate import GradientSum, Hooks
+from .grads import dots, trainable
 from .judge import Guard, Judge, Measured, report_fields
 from .layouts import Layout, microbatches, plan_layouts
 from .models import LoadedModel, load_model
 from .moe import AuxAccumulator
 from .paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
+from .passes import passes_for
 from .paths.reduction import ReductionPath
 from .reductions import REDUCTIONS, StepTokens
 from .reference import compute_reference
@@ -86,34 +88,55 @@ def batch_for(loaded: LoadedModel, spec: BatchSpec) -> Batch:
 
 @dataclass
 class _Step:
-    """A logit path's running sums over one layout's microbatches."""
+    """A logit path's running sums over one layout's microbatches. Its gradient is ``factor``
+    x ``sum``: proportional reductions share one sum (num_items and sum: factor N)."""
 
-    acc: GradAccumulator
+    sum: GradientSum
+    factor: float = 1.0
     loss: float = 0.0
     aux: float | None = None
     weights: list[float] = field(default_factory=list)
+    projection: float = 0.0  # the step's gradient . the reference, summed from each microbatch's exact product
 
-    def outcome(self, path: LogitPath, layout: Layout, note: str) -> Outcome:
-        return Outcome(path.label, layout, self.loss, list(self.acc.items()), note=note, aux=self.aux,
-                       weights=[w for w in self.weights if math.isfinite(w)] or None)
+    def outcome(self, path: LogitPath, layout: Layout, note: str, reference_norm2: float) -> Outcome:
+        # a 16-bit sum rounds each addition; its scale is then read from the products instead
+        scale = self.projection / reference_norm2 if self.sum.narrow and reference_norm2 else None
+        return Outcome(path.label, layout, self.loss, list(self.sum.items()), note=note, aux=self.aux,
+                       weights=[w for w in self.weights if math.isfinite(w)] or None,
+                       gradient_factor=self.factor * (self.sum.unit or 1.0), scale=scale)
 
 
-class _Shares:
-    """Each microbatch's share of the reference gradient's projection: (g_m . r) / (N r . r)."""
+def _sums(paths: list[LogitPath], params) -> dict[int, _Step]:
+    """One _Step per path; paths whose uniform weights are proportional share one GradientSum,
+    filled with the first one's weights (its factor 1, the others' the ratio of theirs)."""
+    steps: dict[int, _Step] = {}
+    groups: list[tuple[list[float], GradientSum]] = []
+    for path in paths:
+        weights = path.uniform_weights()
+        for first, shared in groups if weights is not None else ():
+            factor = _ratio(weights, first)
+            if factor is not None:
+                steps[id(path)] = _Step(shared, factor)
+                break
+        else:
+            steps[id(path)] = _Step(GradientSum(params))
+            if weights is not None:
+                groups.append((weights, steps[id(path)].sum))
+    return steps
 
-    def __init__(self, reference_grads: dict, params, total: int):
-        self.reference = [reference_grads[n] for n, _ in params]
-        self.norm2 = dots(self.reference, self.reference)
-        self.total = total
-        self.values: list[float] = []
 
-    def add(self, grads) -> None:
-        self.values.append(dots(grads, self.reference) / (self.total * self.norm2) if self.norm2 and self.total else math.nan)
+def _ratio(weights: list[float], first: list[float]) -> float | None:
+    """c with weights == c x first (relative 1e-12), when both are finite and first has no zero."""
+    if len(weights) != len(first) or not all(math.isfinite(w) and math.isfinite(f) and f for w, f in zip(weights, first)):
+        return None
+    c = weights[0] / first[0]
+    return c if all(abs(w - c * f) <= 1e-12 * abs(w) for w, f in zip(weights, first)) else None
 
 
 def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard: Guard,
                seen: Callable[[Outcome], None] = lambda outcome: None) -> list[Measured]:
-    """One forward per microbatch, shared by every logit path; one backward per distinct scalar.
+    """One forward per microbatch, shared by every logit path; one backward per distinct scalar,
+    its gradients taken by hooks into the paths' sums as they come (accumulate.py).
 
     ``paths`` must hold one that calibrates (the correct reduction). A path that raises becomes
     its error case and the others go on; a forward that raises fails the paths that needed it.
@@ -125,32 +148,34 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
     failed: dict[int, str] = {}  # id(path) -> one-line reason
     for path in paths:
         _fail(failed, path, *guard.call(f"the {path.label.path} path", path.start, ctx, layout, step))
-    steps = {id(p): _Step(GradAccumulator(ctx.params)) for p in paths}
-    shares = _Shares(ctx.reference.grads, ctx.params, step.total)
+    steps = _sums(paths, ctx.params)
+    reference = [ctx.reference.grads[n] for n, _ in ctx.params]
+    norm2 = dots(reference, reference)
+    shares: list[float] = []  # each microbatch's share of the reference's projection: (g_m . r) / (N r . r)
     aux = AuxAccumulator(ctx.reference.aux, ctx.params, len(layout.groups)) if ctx.reference.aux else None
     fault = None
-    for index, mb in enumerate(mbs):
-        live = [p for p in paths if id(p) not in failed]
-        if not live:
-            break
-        where = f"microbatch {index + 1} of {len(mbs)}"
-        view = _shared_forward(ctx, index, mb, step, live, failed, guard, where)
-        if view is None:
-            continue
-        if fault is None and has_nonfinite(view.outputs.logits):
-            fault = f"NaN/Inf in the logits of {where}"
-        if aux:
-            aux.add(view.outputs, mb.attention_mask)
-        correct = grads_of(view.token_sum, ctx.params)  # x N: this microbatch's correct share
-        shares.add(correct)
-        _contribute(ctx, view, [p for p in live if id(p) not in failed], steps, correct, failed, guard, where)
-    judge.learn(layout, shares.values if len(shares.values) == len(mbs) else None, aux.result() if aux else None)
+    with Hooks(ctx.params, reference) as hooks:
+        for index, mb in enumerate(mbs):
+            live = [p for p in paths if id(p) not in failed]
+            if not live:
+                break
+            where = f"microbatch {index + 1} of {len(mbs)}"
+            view = _shared_forward(ctx, index, mb, step, live, failed, guard, where)
+            if view is None:
+                continue
+            if fault is None and has_nonfinite(view.outputs.logits):
+                fault = f"NaN/Inf in the logits of {where}"
+            if aux:
+                aux.add(view.outputs, mb.attention_mask)
+            share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
+            shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
+    judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)
     measured = []
     for path in paths:
         if id(path) not in failed:
             note, reason = guard.call(f"the {path.label.path} path", path.note)
             if reason is None:
-                outcome = steps[id(path)].outcome(path, layout, note)
+                outcome = steps[id(path)].outcome(path, layout, note, norm2)
                 seen(outcome)
                 measured.append(judge.measure(outcome, fault=fault))
                 continue
@@ -164,32 +189,53 @@ def _fail(failed: dict[int, str], path, _result, reason: str | None) -> None:
         failed[id(path)] = reason
 
 
-def _contribute(ctx, view: MicrobatchView, live: list[LogitPath], steps: dict, correct, failed, guard, where) -> None:
-    """Each live path's contribution on one microbatch: its gradient, loss and weight."""
-    n, norm2 = view.step.total, None
+def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _Step], hooks: Hooks, failed, guard,
+                where) -> float:
+    """Each live path's contribution on one microbatch: its gradient (into its sum), loss and
+    weight. The token sum's backward feeds every path that backs it (once per shared sum);
+    a path with a loss of its own gets its own backward. Returns the token sum's gradient .
+    the reference."""
+    n = view.step.total
+    given: dict[int, Contribution] = {}
     for path in live:
         c, reason = guard.call(f"the {path.label.path} path in {where}", path.microbatch, view)
         if reason is None and not (isinstance(c, Contribution) and isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
             reason = f"the {path.label.path} path in {where} gave {type(getattr(c, 'loss', c)).__name__}, not a scalar tensor"
         if reason is not None:
             failed[id(path)] = reason
-            continue
-        shared = c.loss is view.token_sum
-        grads, reason = (correct, None) if shared else guard.call(f"the backward of {path.label.path} in {where}",
-                                                                  grads_of, c.loss, ctx.params)
+        else:
+            given[id(path)] = c
+    shared = [p for p in live if id(p) in given and given[id(p)].loss is view.token_sum]
+    own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
+    sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / steps[id(p)].factor) for p in shared}
+    token_sum = float(view.token_sum.detach())
+    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own))  # x N: the correct share
+    projection, _ = correct.results()
+    for path in shared:
+        c, s = given[id(path)], steps[id(path)]
+        s.loss += token_sum * c.scale
+        s.projection += c.scale * projection
+        s.weights.append(n * c.scale if view.step.counts[view.index] else math.nan)
+        _carry(s, c)
+    norm2 = dots(correct.kept, correct.kept) if own else 0.0
+    for path in own:
+        c, s = given[id(path)], steps[id(path)]
+        b, reason = guard.call(f"the backward of {path.label.path} in {where}", hooks.backward, c.loss,
+                               [(s.sum, c.scale)], False, correct.kept)
         if reason is not None:
             failed[id(path)] = reason
             continue
-        s = steps[id(path)]
-        s.acc.add(grads, c.scale)
+        along_reference, along_correct = b.results()
         s.loss += float(c.loss.detach()) * c.scale
-        if c.aux is not None:
-            s.aux = (s.aux or 0.0) + c.aux
-        if shared:
-            s.weights.append(n * c.scale if view.step.counts[view.index] else math.nan)
-        else:
-            norm2 = dots(correct, correct) if norm2 is None else norm2
-            s.weights.append(n * c.scale * dots(grads, correct) / norm2 if norm2 else math.nan)
+        s.projection += c.scale * along_reference
+        s.weights.append(n * c.scale * along_correct / norm2 if norm2 else math.nan)
+        _carry(s, c)
+    return projection
+
+
+def _carry(s: _Step, c: Contribution) -> None:
+    if c.aux is not None:
+        s.aux = (s.aux or 0.0) + c.aux
 
 
 def _shared_forward(ctx, index, mb, step, live, failed, guard, where) -> MicrobatchView | None:
@@ -250,10 +296,15 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     step_paths = [p for p in paths if isinstance(p, StepPath)]
     hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration()]
     guard = Guard(Judge(ctx))
+    runs = passes_for(ctx, logit_paths + hidden)  # more than one where the sums would not fit the memory
+    order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
+    if len(runs) > 1:
+        say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")
-        measured += run_layout(ctx, layout, logit_paths + hidden, guard)
+        cases = [m for paths_of_pass in runs for m in run_layout(ctx, layout, paths_of_pass, guard)]
+        measured += sorted(cases, key=lambda m: order[id(m.label)])
     for path in step_paths:
         measured += path.run_layouts(ctx, layouts, guard, say)
     tolerance = guard.judge.tolerance(measured)

@@ -9,6 +9,7 @@ coef x the layout's mean router aux loss (moe.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,9 +102,12 @@ class Judge:
         """Compare an outcome with its target; its gradient is read once, tensor by tensor."""
         label, layout = outcome.label, outcome.layout
         loss_target, grads_target, aux = self.target(label, layout)
+        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor)
+        if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
+            grads = dataclasses.replace(grads, scale=outcome.scale)
         return Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
-            grads=compare_grads(grads_target, outcome.gradient), weights=None if aux else outcome.weights,
+            grads=grads, weights=None if aux else outcome.weights,
             note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault)
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:

@@ -6,11 +6,15 @@ gradient (both ``P x b`` bytes for P parameters in a dtype of b bytes) and what 
 keeps for the backward. ``audit_extra_bytes`` bounds what an audit holds on top of that peak:
 
 - the reference gradient, kept all run: ``P x b``;
-- while one layout's logit paths run (``reduction``, ``model``, and the correct reduction the
-  harness runs on every layout), per microbatch: the working gradients ``torch.autograd.grad``
-  returns (``P x b`` each: one shared by the uniform reductions, one more for a path with a
-  loss of its own), one accumulator per logit path (``P x a`` each, a = 4: float32, or 8 under
-  float64), and the comparison's temporaries (a few copies of the largest tensor);
+- while one layout's logit paths run (``reduction``, ``model``, ``loss-fn`` and the correct
+  reduction the harness runs on every layout): one gradient sum per distinct sum, ``P x b``
+  each (accumulate.py: the model's dtype; proportional reductions share one, so num_items and
+  sum cost one together). The backward hands each parameter's gradient to the sums and frees it
+  at once, so the first sum stands where a training step keeps its gradient: it costs nothing
+  beyond the step. Where a path has a loss of its own (a non-uniform reduction such as
+  sequence_mean, the model's loss, a user's loss function), the correct gradient of the
+  microbatch is kept while that path's backward runs, to measure the path's weight: ``P x b``.
+  The comparison widens pieces of at most ``grads.CHUNK`` elements: a few of those;
 - while a step path runs (``trainer``, ``accelerate``): the probe's copy of the weights
   (``P x b``) and the update read back (``P x b``, on the CPU: host memory when the model is
   on a GPU).
@@ -32,6 +36,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .grads import CHUNK
+
 GIB = 2 ** 30
 
 
@@ -40,27 +46,30 @@ class AuditShape:
     """What the audit's memory depends on, in bytes or counts."""
 
     parameters: int  # P: trainable parameters
-    param_bytes: int  # b: bytes per parameter in the model's dtype (2 for bf16)
-    accumulators: int  # gradient accumulators alive together while logit paths run
-    working_gradients: int = 1  # autograd.grad results alive together (see working_gradients)
-    accumulator_bytes: int = 4  # float32 (8 under float64)
-    largest_tensor: int = 0  # elements of the largest parameter tensor (the comparison's temporaries)
+    param_bytes: int  # b: bytes per parameter in the model's dtype (2 for bf16); a gradient sum's too
+    sums: int  # gradient sums alive together while logit paths run (sums_held)
+    keeps_correct: bool = False  # a path with a loss of its own runs: the correct gradient is kept for it
+    largest_tensor: int = 0  # elements of the largest parameter tensor
     logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
     step_path: bool = False  # a trainer or accelerate path runs
     update_on_device: bool = True  # the update read back lives on the model's device (the CPU)
 
+    @property
+    def wide_bytes(self) -> int:
+        """Bytes of an element the comparison widens to: float32, or float64's 8."""
+        return max(4, self.param_bytes)
+
 
 def logit_phase_bytes(s: AuditShape) -> int:
-    """Beyond the training step while logit paths run: reference + working gradient +
-    accumulators + comparison temporaries (+ the model path's own float32 loss)."""
+    """Beyond the training step while logit paths run: reference + every sum but the first
+    + the kept correct gradient + comparison temporaries (+ the model path's own float32 loss)."""
     pb = s.parameters * s.param_bytes
-    accumulators = s.accumulators * s.parameters * s.accumulator_bytes
-    return pb + s.working_gradients * pb + accumulators + comparison_bytes(s) + s.logits_bytes
+    return pb + max(s.sums - 1, 0) * pb + (pb if s.keeps_correct else 0) + comparison_bytes(s) + s.logits_bytes
 
 
 def step_phase_bytes(s: AuditShape) -> int:
     """Beyond the training step while a step path runs: reference + the probe's saved
-    weights + the update read back (the logit paths' accumulators are freed by then)."""
+    weights + the update read back (the logit paths' sums are freed by then)."""
     if not s.step_path:
         return 0
     pb = s.parameters * s.param_bytes
@@ -69,8 +78,10 @@ def step_phase_bytes(s: AuditShape) -> int:
 
 
 def comparison_bytes(s: AuditShape) -> int:
-    """compare_grads, per tensor: the reference widened, the case's tensor widened, their difference."""
-    return 3 * s.largest_tensor * s.accumulator_bytes
+    """compare_grads and the hooks' dot products, per piece: both sides widened and their
+    difference, at most CHUNK elements each. (The gradient a hook is handed is the one a
+    training step would keep; the first sum takes it as it is.)"""
+    return 3 * min(s.largest_tensor, CHUNK) * s.wide_bytes
 
 
 def audit_extra_bytes(s: AuditShape) -> int:
@@ -83,18 +94,16 @@ def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
     return train_step_peak + audit_extra_bytes(s)
 
 
-def shape_of(model: torch.nn.Module, *, accumulators: int, working: int = 1, logits_bytes: int = 0,
+def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, logits_bytes: int = 0,
              step_path: bool = False, update_on_device: bool | None = None) -> AuditShape:
     """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    dtype = params[0].dtype
     on_device = params[0].device.type == "cpu" if update_on_device is None else update_on_device
     return AuditShape(
         parameters=sum(p.numel() for p in params),
         param_bytes=params[0].element_size(),
-        accumulators=accumulators,
-        working_gradients=working,
-        accumulator_bytes=torch.promote_types(dtype, torch.float32).itemsize,
+        sums=sums,
+        keeps_correct=keeps_correct,
         largest_tensor=max(p.numel() for p in params),
         logits_bytes=logits_bytes,
         step_path=step_path,
@@ -155,27 +164,26 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-UNIFORM_REDUCTIONS = {"mean_of_means", "num_items", "sum"}  # scalar weights: they share the microbatch's backward
-OWN_BACKWARD_PATHS = ("model", "loss-fn")  # a loss of their own: a backward, a gradient, an accumulator each
+CONSTANT_WEIGHTS = {"num_items", "sum"}  # the same weight on every microbatch: one sum serves both
+UNIFORM_REDUCTIONS = {"mean_of_means"} | CONSTANT_WEIGHTS  # a scalar weight per microbatch: no backward of their own
+OWN_BACKWARD_PATHS = ("model", "loss-fn")  # a loss of their own: a backward and a sum each
 
 
-def accumulators_held(paths, reductions) -> int:
-    """Gradient accumulators alive together while one layout's logit paths run, as the harness
-    accumulates today: one per logit path (each reduction of the ``reduction`` path, ``model``,
-    ``loss-fn``) and one for the correct reduction (num_items), which runs on every layout
-    unless the reduction path already runs it. Freed when the layout's cases are judged."""
-    own = list(reductions) if "reduction" in paths else []
-    calibrated = "num_items" in own
-    return len(own) + sum(p in OWN_BACKWARD_PATHS for p in paths) + (0 if calibrated else 1)
+def sums_held(paths, reductions) -> int:
+    """Gradient sums alive together while one layout's logit paths run: one for num_items, the
+    correct reduction, which runs on every layout (sum shares it), one per other reduction of
+    the ``reduction`` path (mean_of_means shares it too where every microbatch holds as many
+    targets: counted apart here), and one per path with a loss of its own. Freed when the
+    layout is judged."""
+    own = [r for r in reductions if r not in CONSTANT_WEIGHTS] if "reduction" in paths else []
+    return 1 + len(own) + sum(p in OWN_BACKWARD_PATHS for p in paths)
 
 
-def working_gradients(paths, reductions) -> int:
-    """Gradients ``torch.autograd.grad`` returns that are alive at once: the microbatch's token
-    sum's (shared by every uniform reduction), and one more while a path with a loss of its own
-    (a non-uniform reduction, the model's loss, a user's loss function) is added up."""
-    separate = any(p in OWN_BACKWARD_PATHS for p in paths) or \
+def keeps_correct(paths, reductions) -> bool:
+    """Whether a path with a loss of its own runs (a non-uniform reduction, the model's loss, a
+    user's loss function): the microbatch's correct gradient is then kept during its backward."""
+    return any(p in OWN_BACKWARD_PATHS for p in paths) or \
         ("reduction" in paths and bool(set(reductions) - UNIFORM_REDUCTIONS))
-    return 2 if separate else 1
 
 
 def model_loss_bytes(batch_size: int, length: int, vocab: int) -> int:

@@ -37,6 +37,13 @@ def parse_ints(text: str) -> tuple[int, ...]:
         raise ValueError(f"expected integers like 1,2,4, got {text!r}") from None
 
 
+def parse_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
 def parse_names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -153,6 +160,12 @@ def _argparse_type(parse: Parse) -> Parse:
 
 POSITIVE = at_least(1)
 
+
+def positive_number(value) -> str | None:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value < float("inf") \
+        else f"must be a positive number, got {value!r}"
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("model", "str", "", "model_type (built tiny), save_pretrained directory, or cached hub id",
            check=not_blank, metavar="MODEL"),
@@ -186,6 +199,9 @@ OPTIONS: tuple[Option, ...] = (
            parse=parse_int, check=seed_check, metavar="N"),
     Option("device", "str", "cpu", "torch device: cpu, cuda, cuda:N or mps", "--device", metavar="DEVICE"),
     Option("dtype", "str", "float32", "model dtype: float32, float64, bfloat16 or float16", "--dtype", metavar="DTYPE"),
+    Option("max_memory", "float | None", None, "GiB the audit may hold on the device (default on CUDA: 94 %% of its "
+           "memory); logit paths whose gradient sums would not fit together run in more passes", "--max-memory",
+           parse=parse_float, check=positive_number, metavar="GIB"),
     Option("trainer_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for TrainingArguments (repeatable)",
            "--trainer-arg", "pairs", parse_key_value, metavar="KEY=VALUE"),
     Option("config_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for the model config (repeatable)",

@@ -127,7 +127,8 @@ def walk(ctx: AuditContext, layout: Layout, names=DEFAULT_REDUCTIONS) -> Walkthr
     reductions = [REDUCTIONS.get(n) for n in names]
     step_grads = {}
     measured = run_layout(ctx, layout, [ReductionPath.of(r) for r in reductions], Guard(Judge(ctx)),
-                          lambda o: step_grads.setdefault(o.label.reduction, [g for _, g in o.gradient]))
+                          lambda o: step_grads.setdefault(o.label.reduction, [None if g is None else g * o.gradient_factor
+                                                                              for _, g in o.gradient]))
     measured = {m.label.reduction: m for m in measured}
     step = step_tokens(ctx.batch, layout)
     return Walkthrough(

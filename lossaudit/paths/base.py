@@ -80,6 +80,8 @@ class Outcome:
     extra: dict = field(default_factory=dict)  # more report columns
     aux: float | None = None  # MoE: the router aux loss the step carried, when the path knows it
     weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
+    gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
+    scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,21 @@ class LogitPath:
 
     label = Label("")
     wants_labels = False  # ask the model for its own loss in the shared forward
+    # for planning passes (passes.py), before any layout: the same weight on every microbatch
+    # (it shares the correct reduction's sum); a loss of its own, with a backward of its own
+    constant_weights = False
+    own_backward = True
 
     def start(self, ctx: AuditContext, layout: Layout, step: StepTokens) -> None:
         """Before the layout's first microbatch (user code may run here: it is guarded)."""
 
     def microbatch(self, view: MicrobatchView) -> Contribution:
         raise NotImplementedError
+
+    def uniform_weights(self) -> list[float] | None:
+        """After ``start``: the scale ``microbatch`` will give the token sum on each microbatch,
+        when known in advance. Paths whose weights are proportional share one gradient sum."""
+        return None
 
     def note(self) -> str:
         """After the layout: facts for the detail."""

@@ -5,7 +5,7 @@ their own weighted sum."""
 
 from __future__ import annotations
 
-from ..reductions import Reduction, resolve_reduction
+from ..reductions import Reduction, mean_of_means, num_items, resolve_reduction, token_sum
 from ..reference import weighted_sum
 from ..tokens import TASKS
 from .base import PATHS, Contribution, Label, LogitPath, PathSpec
@@ -16,6 +16,8 @@ class ReductionPath(LogitPath):
         self.reduction = reduction
         self.label = Label("reduction", reduction.name, expected=reduction.expected, calibrates=calibrates,
                            formula=reduction, cause=reduction.doc if reduction.expected else "")
+        self.constant_weights = reduction.weights in (num_items, token_sum)
+        self.own_backward = reduction.weights not in (num_items, token_sum, mean_of_means)
 
     @classmethod
     def of(cls, reduction: Reduction) -> "ReductionPath":
@@ -24,6 +26,9 @@ class ReductionPath(LogitPath):
 
     def start(self, ctx, layout, step):
         self.weights = self.reduction.weights(step)  # the user's weight function runs here, guarded
+
+    def uniform_weights(self):
+        return None if any(hasattr(w, "shape") for w in self.weights) else [float(w) for w in self.weights]
 
     def microbatch(self, view):
         weight = self.weights[view.index]
