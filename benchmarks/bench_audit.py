@@ -17,6 +17,8 @@ warm-up forward/backward whose memory is released before the peak counter is res
 - audit:   ``check --path reduction --reductions num_items`` (one reduction: any other would
            run beside num_items, which the harness runs on every layout);
 - audit3:  the same with ``--reductions mean_of_means,num_items,sum``.
+--path default: ``check`` with every default path and reduction, within ``--max-memory`` (on CUDA
+           by default 94 % of the device; 74.5 GiB is an 80 GB card's): its peak against 75 GiB.
 --path trainer / --path accelerate, each against its own minimal passes:
 - trainer_passes:    one plain transformers.Trainer step per layout (no reference, probe or comparison);
 - trainer:           ``check --path trainer``;
@@ -54,12 +56,14 @@ MODES = {
     "reduction": ("passes", "train", "audit", "audit3"),
     "trainer": ("trainer_passes", "trainer"),
     "accelerate": ("accelerate_passes", "accelerate"),
+    "default": ("default",),
 }
 AUDITS = {  # mode -> (path, reductions)
     "audit": ("reduction", ("num_items",)),  # the correct reduction: the harness runs no other beside it
     "audit3": ("reduction", ("mean_of_means", "num_items", "sum")),
     "trainer": ("trainer", ("num_items",)),
     "accelerate": ("accelerate", ("num_items",)),
+    "default": (None, None),  # every default path and reduction, within --max-memory
 }
 # (name, numerator, denominator, what is divided, target from issue 18 or None)
 RATIOS = (
@@ -110,9 +114,9 @@ def check_config(args, loaded, max_length, mode: str):
     from lossaudit.config import CheckConfig
 
     path, reductions = AUDITS.get(mode, ("reduction", ("num_items",)))
-    return CheckConfig(model=loaded.name, paths=(path,), reductions=reductions, microbatches=args.microbatches,
-                       batch_size=args.batch_size, max_length=max_length, seed=args.seed, device=args.device,
-                       dtype=args.dtype)
+    return CheckConfig(model=loaded.name, paths=(path,) if path else None, reductions=reductions,
+                       microbatches=args.microbatches, batch_size=args.batch_size, max_length=max_length, seed=args.seed,
+                       device=args.device, dtype=args.dtype, max_memory=args.max_memory)
 
 
 def child(args) -> dict:
@@ -330,7 +334,8 @@ def accelerate_passes(loaded, config, device) -> int:
 
 MEASURE = {"passes": passes, "train": train, "audit": run_audit, "audit3": run_audit,
            "trainer_passes": trainer_passes, "trainer": run_audit,
-           "accelerate_passes": accelerate_passes, "accelerate": run_audit}
+           "accelerate_passes": accelerate_passes, "accelerate": run_audit, "default": run_audit}
+ABSOLUTE = (("peak default (GiB)", "default", 75.0),)  # (name, mode, target): issue 18's 8B bar on an 80 GB card
 
 
 # ---- the parent: every mode, the ratios, the table -----------------------------------------
@@ -338,7 +343,8 @@ MEASURE = {"passes": passes, "train": train, "audit": run_audit, "audit3": run_a
 def run_child(args, mode: str, timeout: float | None = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", mode, "--size", args.size,
                "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed), "--microbatches", ",".join(map(str, args.microbatches))]
+               "--seed", str(args.seed), "--microbatches", ",".join(map(str, args.microbatches)),
+               *(["--max-memory", str(args.max_memory)] if args.max_memory else [])]
     start = time.perf_counter()
     child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)  # its own group: a timeout ends all of it
@@ -461,6 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="every mode in one process on one model, the allocator emptied between modes "
                         "(no start-up per mode; no per-mode timeout)")
+    p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; default on "
+                   "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
     p.add_argument("--json", help="also write the results to this file (after every mode)")
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -486,7 +494,7 @@ def main(argv=None) -> int:
           f"{set(args.microbatches)}) on {summary['device']}, torch {summary['torch']}, "
           f"transformers {summary['transformers']}")
     print(table(summary))
-    for name, value in summary["ratios"].items():
+    for name, value in {**summary["ratios"], **summary["absolute"]}.items():
         target = summary["targets"].get(name)
         print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
     return 0
@@ -511,8 +519,10 @@ def summarise(args, results: dict) -> dict:
             "microbatches": list(args.microbatches), "paths": list(args.paths),
             "processes": "one" if args.in_process else "one per mode",
             "layouts": next((r["cases"] for m, r in results.items() if m == "passes" and "cases" in r), None),
-            **environment(args), "results": results, "ratios": ratios(results),
-            "targets": {name: target for name, *_, target in RATIOS if target is not None}}
+            "max_memory_gib": args.max_memory, **environment(args), "results": results, "ratios": ratios(results),
+            "absolute": {name: results[mode]["peak_bytes"] / GIB for name, mode, _ in ABSOLUTE
+                         if "error" not in results.get(mode, {"error": 1}) and "peak_bytes" in results[mode]},
+            "targets": {name: target for name, *_, target in RATIOS + ABSOLUTE if target is not None}}
 
 
 if __name__ == "__main__":

@@ -26,23 +26,47 @@ def grads_of(loss: torch.Tensor, params: Params, *, retain_graph: bool = True) -
     )
 
 
-CHUNK = 1 << 24  # elements widened at once: a 16-bit tensor's float32 copy stays at 64 MiB
+CHUNK = 1 << 24  # elements handled at once: a 16-bit tensor's float32 copy stays at 64 MiB
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_FUSED: dict[torch.device, bool] = {}  # device -> a 16-bit matmul with a float32 result agrees with the widened dot
 
 
-def chunks(x: torch.Tensor, y: torch.Tensor, wide: torch.dtype):
-    """(x, y) flattened, in pieces of CHUNK elements widened to ``wide``: no widened copy of a
-    whole tensor (an 8B model's embedding gradient is 2 GiB in float32)."""
-    x, y = x.reshape(-1), y.reshape(-1).to(x.device)
-    for a, b in zip(x.split(CHUNK), y.split(CHUNK)):
-        yield a.to(wide), b.to(wide)
+def pieces(x: torch.Tensor, y: torch.Tensor):
+    """(x, y) flattened on x's device, in pieces of at most CHUNK elements (views, no copy)."""
+    return zip(x.reshape(-1).split(CHUNK), y.reshape(-1).to(x.device).split(CHUNK))
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x . y in float32 or wider, as a 0-dim tensor on x's device (no host synchronisation)."""
+    """x . y in float32 or wider, as a 0-dim tensor on x's device (no host synchronisation).
+    Two 16-bit tensors on CUDA: one matmul that accumulates and returns float32 (no widened
+    copy); elsewhere pieces are widened, at most CHUNK elements at a time."""
     wide = _wide(x, y)
     if x.dtype == wide and y.dtype == wide and x.device == y.device:
         return torch.dot(x.reshape(-1), y.reshape(-1))
-    return sum((torch.dot(a, b) for a, b in chunks(x, y, wide)), torch.zeros((), dtype=wide, device=x.device))
+    if _fused(x, y):
+        return _fused_dot(x, y)
+    return torch.stack([torch.dot(a.to(wide), b.to(wide)) for a, b in pieces(x, y)]).sum() if x.numel() else \
+        torch.zeros((), dtype=wide, device=x.device)
+
+
+def _fused_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x.reshape(1, -1), y.reshape(-1, 1), out_dtype=torch.float32).reshape(())
+
+
+def _fused(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the fused dot serves x . y: two 16-bit tensors of one dtype on one CUDA device,
+    where a probe found it available and equal to the widened dot."""
+    if x.device.type != "cuda" or x.dtype not in SIXTEEN_BIT or y.dtype != x.dtype or y.device != x.device \
+            or x.numel() == 0:
+        return False
+    if x.device not in _FUSED:
+        probe = torch.linspace(-2, 2, 4099, device=x.device).to(x.dtype)
+        try:
+            want = float(torch.dot(probe.float(), probe.float()))
+            _FUSED[x.device] = abs(float(_fused_dot(probe, probe)) - want) <= 1e-6 * want
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FUSED[x.device] = False
+    return _FUSED[x.device]
 
 
 def total(terms: list[torch.Tensor]) -> float:
@@ -93,22 +117,29 @@ class GradDiff:
     per_tensor: tuple[tuple[str, float], ...] = ()
 
 
-def _tensor_stats(g: torch.Tensor | None, r: torch.Tensor, factor: float) -> torch.Tensor:
-    """||d||², ||r||², ||g||², d·r, g·r and max|d| for d = factor·g - r (g None: zeros), on r's
-    device as one tensor, computed on pieces widened to float32 or wider: dot products make no
-    temporary but d. Where g ~ r, d is exact (Sterbenz), so what is small there is read from d
-    (see _near)."""
-    wide = torch.promote_types(torch.promote_types(r.dtype, torch.float32 if g is None else g.dtype), torch.float32)
-    stats = torch.zeros(6, dtype=wide, device=r.device)
-    for gc, rc in chunks(torch.zeros_like(r) if g is None else g.to(r.device), r, wide):
-        if factor != 1.0:
-            gc = gc * factor
-        d = gc - rc
-        low, high = torch.aminmax(d) if d.numel() else (stats[5], stats[5])  # max|d| without |d| (~9x cheaper on CPU)
-        piece = torch.stack([torch.dot(d, d), torch.dot(rc, rc), torch.dot(gc, gc), torch.dot(d, rc), torch.dot(gc, rc),
-                             torch.maximum(-low, high)])
-        stats = torch.cat([stats[:5] + piece[:5], torch.maximum(stats[5:], piece[5:])])
-    return stats
+def _tensor_stats(g: torch.Tensor | None, r: torch.Tensor, factor: float, r2: torch.Tensor) -> torch.Tensor:
+    """||d||², ||r||², ||G||², d·r, G·r and max|d| for G = factor·g (None: zeros) and d = G - r,
+    on r's device as one float64 tensor. The difference is formed once per piece, in the
+    wider of the two dtypes with a single rounding (``e = g - r / factor``, d = factor·e): where
+    G ~ r it is exact (Sterbenz), so what is small there is read from d (see _near)."""
+    if (g is None or factor == 0.0) and r.numel():
+        low, high = torch.aminmax(r.reshape(-1))
+        zero = torch.zeros((), dtype=torch.float64, device=r.device)
+        return torch.stack([r2.double(), r2.double(), zero, -r2.double(), zero, torch.maximum(-low, high).double()])
+    if not r.numel():
+        return torch.zeros(6, dtype=torch.float64, device=r.device)
+    e2, er, g2, gr, e_max = [], [], [], [], []
+    for gc, rc in pieces(g.to(r.device), r):
+        e = gc - rc if factor == 1.0 else torch.sub(gc, rc, alpha=1.0 / factor)
+        low, high = torch.aminmax(e)
+        e2.append(dot(e, e))
+        er.append(dot(e, rc))
+        g2.append(dot(gc, gc))
+        gr.append(dot(gc, rc))  # not e.r + r.r: where G is far from r that would cancel
+        e_max.append(torch.maximum(-low, high))
+    f = float(factor)
+    e2, er, g2, gr = (torch.stack(x).double().sum() for x in (e2, er, g2, gr))
+    return torch.stack([f * f * e2, r2.double(), f * f * g2, f * er, f * gr, abs(f) * torch.stack(e_max).double().max()])
 
 
 def _near(d2: float, r2: float, g2: float) -> bool:
@@ -136,13 +167,18 @@ def _scale(d2: float, r2: float, g2: float, dr: float, gr: float) -> float:
 
 
 def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]], *,
-                  factor: float = 1.0) -> GradDiff:
+                  factor: float = 1.0, norms: dict | None = None) -> GradDiff:
     """``factor`` x ``grads`` against ``reference``, tensor by tensor; every statistic stays on
-    the device until one host synchronisation at the end."""
+    the device until one host synchronisation at the end. ``norms``: a cache of the reference
+    tensors' squared norms (name -> 0-dim tensor), filled as they are first needed."""
     names, stats = [], []
+    norms = {} if norms is None else norms
     for name, g in grads:
+        r = reference[name]
+        if name not in norms:
+            norms[name] = dot(r, r)
         names.append(name)
-        stats.append(_tensor_stats(g, reference[name], factor).to(torch.float64))
+        stats.append(_tensor_stats(g, r, factor, norms[name]))
     if not stats:
         return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
     table = torch.stack([s.to(stats[0].device) for s in stats]).cpu()  # the one synchronisation

@@ -72,6 +72,7 @@ class Judge:
         self.ctx = ctx
         self.reference = ctx.reference
         self.facts: dict[Layout, LayoutFacts] = {}
+        self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -102,7 +103,8 @@ class Judge:
         """Compare an outcome with its target; its gradient is read once, tensor by tensor."""
         label, layout = outcome.label, outcome.layout
         loss_target, grads_target, aux = self.target(label, layout)
-        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor)
+        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
+                              norms=self.norms if grads_target is self.reference.grads else None)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
         return Measured(
