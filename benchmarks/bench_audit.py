@@ -140,10 +140,11 @@ def measure(args, loaded, max_length, mode: str) -> dict:
     try:
         warm_up(loaded, config, device)
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result["cases"] = MEASURE[mode](loaded, config, device)
         _sync(device)
         result["seconds"] = time.perf_counter() - start
+        result["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: steadier on a shared CPU
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
             cpu_peak(loaded, config, device, mode)
     except Exception as exc:
@@ -386,12 +387,14 @@ def environment(args) -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
-def ratios(results: dict) -> dict:
+def ratios(results: dict, cpu: bool = False) -> dict:
+    """Each ratio of RATIOS; on the CPU the time ratios also in CPU time ("... (cpu time)")."""
     out = {}
     for name, num, den, key, _target in RATIOS:
         a, b = results.get(num, {}), results.get(den, {})
-        if key in a and key in b and "error" not in a and "error" not in b and b[key]:
-            out[name] = a[key] / b[key]
+        for k, label in ((key, name), *((("cpu_seconds", f"{name} (cpu time)"),) if cpu and key == "seconds" else ())):
+            if k in a and k in b and "error" not in a and "error" not in b and b[k]:
+                out[label] = a[k] / b[k]
     return out
 
 
@@ -495,7 +498,7 @@ def main(argv=None) -> int:
           f"transformers {summary['transformers']}")
     print(table(summary))
     for name, value in {**summary["ratios"], **summary["absolute"]}.items():
-        target = summary["targets"].get(name)
+        target = summary["targets"].get(name.removesuffix(" (cpu time)"))
         print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
     return 0
 
@@ -519,7 +522,8 @@ def summarise(args, results: dict) -> dict:
             "microbatches": list(args.microbatches), "paths": list(args.paths),
             "processes": "one" if args.in_process else "one per mode",
             "layouts": next((r["cases"] for m, r in results.items() if m == "passes" and "cases" in r), None),
-            "max_memory_gib": args.max_memory, **environment(args), "results": results, "ratios": ratios(results),
+            "max_memory_gib": args.max_memory, **environment(args), "results": results,
+            "ratios": ratios(results, cpu=not args.device.startswith("cuda")),
             "absolute": {name: results[mode]["peak_bytes"] / GIB for name, mode, _ in ABSOLUTE
                          if "error" not in results.get(mode, {"error": 1}) and "peak_bytes" in results[mode]},
             "targets": {name: target for name, *_, target in RATIOS + ABSOLUTE if target is not None}}
