@@ -4,8 +4,12 @@ without a copy of the weights; the weights come back bit for bit, as the very sa
 import pytest
 import torch
 
+from lossaudit.config import CheckConfig
+from lossaudit.harness import prepare
+from lossaudit.layouts import plan_layouts
 from lossaudit.memory import LiveTensorBytes
 from lossaudit.paths.probe import UpdateProbe
+from lossaudit.paths.trainer_step import trainer_step
 
 
 def model_and_grads(seed=0, device="cpu"):
@@ -125,3 +129,18 @@ def test_the_update_stays_on_the_models_device():
     assert {g.device.type for _, g in probe.gradient()} == {"meta"}
     probe.restore()
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_a_real_trainer_step_leaves_the_very_weight_tensors_and_reads_counts_after_it():
+    """Through transformers.Trainer: the weights are the same tensors afterwards (parked, not
+    copied back), the update is the model's own dtype and device, and num_items_in_batch
+    (a tensor where the release passes one) was read as plain ints after the step."""
+    ctx = prepare(CheckConfig(model="llama", microbatches=(4,)))
+    layout = plan_layouts(ctx.batch, (4,), paddings=("right",), groupings=("contiguous",))[0]
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in ctx.params}
+    step = trainer_step(ctx, layout, user_args={})
+    for n, p in ctx.params:
+        assert p.data_ptr() == before[n][0] and torch.equal(p.detach(), before[n][1]) and p.grad is None
+        u = step.update[n]
+        assert u.device == p.device and u.dtype == p.dtype and u.data_ptr() != p.data_ptr()
+    assert len(step.num_items) == 4 and all(n is None or type(n) is int for n in step.num_items)
