@@ -204,36 +204,3 @@ def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[s
         per_tensor=tuple(per_tensor),
     )
 
-
-class UpdateProbe:
-    """Reads the update an optimizer applies, exactly, and puts the weights back.
-
-    Just before the optimizer steps, the weights are set to zero, so SGD(lr=1) leaves exactly
-    -grad in them: no rounding of ``w - g`` in the model's dtype blurs the comparison.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = trainable(model)
-        self.saved = [p.detach().clone() for _, p in self.params]
-        self.steps = 0
-
-    def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.register_step_pre_hook(self._before_step)
-
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        self.steps += 1
-        with torch.no_grad():
-            for _, p in self.params:
-                p.zero_()
-
-    def gradient(self) -> list[tuple[str, torch.Tensor | None]]:
-        """The applied update as a gradient (update = -lr * grad, lr = 1); None if no step ran."""
-        if self.steps == 0:
-            return [(n, None) for n, _ in self.params]
-        return [(n, -p.detach().cpu()) for n, p in self.params]  # negation makes the copy
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for (_, p), w in zip(self.params, self.saved):
-                p.copy_(w)
-                p.grad = None

@@ -158,7 +158,7 @@ def test_the_update_is_read_exactly_not_by_subtraction():
     Trainer and accelerate paths use reads the applied update exactly."""
     import torch
 
-    from lossaudit.grads import UpdateProbe
+    from lossaudit.paths.probe import UpdateProbe
 
     model = torch.nn.Linear(1000, 1, bias=False)
     with torch.no_grad():

@@ -30,12 +30,12 @@ import torch
 from ..batch import Batch
 from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..forward import model_inputs
-from ..grads import UpdateProbe
 from ..layouts import Layout, Microbatch, collate
 from ..registry import Registry
 from ..stacks.peft import virtual_tokens
 from ..tokens import TASKS, count_targets, prepend_ignored, token_losses
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
+from .probe import UpdateProbe
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +178,11 @@ def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -
         mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
         for recipe in job.recipes:
             outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device))
-    return outcomes if rank == 0 else None  # every rank holds the same update after the all-reduce
+    if rank != 0:
+        return None  # every rank holds the same update after the all-reduce
+    for outcome in outcomes:  # it travels back through the host
+        outcome.gradient = [(n, None if g is None else g.cpu()) for n, g in outcome.gradient]
+    return outcomes
 
 
 class AcceleratePath(StepPath):

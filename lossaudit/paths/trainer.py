@@ -74,8 +74,8 @@ def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list
         except StepUnavailable as exc:
             results.append(str(exc))
             continue
-        if rank != 0:  # the update is rank 0's (the same everywhere): send back only what differs
-            step.update = {}
+        # the update is rank 0's (the same everywhere): only it travels back, through the host
+        step.update = {n: None if u is None else u.cpu() for n, u in step.update.items()} if rank == 0 else {}
         results.append(step)
     return results
 

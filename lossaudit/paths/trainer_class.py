@@ -15,7 +15,7 @@ import torch
 from ..layouts import Layout
 from ..stacks import require
 from ..stacks.trl import arguments, rows, tokenizer
-from .trainer_step import StepResult, _common_settings, per_device_batch, prepared, train_one_step
+from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
 
 
 @lru_cache(maxsize=None)
@@ -27,8 +27,7 @@ def layout_subclass(cls: type) -> type:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            n = kwargs.get("num_items_in_batch")
-            self.seen_num_items.append(int(n) if n is not None else None)
+            self.seen_num_items.append(given(kwargs.get("num_items_in_batch")))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     Layout_.__name__ = Layout_.__qualname__ = f"Layout{cls.__name__}"

@@ -3,8 +3,9 @@
 The Trainer gets the layout's sequences in the layout's order (a sequential sampler over the
 concatenated microbatches), the layout's padding through the shared collate/model_inputs, and
 plain SGD with lr 1 and no momentum, decay, clipping or warm-up, so the update it applies is the
-gradient the Trainer produced; ``grads.UpdateProbe`` reads it exactly (``params_before -
-params_after`` in float32 would round it by ulp(param), about the tolerance on some models).
+gradient the Trainer produced; ``probe.UpdateProbe`` reads it exactly (``params_before -
+params_after`` in float32 would round it by ulp(param), about the tolerance on some models),
+on the model's device, without a copy of the weights.
 
 On a data-parallel rank (a process group is up, ``RANK``/``WORLD_SIZE`` set, see
 ``lossaudit.distributed``) the Trainer wraps the model in DDP itself; it is fed the k
@@ -25,9 +26,9 @@ import torch
 
 from ..compat import trainer_takes, training_arguments, transformers_version
 from ..forward import model_inputs
-from ..grads import UpdateProbe
 from ..layouts import Layout, collate
 from .base import AuditContext, Unavailable
+from .probe import UpdateProbe
 
 
 class StepUnavailable(Unavailable):
@@ -84,11 +85,16 @@ def _trainer_class():
                 sampler=torch.utils.data.SequentialSampler(self.train_dataset), num_workers=0)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            n = kwargs.get("num_items_in_batch")
-            self.seen_num_items.append(int(n) if n is not None else None)
+            self.seen_num_items.append(given(kwargs.get("num_items_in_batch")))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return LayoutTrainer
+
+
+def given(n):
+    """num_items_in_batch as compute_loss got it, kept where it is: a tensor on the model's
+    device is read after the step (``int()`` here would wait for the GPU at every microbatch)."""
+    return n.detach().clone() if isinstance(n, torch.Tensor) else n
 
 
 def per_device_batch(layout: Layout) -> int:
@@ -212,6 +218,7 @@ def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=cont
             update = dict(probe.gradient())  # None everywhere if the Trainer never stepped
     finally:
         probe.restore()
-    return StepResult(update, float(result.training_loss), trainer.seen_num_items,
+    num_items = [None if n is None else int(n) for n in trainer.seen_num_items]
+    return StepResult(update, float(result.training_loss), num_items,
                       getattr(trainer, "model_accepts_loss_kwargs", None),
                       getattr(trainer.args, "average_tokens_across_devices", None))

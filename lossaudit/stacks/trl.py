@@ -8,7 +8,7 @@ audit's targets, prompts -100), or, with ``completion_only_loss=True``, with ``c
 that the class's own completion-only masking builds them; a tokenizer built offline over the model's vocabulary as
 ``processing_class``, and its own arguments class (``SFTConfig`` for ``SFTTrainer``) holding the
 step the stock Trainer path runs (SGD lr 1, per-device batch B/k, k accumulation steps) plus the
-user's ``--trainer-arg``. The update is read exactly by ``grads.UpdateProbe`` and returned as the
+user's ``--trainer-arg``. The update is read exactly by ``paths.probe.UpdateProbe`` and returned as the
 stock Trainer path's ``StepResult``. The class's
 collator pads its own way (TRL: right, or one flattened row when padding-free).
 

@@ -1,0 +1,69 @@
+"""Reads the update an optimizer applies, exactly, and puts the weights back, without copying
+the weights or moving anything off the model's device.
+
+Just before the optimizer steps, each trainable parameter's tensor is parked and replaced by
+zeros, so SGD(lr=1) leaves exactly -grad in the fresh tensor: no rounding of ``w - g`` in the
+model's dtype blurs the comparison (``params_before - params_after`` would round by
+ulp(param)). Afterwards the parked tensors become the parameters again (the very tensors, so
+the weights come back bit for bit) and the stepped tensors, negated in place, are the update.
+
+What this costs: one tensor of zeros per parameter, allocated at the optimizer step (when the
+step's activations are gone), which becomes the update the judge reads; no copy of the weights
+before the step, no copy of the update after it, no host transfer and no host synchronisation.
+Nothing else may hold a parameter's tensor (``p.data``) across the step: the optimizer holds
+the Parameter objects, which stay the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..grads import trainable
+
+
+class UpdateProbe:
+    def __init__(self, model: torch.nn.Module):
+        self.params = trainable(model)
+        self.steps = 0
+        self._parked: list[torch.Tensor] | None = None  # the weights, set aside while the optimizer steps
+        self._update: list[tuple[str, torch.Tensor]] | None = None
+        self._hooks: list = []
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            if self._parked is None:
+                self._parked = [p.data for _, p in self.params]
+                for _, p in self.params:
+                    p.data = torch.zeros_like(p)
+            else:  # a second step (a loop that steps too often): read only the last one, as SGD from 0
+                for _, p in self.params:
+                    p.zero_()
+
+    def gradient(self) -> list[tuple[str, torch.Tensor | None]]:
+        """The applied update as a gradient (update = -lr * grad, lr = 1), on the model's
+        device; None everywhere if no step ran. The weights are back once this returns."""
+        if self.steps == 0:
+            return [(n, None) for n, _ in self.params]
+        if self._update is None:
+            stepped = [p.data for _, p in self.params]
+            self.restore()
+            self._update = [(n, u.neg_()) for (n, _), u in zip(self.params, stepped)]  # in place: no copy
+        return list(self._update)
+
+    def restore(self) -> None:
+        """The parked weights back in the parameters (a no-op for those never parked), no
+        gradients left, the optimizer unwatched."""
+        with torch.no_grad():
+            if self._parked is not None:
+                for (_, p), w in zip(self.params, self._parked):
+                    p.data = w
+                self._parked = None
+            for _, p in self.params:
+                p.grad = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
