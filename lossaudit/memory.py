@@ -15,9 +15,9 @@ keeps for the backward. ``audit_extra_bytes`` bounds what an audit holds on top 
   sequence_mean, the model's loss, a user's loss function), the correct gradient of the
   microbatch is kept while that path's backward runs, to measure the path's weight: ``P x b``.
   The comparison widens pieces of at most ``grads.CHUNK`` elements: a few of those;
-- while a step path runs (``trainer``, ``accelerate``): the probe's copy of the weights
-  (``P x b``) and the update read back (``P x b``, on the CPU: host memory when the model is
-  on a GPU).
+- while a step path runs (``trainer``, ``accelerate``): the update the optimizer writes into
+  zeros while the weights are parked (``paths/probe.py``: ``P x b``, on the model's device;
+  the parked weights are the model's own tensors, not a copy).
 
 The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
 microbatch's forward: with k=1 that microbatch is the full batch.
@@ -52,7 +52,6 @@ class AuditShape:
     largest_tensor: int = 0  # elements of the largest parameter tensor
     logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
     step_path: bool = False  # a trainer or accelerate path runs
-    update_on_device: bool = True  # the update read back lives on the model's device (the CPU)
 
     @property
     def wide_bytes(self) -> int:
@@ -68,13 +67,12 @@ def logit_phase_bytes(s: AuditShape) -> int:
 
 
 def step_phase_bytes(s: AuditShape) -> int:
-    """Beyond the training step while a step path runs: reference + the probe's saved
-    weights + the update read back (the logit paths' sums are freed by then)."""
+    """Beyond the training step while a step path runs: reference + the update the probe reads
+    (the logit paths' sums are freed by then)."""
     if not s.step_path:
         return 0
     pb = s.parameters * s.param_bytes
-    update = pb if s.update_on_device else 0
-    return pb + pb + update + comparison_bytes(s)
+    return pb + pb + comparison_bytes(s)
 
 
 def comparison_bytes(s: AuditShape) -> int:
@@ -95,10 +93,9 @@ def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
 
 
 def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, logits_bytes: int = 0,
-             step_path: bool = False, update_on_device: bool | None = None) -> AuditShape:
+             step_path: bool = False) -> AuditShape:
     """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    on_device = params[0].device.type == "cpu" if update_on_device is None else update_on_device
     return AuditShape(
         parameters=sum(p.numel() for p in params),
         param_bytes=params[0].element_size(),
@@ -107,7 +104,6 @@ def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, 
         largest_tensor=max(p.numel() for p in params),
         logits_bytes=logits_bytes,
         step_path=step_path,
-        update_on_device=on_device,
     )
 
 

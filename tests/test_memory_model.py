@@ -140,7 +140,7 @@ def llama_8b(paths, reductions) -> AuditShape:
     return AuditShape(parameters=LLAMA_8B, param_bytes=2, sums=sums_held(paths, reductions),
                       keeps_correct=keeps_correct(paths, reductions), largest_tensor=128256 * 4096,
                       logits_bytes=model_loss_bytes(8, 512, 128256) if "model" in paths else 0,
-                      step_path=bool({"trainer", "accelerate"} & set(paths)), update_on_device=False)
+                      step_path=bool({"trainer", "accelerate"} & set(paths)))
 
 
 def test_8b_default_audit_fits_75_gib_in_passes():
