@@ -5,7 +5,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lossaudit.grads import compare_grads
+from lossaudit.grads import compare_grads, dot, product_dot
 
 
 def plain(reference, grads):
@@ -64,3 +64,18 @@ def test_nonfinite_gradient_is_named_and_its_cosine_is_nan():
     reference = {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
     got = compare_grads(reference, [("a", torch.ones(4)), ("b", torch.tensor([1.0, float("inf"), 1.0]))])
     assert got.nonfinite_param == "b" and math.isnan(got.cosine) and got.worst_param == "b"
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5000), exponent=st.integers(-30, 10))
+def test_bf16_product_dot_is_within_its_rounding_of_the_exact_dot(seed, n, exponent):
+    """Each product rounded once to bf16 (unit roundoff 2^-8), the sum in float32: within
+    (2^-8 + n 2^-24) x sum |x_i y_i| of the float64 dot, at any magnitude bf16 holds; and the
+    widened dot (the CPU's) within float32's share of that."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 2.0 ** exponent).bfloat16()
+    y = (torch.randn(n, generator=gen, dtype=torch.float64) + 0.5).bfloat16()
+    exact = float(x.double() @ y.double())
+    size = float((x.double() * y.double()).abs().sum())
+    assert abs(float(product_dot(x, y)) - exact) <= (2 ** -8 + n * 2 ** -24) * size
+    assert abs(float(dot(x, y)) - exact) <= n * 2 ** -23 * size
