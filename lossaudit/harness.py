@@ -147,8 +147,10 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
     step = StepTokens(tuple(target_mask(prepend_ignored(mb.labels, prefix), ctx.batch.task) for mb in mbs))
     failed: dict[int, str] = {}  # id(path) -> one-line reason
     for path in paths:
-        _fail(failed, path, *guard.call(f"the {path.label.path} path", path.start, ctx, layout, step))
-    steps = _sums(paths, ctx.params)
+        _, reason = guard.call(f"the {path.label.path} path", path.start, ctx, layout, step)
+        if reason is not None:
+            failed[id(path)] = reason
+    steps = _sums([p for p in paths if id(p) not in failed], ctx.params)  # a path whose start failed has none
     reference = [ctx.reference.grads[n] for n, _ in ctx.params]
     norm2 = dots(reference, reference)
     shares: list[float] = []  # each microbatch's share of the reference's projection: (g_m . r) / (N r . r)
@@ -182,11 +184,6 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
             failed[id(path)] = reason
         measured.append(judge.failed(path.label, layout, failed[id(path)]))
     return measured
-
-
-def _fail(failed: dict[int, str], path, _result, reason: str | None) -> None:
-    if reason is not None:
-        failed[id(path)] = reason
 
 
 def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _Step], hooks: Hooks, failed, guard,
