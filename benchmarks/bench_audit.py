@@ -12,7 +12,7 @@ warm-up forward/backward whose memory is released before the peak counter is res
 
 --path reduction (the default):
 - passes:  the minimal work: one full-batch forward/backward, then one forward/backward per
-           microbatch of every layout (the audit's layouts, from lossaudit.layouts);
+           microbatch of every layout (the audit's layouts, from lossaudit.core.layouts);
 - train:   one plain training step (full batch forward, backward, SGD step): the memory bar;
 - audit:   ``check --path reduction --reductions num_items`` (one reduction: any other would
            run beside num_items, which the harness runs on every layout);
@@ -26,7 +26,7 @@ warm-up forward/backward whose memory is released before the peak counter is res
 - accelerate:        ``check --path accelerate``.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak of live
-tensor bytes (lossaudit.memory.LiveTensorBytes), both beyond nothing: weights included.
+tensor bytes (lossaudit.audit.memory.LiveTensorBytes), both beyond nothing: weights included.
 A mode that runs out of memory or past --timeout is a result ("out of memory", "timeout"),
 not a crash. It prints the ratio table and, with --json, writes it with the date, device and
 library versions. Timings on a shared or busy machine are noisy: use --repeat.
@@ -84,7 +84,7 @@ GIB = 2 ** 30
 def llama_config(size: str):
     from transformers import LlamaConfig
 
-    from lossaudit.tiny import tiny_config
+    from lossaudit.models.tiny import tiny_config
 
     if SIZES[size] is None:
         config = tiny_config("llama")
@@ -100,7 +100,7 @@ def build(size: str, seed: int, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lossaudit.models import LoadedModel
+    from lossaudit.models.loading import LoadedModel
 
     config, max_length = llama_config(size)
     torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def build(size: str, seed: int, device, dtype):
 
 
 def check_config(args, loaded, max_length, mode: str):
-    from lossaudit.config import CheckConfig
+    from lossaudit.audit.config import CheckConfig
 
     path, reductions = AUDITS.get(mode, ("reduction", ("num_items",)))
     return CheckConfig(model=loaded.name, paths=(path,) if path else None, reductions=reductions,
@@ -148,7 +148,7 @@ def measure(args, loaded, max_length, mode: str) -> dict:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
             cpu_peak(loaded, config, device, mode)
     except Exception as exc:
-        from lossaudit.faults import is_out_of_memory
+        from lossaudit.audit.faults import is_out_of_memory
 
         oom = is_out_of_memory(exc) or "out of memory" in str(exc)
         result["error"] = "out of memory" if oom else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
@@ -174,7 +174,7 @@ def in_process(args, modes: list[str]):
 
 def cpu_peak(loaded, config, device, mode: str) -> int:
     """Peak live tensor bytes of a second run of ``mode``, the weights included (as on CUDA)."""
-    from lossaudit.memory import LiveTensorBytes
+    from lossaudit.audit.memory import LiveTensorBytes
 
     loaded.model.zero_grad(set_to_none=True)
     with LiveTensorBytes() as meter:
@@ -198,8 +198,8 @@ def warm_up(loaded, config, device) -> None:
     from accelerate import Accelerator  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    from lossaudit.harness import batch_for
-    from lossaudit.layouts import full_batch
+    from lossaudit.audit.harness import batch_for
+    from lossaudit.core.layouts import full_batch
 
     _backward(loaded, full_batch(batch_for(loaded, config.batch_spec)), device)
     loaded.model.zero_grad(set_to_none=True)
@@ -211,8 +211,8 @@ def warm_up(loaded, config, device) -> None:
 
 def _backward(loaded, mb, device) -> None:
     """Forward, the token-mean loss (lossaudit's float64 token losses, as the audit), backward into .grad."""
-    from lossaudit.forward import forward
-    from lossaudit.tokens import target_mask, token_losses
+    from lossaudit.core.forward import forward
+    from lossaudit.core.tokens import target_mask, token_losses
 
     outputs, _ = forward(loaded.model, mb, device)
     losses = token_losses(outputs.logits, mb.labels.to(device), loaded.task)
@@ -220,8 +220,8 @@ def _backward(loaded, mb, device) -> None:
 
 
 def _layouts(loaded, config):
-    from lossaudit.harness import batch_for
-    from lossaudit.layouts import plan_layouts
+    from lossaudit.audit.harness import batch_for
+    from lossaudit.core.layouts import plan_layouts
 
     batch = batch_for(loaded, config.batch_spec)
     return batch, plan_layouts(batch, config.ks, paddings=config.paddings, groupings=config.groupings)
@@ -229,7 +229,7 @@ def _layouts(loaded, config):
 
 def passes(loaded, config, device) -> int:
     """The forward/backward passes no audit can skip."""
-    from lossaudit.layouts import full_batch, microbatches
+    from lossaudit.core.layouts import full_batch, microbatches
 
     batch, layouts = _layouts(loaded, config)
     _backward(loaded, full_batch(batch), device)
@@ -243,7 +243,7 @@ def train(loaded, config, device) -> int:
     """One plain training step: the memory bar."""
     import torch
 
-    from lossaudit.layouts import full_batch
+    from lossaudit.core.layouts import full_batch
 
     batch, _ = _layouts(loaded, config)
     _backward(loaded, full_batch(batch), device)
@@ -252,7 +252,7 @@ def train(loaded, config, device) -> int:
 
 
 def run_audit(loaded, config, device) -> int:
-    from lossaudit.harness import audit
+    from lossaudit.audit.harness import audit
 
     return len(audit(config, loaded=loaded).cases)
 
@@ -274,8 +274,8 @@ def trainer_step(model, batch, layout, device) -> None:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from lossaudit.forward import model_inputs
-    from lossaudit.layouts import collate
+    from lossaudit.core.forward import model_inputs
+    from lossaudit.core.layouts import collate
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
@@ -308,10 +308,10 @@ def accelerate_passes(loaded, config, device) -> int:
     import torch
     from accelerate import Accelerator
 
-    from lossaudit.forward import model_inputs
-    from lossaudit.layouts import collate
+    from lossaudit.core.forward import model_inputs
+    from lossaudit.core.layouts import collate
     from lossaudit.paths.accelerate import DEFAULT_RECIPES, LOOPS, RECIPES, TokenCounts, _call
-    from lossaudit.tokens import count_targets
+    from lossaudit.core.tokens import count_targets
 
     batch, layouts = _layouts(loaded, config)
     model = loaded.model

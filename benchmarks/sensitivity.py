@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from lossaudit.config import CheckConfig
-    from lossaudit.harness import audit
+    from lossaudit.audit.config import CheckConfig
+    from lossaudit.audit.harness import audit
 
     loaded, max_length = build(args.size, 0, torch.device(args.device), getattr(torch, args.dtype))
     results = {"size": args.size, "device": args.device, "dtype": args.dtype, "bugs": {}}

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import DivergenceError, EnvironmentProblem, LossauditError, UsageError
+from .core.errors import DivergenceError, EnvironmentProblem, LossauditError, UsageError
 
 __version__ = "0.1.0"
-LAZY = {"StepTokens": "reductions", "register_reduction": "reductions"}
+LAZY = {"StepTokens": "core.reductions", "register_reduction": "core.reductions"}
 
 
 def __getattr__(name: str):
@@ -25,16 +25,16 @@ def __getattr__(name: str):
 
 
 def check(model, **options):
-    """Audit ``model`` and return a :class:`lossaudit.report.Report`.
+    """Audit ``model`` and return a :class:`lossaudit.report.report.Report`.
 
     ``model`` is a name or directory, or a ``torch.nn.Module`` the caller built (a
     PreTrainedModel, or a PeftModel around one). Options are the fields of
-    :class:`lossaudit.config.CheckConfig` (the option table of ``lossaudit.options``); ``path``
+    :class:`lossaudit.audit.config.CheckConfig` (the option table of ``lossaudit.audit.options``); ``path``
     is accepted for ``paths``, sequences may be lists, a dict gives KEY=VALUE options, and a
     string is read as on the command line.
     """
-    from .config import config_from
-    from .harness import audit
+    from .audit.config import config_from
+    from .audit.harness import audit
 
     loaded = None
     if not isinstance(model, str):  # an object the caller built
@@ -50,10 +50,10 @@ def compare(old, new, **thresholds):
     """Compare report ``new`` with the baseline ``old`` (Reports or paths to report.json).
 
     ``thresholds`` take the CLI's values: ``max_grad_growth="10x"``, ``max_loss_rel_err=1e-4``,
-    ``strict=True``. Returns a :class:`lossaudit.baseline.Comparison` (``.cases`` is a DataFrame).
+    ``strict=True``. Returns a :class:`lossaudit.gate.baseline.Comparison` (``.cases`` is a DataFrame).
     """
-    from .baseline import compare as compare_reports
-    from .gate import Gate
+    from .gate.baseline import compare as compare_reports
+    from .gate.thresholds import Gate
 
     return compare_reports(old, new, Gate.parse(**thresholds))
 

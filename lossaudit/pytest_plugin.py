@@ -9,7 +9,7 @@
 
 Options: every setting of ``lossaudit check`` as ``--lossaudit-...`` (``--lossaudit-model``, the
 model of every audit that names none; ``--lossaudit-seed``, ``--lossaudit-path``, ...: generated
-from the option table of ``lossaudit.options``), ``--lossaudit-baseline``
+from the option table of ``lossaudit.audit.options``), ``--lossaudit-baseline``
 (compare every audit with this report.json; a regression fails the test) and the gate's
 thresholds as ``--lossaudit-max-grad-growth`` and so on (the same definitions as the CLI's).
 Loaded when pytest starts, in every project that has lossaudit installed: nothing here imports
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from .errors import UsageError
-from .gate import Gate, add_pytest_options
-from .options import add_arguments as add_config_options
-from .options import values_from
+from .core.errors import UsageError
+from .gate.thresholds import Gate, add_pytest_options
+from .audit.options import add_arguments as add_config_options
+from .audit.options import values_from
 
 MARKER = "lossaudit"
 PREFIX = "lossaudit-"
@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "the lossaudit fixture uses them as defaults, and a marked test that runs no audit runs this one")
     baseline = config.getoption("lossaudit_baseline")
     if baseline is not None:
-        from .report import Report
+        from .report.report import Report
 
         try:  # a missing or broken baseline stops the session before any test runs
             config.stash[BASELINE] = Report.load(baseline)
@@ -76,7 +76,7 @@ class Auditor:
     def check(self, model: str | None = None, *, baseline: str | Path | None = None, **options):
         """Audit ``model`` (else the marker's, else --lossaudit-model) with the marker's options
         overridden by ``options``; compare with ``baseline`` (else --lossaudit-baseline).
-        Returns a :class:`lossaudit.baseline.GatedReport`: call ``.assert_clean()`` on it.
+        Returns a :class:`lossaudit.gate.baseline.GatedReport`: call ``.assert_clean()`` on it.
         Bad options (an unknown model, path, ...) fail the test with lossaudit's one line."""
         __tracebackhide__ = True
         try:
@@ -91,8 +91,8 @@ class Auditor:
 
     def _check(self, model, baseline, options):
         import lossaudit
-        from .baseline import GatedReport, compare
-        from .report import Report
+        from .gate.baseline import GatedReport, compare
+        from .report.report import Report
 
         merged = {**self.session_options(), **self.declared, **options}
         if "path" in merged:

@@ -1,7 +1,7 @@
 """Running paths as an audit does, for tests that build their own context and layouts."""
 
-from lossaudit.harness import run_paths
-from lossaudit.layouts import Layout
+from lossaudit.audit.harness import run_paths
+from lossaudit.core.layouts import Layout
 
 
 def judged(ctx, layouts, paths):

@@ -8,8 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import ranks  # noqa: E402
-from lossaudit.distributed import is_leader, launched, run_ranks  # noqa: E402
-from lossaudit.errors import RankFailure  # noqa: E402
+from lossaudit.audit.distributed import is_leader, launched, run_ranks  # noqa: E402
+from lossaudit.core.errors import RankFailure  # noqa: E402
 
 seen = {"rank": launched().rank, "leader": is_leader(), "pid": os.getpid()}
 seen["sums"] = run_ranks(ranks.sum_of_ranks, 10, 2)

@@ -1,7 +1,7 @@
 """Planted bugs that the suite demands lossaudit finds."""
 
 from lossaudit.paths import Contribution, Label, LogitPath
-from lossaudit.reductions import StepTokens
+from lossaudit.core.reductions import StepTokens
 
 
 def nanogpt(step: StepTokens):
@@ -39,7 +39,7 @@ def sweep_auditor(job):
     import os
     import time
 
-    from lossaudit.sweep import audit_model
+    from lossaudit.sweep.run import audit_model
 
     if job.model_type == "llama":  # a crash that takes the whole process down
         os.abort()

@@ -1,11 +1,11 @@
-"""What users write, for tests/test_stacks_*.py: step functions and Lightning modules, each
+"""What users write, for tests/stacks/test_stacks_*.py: step functions and Lightning modules, each
 correct one with a planted-bug twin."""
 
 from __future__ import annotations
 
 import torch
 
-from lossaudit.tokens import IGNORE_INDEX
+from lossaudit.core.tokens import IGNORE_INDEX
 
 
 def _targets(batch: dict) -> int:

@@ -1,4 +1,4 @@
-"""Shared by tests/test_stacks_*.py: the issue's tiny Llama, batch and layout, an exact float64
+"""Shared by tests/stacks/test_stacks_*.py: the issue's tiny Llama, batch and layout, an exact float64
 reference for them, and a plain loop that computes what a reduction's step equals."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import importlib.util
 import pytest
 import torch
 
-from lossaudit.batch import BatchSpec, make_batch
-from lossaudit.forward import forward
-from lossaudit.grads import compare_grads, trainable
-from lossaudit.layouts import microbatches, plan_layouts
-from lossaudit.models import load_model
-from lossaudit.reference import compute_reference
+from lossaudit.core.batch import BatchSpec, make_batch
+from lossaudit.core.forward import forward
+from lossaudit.core.grads import compare_grads, trainable
+from lossaudit.core.layouts import microbatches, plan_layouts
+from lossaudit.models.loading import load_model
+from lossaudit.core.reference import compute_reference
 from lossaudit.stacks import pip_command
 
 CPU = torch.device("cpu")

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from lossaudit.batch import Batch, Sample
-from lossaudit.grads import trainable
+from lossaudit.core.batch import Batch, Sample
+from lossaudit.core.grads import trainable
 from lossaudit.paths.base import AuditContext
-from lossaudit.reference import compute_reference
-from lossaudit.tokens import IGNORE_INDEX
+from lossaudit.core.reference import compute_reference
+from lossaudit.core.tokens import IGNORE_INDEX
 
 VOCAB = 11
 
@@ -102,7 +102,7 @@ class ToyHeads(torch.nn.Module):
 
 
 def toy_task_batch(task: str, batch_size: int, *, max_length: int = 12, seed: int = 0, empty: int = 0) -> Batch:
-    from lossaudit.batch import BatchSpec, make_batch
+    from lossaudit.core.batch import BatchSpec, make_batch
 
     spec = BatchSpec(batch_size, max_length, 2, True, empty, seed)
     return make_batch(spec, vocab_size=VOCAB, pad_id=0, task=task, num_labels=CLASSES, decoder_start_id=1)

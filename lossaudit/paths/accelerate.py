@@ -15,7 +15,7 @@ Each recipe is one case per layout (its name goes in the ``reduction`` column):
 
 The optimizer is SGD with lr 1 and nothing else, so the update it applies is minus the
 gradient, compared with the reference gradient. The weights are restored after every step.
-With ``--world-size N`` the steps run on N spawned ranks (``lossaudit.distributed``).
+With ``--world-size N`` the steps run on N spawned ranks (``lossaudit.audit.distributed``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Callable
 
 import torch
 
-from ..batch import Batch
-from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
-from ..forward import model_inputs
-from ..layouts import Layout, Microbatch, collate
-from ..registry import Registry
+from ..core.batch import Batch
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..core.forward import model_inputs
+from ..core.layouts import Layout, Microbatch, collate
+from ..core.registry import Registry
 from ..stacks.peft import virtual_tokens
-from ..tokens import TASKS, count_targets, prepend_ignored, token_losses
+from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 from .probe import UpdateProbe
 

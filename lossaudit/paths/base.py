@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
-from ..layouts import Layout, Microbatch
-from ..objective import Objective
-from ..reductions import Reduction, StepTokens
-from ..registry import Registry
+from ..core.layouts import Layout, Microbatch
+from ..core.objective import Objective
+from ..core.reductions import Reduction, StepTokens
+from ..core.registry import Registry
 
 if TYPE_CHECKING:
-    from ..batch import Batch
-    from ..config import CheckConfig
-    from ..models import LoadedModel
-    from ..reference import Reference
+    from ..core.batch import Batch
+    from ..audit.config import CheckConfig
+    from ..models.loading import LoadedModel
+    from ..core.reference import Reference
 
 GradientStream = Iterable[tuple[str, "torch.Tensor | None"]]
 

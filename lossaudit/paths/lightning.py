@@ -8,10 +8,10 @@ expected: the mean of microbatch means, Lightning#20350) and ``token_count``. Wi
 
 from __future__ import annotations
 
-from ..layouts import Layout, microbatches
-from ..registry import load_callable
+from ..core.layouts import Layout, microbatches
+from ..core.registry import load_callable
 from ..stacks.lightning import DEFAULT_RECIPES, RECIPES, LightningRecipe, run_recipe, run_user_module
-from ..tokens import TASKS
+from ..core.tokens import TASKS
 from .base import PATHS, Label, Outcome, PathSpec, StepPath, Unavailable
 
 

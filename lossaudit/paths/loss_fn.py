@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..registry import load_callable
-from ..tokens import TASKS
+from ..core.registry import load_callable
+from ..core.tokens import TASKS
 from .base import PATHS, Contribution, Label, LogitPath, PathSpec
 
 LossFn = Callable[..., torch.Tensor]

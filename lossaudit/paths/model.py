@@ -7,7 +7,7 @@ from its aux part (moe.py)."""
 
 from __future__ import annotations
 
-from ..tokens import TASKS
+from ..core.tokens import TASKS
 from .base import PATHS, Contribution, Label, LogitPath, PathSpec
 
 REJECTED = "forward() does not accept num_items_in_batch, so the step used each microbatch's mean / k"

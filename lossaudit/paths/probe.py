@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grads import trainable
+from ..core.grads import trainable
 
 
 class UpdateProbe:

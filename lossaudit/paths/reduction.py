@@ -5,9 +5,9 @@ their own weighted sum."""
 
 from __future__ import annotations
 
-from ..reductions import Reduction, mean_of_means, num_items, resolve_reduction, token_sum
-from ..reference import weighted_sum
-from ..tokens import TASKS
+from ..core.reductions import Reduction, mean_of_means, num_items, resolve_reduction, token_sum
+from ..core.reference import weighted_sum
+from ..core.tokens import TASKS
 from .base import PATHS, Contribution, Label, LogitPath, PathSpec
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 
-from ..layouts import Layout, microbatches
-from ..registry import load_callable
+from ..core.layouts import Layout, microbatches
+from ..core.registry import load_callable
 from ..stacks.step import run_step_function
-from ..tokens import TASKS
+from ..core.tokens import TASKS
 from .base import PATHS, Label, Outcome, PathSpec, StepPath, Unavailable
 from .lightning import spec_name
 

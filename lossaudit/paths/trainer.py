@@ -5,7 +5,7 @@ The update the step applied is compared with the reference gradient, and the los
 logs with the reference loss. With ``--loss-fn`` the step runs a second time with the user's
 function as ``compute_loss_func`` (its cases carry the function's name as ``reduction``).
 
-With ``--world-size N`` every step runs on N ranks spawned by ``lossaudit.distributed``: each
+With ``--world-size N`` every step runs on N ranks spawned by ``lossaudit.audit.distributed``: each
 rank builds its own Trainer, which wraps the model in DDP, and trains on the layout's k
 microbatches of that rank. The update (the same on every rank after DDP's all-reduce) and the
 logged loss come from rank 0; what ``compute_loss`` was given comes from every rank.
@@ -17,14 +17,14 @@ import math
 import tempfile
 from dataclasses import dataclass
 
-from ..batch import Batch
-from ..compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
-from ..config import CheckConfig, parse_value
-from ..distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
-from ..errors import UsageError
-from ..grads import trainable
-from ..layouts import Layout, group
-from ..tokens import TASKS
+from ..core.batch import Batch
+from ..models.compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
+from ..audit.config import CheckConfig, parse_value
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..core.errors import UsageError
+from ..core.grads import trainable
+from ..core.layouts import Layout, group
+from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
 from ..stacks.trl import check_arguments, resolve_trainer_class

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from ..layouts import Layout
+from ..core.layouts import Layout
 from ..stacks import require
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step

@@ -8,7 +8,7 @@ params_after`` in float32 would round it by ulp(param), about the tolerance on s
 on the model's device, without a copy of the weights.
 
 On a data-parallel rank (a process group is up, ``RANK``/``WORLD_SIZE`` set, see
-``lossaudit.distributed``) the Trainer wraps the model in DDP itself; it is fed the k
+``lossaudit.audit.distributed``) the Trainer wraps the model in DDP itself; it is fed the k
 microbatches ``layout.rank_groups(rank)`` through a plain DataLoader, so accelerate's sharding
 of the Trainer's dataloader cannot re-split or reorder them.
 """
@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
-from ..compat import trainer_takes, training_arguments, transformers_version
-from ..forward import model_inputs
-from ..layouts import Layout, collate
+from ..models.compat import trainer_takes, training_arguments, transformers_version
+from ..core.forward import model_inputs
+from ..core.layouts import Layout, collate
 from .base import AuditContext, Unavailable
 from .probe import UpdateProbe
 

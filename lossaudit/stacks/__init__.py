@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import EnvironmentProblem
+from ..core.errors import EnvironmentProblem
 
 # optional package -> the extra that installs it
 EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl"}

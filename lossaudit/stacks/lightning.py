@@ -31,10 +31,10 @@ from typing import Callable
 
 import torch
 
-from ..grads import trainable
-from ..layouts import Microbatch
-from ..registry import Registry
-from ..tokens import count_targets, prepend_ignored, token_losses
+from ..core.grads import trainable
+from ..core.layouts import Microbatch
+from ..core.registry import Registry
+from ..core.tokens import count_targets, prepend_ignored, token_losses
 from . import StackStep, require
 from .peft import virtual_tokens
 from .step import batch_dicts

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from ..models import LoadedModel
-from ..tokens import TASKS
+from ..core.errors import UsageError
+from ..models.loading import LoadedModel
+from ..core.tokens import TASKS
 from .peft import base_model
 
 # class-name endings of transformers heads -> task

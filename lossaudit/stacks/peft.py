@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
-from ..registry import did_you_mean
+from ..core.errors import UsageError
+from ..core.registry import did_you_mean
 from . import require
 
 # lossaudit task -> peft TaskType

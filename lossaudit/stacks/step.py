@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from ..forward import model_inputs
-from ..grads import trainable
-from ..layouts import Microbatch
+from ..core.forward import model_inputs
+from ..core.grads import trainable
+from ..core.layouts import Microbatch
 from . import StackStep
 
 StepFn = Callable[[torch.nn.Module, list[dict]], object]

@@ -24,10 +24,10 @@ from functools import lru_cache
 
 import torch
 
-from ..compat import AUDIT_OWNED, installed_name
-from ..errors import UsageError
-from ..layouts import Layout
-from ..registry import load_callable
+from ..models.compat import AUDIT_OWNED, installed_name
+from ..core.errors import UsageError
+from ..core.layouts import Layout
+from ..core.registry import load_callable
 from . import EXTRAS, require
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean

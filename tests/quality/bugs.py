@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from lossaudit.reductions import StepTokens
+from lossaudit.core.reductions import StepTokens
 
 import planted
 

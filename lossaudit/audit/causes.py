@@ -1,0 +1,201 @@
+"""The explanation a finding carries. A cause is named only when what it predicts fits what was
+measured: its loss (from the reference's token losses) and its gradient (each microbatch's
+weight on a logit path; the least-squares scale, predicted from each microbatch's share of the
+reference gradient, on a step path). Otherwise the detail says what was measured and names
+nothing it cannot show.
+
+A candidate cause is a weight per microbatch, relative to the token mean's weight 1/N: a
+mean of means gives microbatch m the weight N / (k n_m), a k-fold loss k, and so on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ..core.batch import Batch
+from ..core.moe import carried_aux
+from ..core.reference import Reference
+from ..core.tokens import count_unshifted
+from .tolerance import Tolerance
+
+if TYPE_CHECKING:
+    from .judge import LayoutFacts, Measured
+
+PADDING_CAUSE = ("the correct reduction misses: the model's output depends on padding or grouping "
+                 "(position ids, attention mask)")
+
+
+def candidates(m: "Measured", batch: Batch) -> list[tuple[str, list[float]]]:
+    """(what it is, weight per microbatch x the token mean's) for the known normalisation bugs."""
+    counts, layout = m.counts, m.layout
+    n, k, parts = sum(counts), layout.microbatches, len(counts)  # parts: microbatches over all ranks
+    if not n or not all(counts):
+        return []
+    found = []
+    if layout.world_size > 1:  # first: with one microbatch per rank, per-rank means look like microbatch means
+        per_rank = layout.per_rank(counts)
+        if all(per_rank):
+            found.append(("the mean of each rank's own token mean: per-rank normalisation (each rank divides by "
+                          "its local target count, not the count gathered over ranks)",
+                          [n / (layout.world_size * per_rank[i // k]) for i in range(parts)]))
+    # with equal counts per microbatch the first two coincide; the ignored count is the likelier story
+    found += [
+        ("each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored", [n / c for c in counts]),
+        (f"{k}x the token mean: the correct sum over N, multiplied by k", [float(k)] * parts),
+        (f"1/{k} of the token mean: divided by k on top of the token count", [1.0 / k] * parts),
+        ("each microbatch's token mean divided by k (num_items_in_batch not used)", [n / (parts * c) for c in counts]),
+        ("the token sum: never divided by the token count", [float(n)] * parts),
+    ]
+    unshifted = sum(count_unshifted(s.labels[None], batch.task) for s in batch.samples)
+    if unshifted != n:
+        found.append((f"the token sum over {unshifted}, the step's labels counted without the shift (each row's first "
+                      f"label, which nothing predicts, counted too): {n}/{unshifted}x", [n / unshifted] * parts))
+    return [(text, w) for text, w in found if any(abs(x - 1.0) > 1e-9 for x in w)]
+
+
+def _loss_fits(weights: list[float], loss: float, m: "Measured", reference: Reference, batch: Batch,
+               tol: Tolerance) -> bool:
+    sums = reference.group_sums(batch, m.layout)
+    predicted = sum(w * s for w, s in zip(weights, sums)) / sum(m.counts)
+    return abs(predicted - loss) <= max(10 * tol.loss_noise, 1e-4) * abs(reference.loss)
+
+
+def _gradient_fits(weights: list[float], m: "Measured", tol: Tolerance, facts: "LayoutFacts | None") -> bool:
+    g = m.grads
+    uniform = max(weights) - min(weights) <= 1e-9 * max(1.0, max(abs(w) for w in weights))
+    if g is not None and math.isfinite(g.cosine):  # only uneven weights turn the gradient
+        if _aligned(g, tol) != uniform:
+            return False
+    if m.weights:  # measured per microbatch: each must fit
+        bound = max(3 * tol.tolerances["weights"], 1e-4)
+        return all(abs(w - x) <= bound * max(1.0, abs(w)) for w, x in zip(weights, m.weights))
+    if m.grads is None or facts is None or facts.shares is None:
+        return False  # no gradient evidence: name nothing
+    predicted = sum(w * s for w, s in zip(weights, facts.shares))
+    return abs(predicted - m.grads.scale) <= max(3 * tol.tolerances["scale"], 1e-3) * max(1.0, abs(predicted))
+
+
+def _aligned(g, tol: Tolerance) -> bool:
+    """The gradient points where the reference does. Far from the reference (a k-fold scale)
+    the cosine comes from float32 dot products, good to about 1e-8: hence the 1e-6 floor."""
+    return 1.0 - g.cosine <= max(tol.tolerances["direction"], 1e-6)
+
+
+def measured(m: "Measured", loss: float, reference: Reference, tol: Tolerance) -> str:
+    """What was measured, where no cause fits."""
+    parts = []
+    w, g = m.weights, m.grads
+    aligned = g is not None and math.isfinite(g.cosine) and _aligned(g, tol)
+    if w and len(w) > 1:  # one microbatch's projection says no more than the scale below
+        mean = sum(w) / len(w)
+        if aligned and all(abs(x - mean) <= tol.tolerances["weights"] * max(1.0, abs(mean)) for x in w):
+            parts.append(f"every microbatch weighs {mean:.4g}x its token-mean share: a uniform rescale of the step")
+        else:
+            parts.append("each microbatch weighs " + ", ".join(f"{x:.4g}" for x in w) + "x its token-mean share")
+    if g is not None and math.isfinite(g.cosine) and math.isfinite(g.scale):
+        if aligned:
+            parts.append(f"gradient is {g.scale:.4g}x the reference in the same direction")
+        else:
+            parts.append(f"gradient scale {g.scale:.4g} (least squares), 1 - cosine {1.0 - g.cosine:.2g}")
+    if reference.loss:
+        parts.append(f"loss is {loss / reference.loss:.4g}x the reference")
+    return "; ".join(parts)
+
+
+def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol: Tolerance,
+             facts: "LayoutFacts | None", *, gradient: bool = True) -> str:
+    """The cause behind a cross-entropy ``loss`` that misses the reference: a candidate whose
+    loss and gradient fit (``gradient=False``: the gradient also carries something else, so the
+    loss alone is checked and said so)."""
+    for text, weights in candidates(m, batch):
+        if _loss_fits(weights, loss, m, reference, batch, tol):
+            if not gradient:
+                return f"its loss equals {text}"
+            if _gradient_fits(weights, m, tol, facts):
+                return f"loss and gradient equal {text}"
+    return measured(m, loss, reference, tol)
+
+
+def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, facts: "LayoutFacts | None") -> str:
+    label = m.label
+    if label.calibrates:
+        return PADDING_CAUSE
+    if label.expected:  # known to differ: say why, and what it measured like
+        fitted = ce_cause(m, m.loss, reference, batch, tol, facts) if m.aux_target is None else ""
+        return "; ".join(x for x in (f"{label.reduction}: {label.cause}" if label.cause else "", fitted) if x)
+    if m.aux_target is None:
+        return ce_cause(m, m.loss, reference, batch, tol, facts)
+    carried, _ = carried_aux(m.loss, m.aux, reference.loss, m.aux_target.coef)
+    ce = m.loss - m.aux_target.coef * carried
+    if abs(ce - reference.loss) <= tol.rtol * abs(reference.loss):
+        ce_part = "the cross-entropy part matches the reference"
+    else:
+        ce_part = "cross entropy: " + ce_cause(m, ce, reference, batch, tol, facts, gradient=False)
+    return "; ".join(x for x in (aux_cause(m, carried), ce_part) if x)
+
+
+def aux_cause(m: "Measured", carried: float) -> str:
+    """How the step's aux loss compares with the mean over microbatches it should carry."""
+    k, mean = len(m.layout.groups), m.aux_target.mean  # microbatches over all ranks
+    ratio = carried / mean if mean else math.nan
+    if k > 1 and abs(ratio - k) <= 1e-3 * k:
+        return f"aux loss summed over {k} microbatches: {k}x their mean"
+    if abs(ratio - 1) <= 1e-3:
+        return ""
+    if carried == 0:
+        return "the step carries no router aux loss"
+    return f"aux loss is {ratio:.4g}x its mean over microbatches"
+
+
+def nonfinite(m: "Measured", reference: Reference, batch: Batch, tokens: str) -> tuple[str, str]:
+    """NaN or Inf in a case: a named ``diverge`` when a microbatch with zero targets explains
+    it (a token mean of nothing is 0/0), otherwise an ``error`` naming the first tensor."""
+    g = m.grads
+    grad = f"first non-finite gradient in {g.nonfinite_param}" if g and g.nonfinite_param else "gradients finite"
+    empty = [i for i, c in enumerate(m.counts) if c == 0]
+    if m.fault is None and empty and _empty_explains(m, reference, batch):
+        which = ", ".join(f"{i + 1} of {len(m.counts)}" for i in empty)
+        return "diverge", (
+            f"microbatch {which} holds zero target tokens: its token mean is 0/0, "
+            f"so the step's loss and gradient are NaN ({tokens})"
+        )
+    first = m.fault or (f"non-finite loss {m.loss}" if not math.isfinite(m.loss) else "loss finite")
+    return "error", f"{first}; {grad} ({tokens})"
+
+
+def _empty_explains(m: "Measured", reference: Reference, batch: Batch) -> bool:
+    """For a known reduction, whether it is NaN on this layout itself (predicted from the
+    reference's finite token losses); other paths get the benefit of the doubt."""
+    if m.label.formula is None:
+        return True
+    return not math.isfinite(reference.step_loss(batch, m.layout, m.label.formula))
+
+
+def reference_objective(m: "Measured", reference: Reference) -> float:
+    """The reference objective reported beside a case: with an aux loss, the full batch's."""
+    t = m.aux_target
+    return reference.loss + (t.coef * t.full if t is not None else 0.0)
+
+
+def aux_fields(m: "Measured", reference: Reference) -> dict:
+    """The report's aux columns for a case judged with the router aux loss (none otherwise)."""
+    t = m.aux_target
+    if t is None:
+        return {}
+    carried, inferred = carried_aux(m.loss, m.aux, reference.loss, t.coef)
+    return {
+        "ce_loss": m.loss - t.coef * carried, "reference_ce_loss": reference.loss,
+        "aux_loss": carried, "aux_inferred": inferred, "layout_aux_loss": t.mean,
+        "microbatch_aux_losses": list(t.microbatch), "reference_aux_loss": t.full, "aux_coef": t.coef,
+        "aux_gap": t.gap, "aux_grad_gap": t.gap_grad,
+    }
+
+
+def aux_info(m: "Measured", reference: Reference) -> str:
+    """The aux numbers for a case's detail, the inherent gap marked as information."""
+    t = m.aux_target
+    carried, inferred = carried_aux(m.loss, m.aux, reference.loss, t.coef)
+    return (f"aux: step carried {carried:.6g}{' (inferred from the loss)' if inferred else ''}, "
+            f"mean over microbatches {t.mean:.6g}, full batch {t.full:.6g}; inherent gap {t.gap:+.2%} "
+            f"(gradient {t.gap_grad:.1e}), information, not a finding")

@@ -1,0 +1,72 @@
+"""What can go wrong during a run, and how it is told: non-finite tensors, an exception in
+one path, running out of memory. A fault in one case never loses the others."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Iterator
+
+import torch
+
+from ..core.errors import EnvironmentProblem, LossauditError
+
+# The knobs that shrink an audit's memory, in the order worth trying; a flag is named only
+# if the installed CheckConfig has the field (``--num-layers`` may not exist).
+MEMORY_KNOBS = (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("num_layers", "--num-layers"))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (and other accelerators') OOM, whichever way torch reports it."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, (oom, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()  # the CPU allocator says "can't allocate memory"
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def must_propagate(exc: BaseException) -> bool:
+    """Errors that end the run rather than one case: OOM (the next case would hit it too)
+    and lossaudit's own usage and environment errors."""
+    return is_out_of_memory(exc) or isinstance(exc, LossauditError) or not isinstance(exc, Exception)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message (at file.py:123 in function)``."""
+    message = " ".join(str(exc).split())
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        where = f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+    return f"{type(exc).__name__}: {message[:300]}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def out_of_memory_message(exc: BaseException, config) -> str:
+    knobs = [f"{flag} (now {getattr(config, name)})" for name, flag in MEMORY_KNOBS if hasattr(config, name)]
+    first = " ".join(str(exc).split())[:160]
+    return (f"out of memory on {config.device} ({first}); lower " + ", ".join(knobs[:-1])
+            + (" or " if len(knobs) > 1 else "") + knobs[-1])
+
+
+@contextlib.contextmanager
+def out_of_memory_is_environmental(config) -> Iterator[None]:
+    """Turn an OOM anywhere in the audit into one message that names the knobs (exit 3)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_out_of_memory(exc) and not isinstance(exc, LossauditError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise EnvironmentProblem(out_of_memory_message(exc, config)) from None
+        raise
+
+
+def has_nonfinite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` holds NaN or Inf. A NaN or Inf makes the sum non-finite, so a
+    finite sum settles it in one reduction (an elementwise isfinite costs ~20x more on CPU);
+    only a non-finite sum, which overflow can also give, is checked element by element."""
+    if tensor.is_floating_point() and bool(torch.isfinite(tensor.sum())):
+        return False
+    return not bool(torch.isfinite(tensor).all())

@@ -1,0 +1,202 @@
+"""One place judges. Paths only measure (paths/base.py); here each outcome gets its target,
+is compared with it as its gradient streams by, and, once the run's noise is known, gets a
+verdict and a detail. Error cases are built here and nowhere else, behind one guard.
+
+The target of a case is the float64 token-mean reference of the run's objective (label
+smoothing included), and for a path that trains a MoE model's own loss, the reference plus
+coef x the layout's mean router aux loss (moe.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import causes
+from ..core.errors import LossauditError, RankFailure
+from .faults import must_propagate, one_line
+from ..core.forward import forward
+from ..core.grads import GradDiff, compare_grads
+from ..core.layouts import Layout, microbatches
+from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
+from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
+from .tolerance import Tolerance, deviations
+
+
+class UserCodeExit(LossauditError):
+    """Code under audit called sys.exit: never swallowed, the run ends (exit 3, as any
+    SystemExit from called code)."""
+
+
+@dataclass
+class Measured:
+    """One case, compared with its target, before its verdict."""
+
+    label: Label
+    layout: Layout
+    counts: list[int]  # target tokens per microbatch, rank-major
+    loss: float = math.nan
+    target_loss: float = math.nan  # what the loss must equal
+    grads: GradDiff | None = None
+    weights: list[float] | None = None  # per microbatch, x the token-mean weight
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+    aux: float | None = None  # MoE: the router aux loss the step carried, if the path knows it
+    aux_target: LayoutAux | None = None  # set when judged against CE + coef x mean aux
+    error: str | None = None
+    fault: str | None = None  # the first non-finite tensor the harness saw in this layout
+
+    @property
+    def loss_rel_err(self) -> float:
+        t = self.target_loss
+        return abs(self.loss - t) / abs(t) if t else abs(self.loss)
+
+    def deviation(self) -> dict[str, float]:
+        t = self.aux_target
+        ratio = self.aux / t.mean if t is not None and self.aux is not None and t.mean else None
+        return deviations(self.loss_rel_err, self.grads, self.weights, ratio)
+
+
+@dataclass
+class LayoutFacts:
+    """What the harness's correct reduction learnt about a layout, for targets and causes."""
+
+    shares: list[float] | None = None  # each microbatch's share of the reference gradient's projection
+    aux: LayoutAux | None = None
+
+
+class Judge:
+    def __init__(self, ctx: AuditContext):
+        self.ctx = ctx
+        self.reference = ctx.reference
+        self.facts: dict[Layout, LayoutFacts] = {}
+        self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
+
+    # --- targets -----------------------------------------------------------------------
+    def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
+        self.facts[layout] = LayoutFacts(shares, aux)
+
+    def layout_aux(self, layout: Layout) -> LayoutAux | None:
+        """The layout's aux target: from the harness's shared forward, else from a forward of
+        each microbatch here (a layout only a step path runs, such as the Trainer's k=1 arm)."""
+        if self.reference.aux is None:
+            return None
+        facts = self.facts.setdefault(layout, LayoutFacts())
+        if facts.aux is None:
+            acc = AuxAccumulator(self.reference.aux, self.ctx.params, len(layout.groups))
+            for mb in microbatches(self.ctx.batch, layout):
+                outputs, _ = forward(self.ctx.model, mb, self.ctx.device)
+                acc.add(outputs, mb.attention_mask)
+            facts.aux = acc.result()
+        return facts.aux
+
+    def target(self, label: Label, layout: Layout) -> tuple[float, Mapping, LayoutAux | None]:
+        aux = self.layout_aux(layout) if label.trains_aux else None
+        if aux is None:
+            return self.reference.loss, self.reference.grads, None
+        return self.reference.loss + aux.contribution, aux.target_grads(self.reference.grads), aux
+
+    # --- measuring ---------------------------------------------------------------------
+    def measure(self, outcome: Outcome, *, fault: str | None = None) -> Measured:
+        """Compare an outcome with its target; its gradient is read once, tensor by tensor."""
+        label, layout = outcome.label, outcome.layout
+        loss_target, grads_target, aux = self.target(label, layout)
+        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
+                              norms=self.norms if grads_target is self.reference.grads else None)
+        if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
+            grads = dataclasses.replace(grads, scale=outcome.scale)
+        return Measured(
+            label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
+            grads=grads, weights=None if aux else outcome.weights,
+            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault)
+
+    def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
+        """The error case: the one way one is built."""
+        return Measured(label, layout, self.ctx.batch.group_targets(layout.groups), error=reason)
+
+    # --- verdicts ----------------------------------------------------------------------
+    def tolerance(self, measured: list[Measured]) -> Tolerance:
+        calibration = [m.deviation() for m in measured if m.label.calibrates and m.grads is not None]
+        return Tolerance.measure(self.dtype, calibration)
+
+    @property
+    def dtype(self) -> str:
+        if self.ctx.config is not None:
+            return self.ctx.config.dtype
+        return str(next((p.dtype for _, p in self.ctx.params), "torch.float32")).removeprefix("torch.")
+
+    def verdict(self, m: Measured, tol: Tolerance) -> tuple[str, str]:
+        """(verdict, detail) for one case."""
+        tokens = f"target tokens per microbatch {m.counts}"
+        if m.error:
+            return "error", m.error
+        if self.reference.nonfinite:
+            return "error", f"the reference is not finite (NaN/Inf first in {self.reference.nonfinite}): nothing can be compared"
+        g = m.grads
+        if not math.isfinite(m.loss) or (g is not None and g.nonfinite_param):
+            return causes.nonfinite(m, self.reference, self.ctx.batch, tokens)
+        info = causes.aux_info(m, self.reference) if m.aux_target is not None else ""
+        deviation = m.deviation()
+        missed = tol.exceeded(deviation)
+        if not missed:
+            return "match", "; ".join(x for x in (m.note, info) if x)
+        only_loss = ""
+        if missed == ["loss"]:  # the step trains right; what it reports is wrong
+            only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
+        cause = causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+        return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
+
+
+class Guard:
+    """Runs code under audit. Its exception becomes the case's error (the run goes on); out of
+    memory and lossaudit's own errors end the run (exit 3 / their status); SystemExit from the
+    code under audit ends it with one line (exit 2); KeyboardInterrupt is never caught."""
+
+    def __init__(self, judge: Judge):
+        self.judge = judge
+
+    def call(self, what: str, fn, *args):
+        """(result, None), or (None, one-line reason) when ``fn`` raised."""
+        try:
+            return fn(*args), None
+        except Unavailable as exc:
+            return None, str(exc)
+        except RankFailure as exc:  # a data-parallel rank raised, died or hung: these cases only
+            return None, f"{what} failed: {exc}"
+        except SystemExit as exc:
+            raise UserCodeExit(f"{what} called sys.exit({exc.code!r}): the audit stops, no report is written") from None
+        except Exception as exc:
+            if must_propagate(exc):
+                raise
+            return None, f"{what} raised {one_line(exc)}"
+
+    def step(self, path: StepPath, ctx: AuditContext, layout: Layout) -> list[Measured]:
+        """One layout of a step path: its outcomes measured, or its error cases."""
+        outcomes, reason = self.call(f"the {path.name} path on {layout.name}", path.run, ctx, layout)
+        if reason is not None:
+            return [self.judge.failed(label, layout, reason) for label in path.labels(layout)]
+        return [self.judge.measure(o) for o in outcomes]
+
+
+def report_fields(m: Measured, judge: Judge, tol: Tolerance) -> dict:
+    """The report row of one case (contract columns first, see report.CASE_COLUMNS)."""
+    verdict, detail = judge.verdict(m, tol)
+    g, nan, ref = m.grads, math.nan, judge.reference
+    return {
+        "path": m.label.path, "reduction": m.label.reduction, "microbatches": m.layout.microbatches,
+        "padding": m.layout.padding, "grouping": m.layout.grouping, "world_size": m.layout.world_size,
+        "tokens": list(m.counts), "loss": m.loss, "reference_loss": causes.reference_objective(m, ref),
+        "loss_abs_err": abs(m.loss - m.target_loss), "loss_rel_err": m.loss_rel_err,
+        "grad_rel_err": g.rel_err if g else nan, "grad_cosine": g.cosine if g else nan,
+        "grad_max_abs": g.max_abs if g else nan, "grad_scale": g.scale if g else nan,
+        "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
+        "verdict": verdict, "expected": bool(m.label.expected), "detail": detail,
+        "microbatch_weights": list(m.weights) if m.weights else None,
+        "microbatch_losses": ref.microbatch_losses(judge.ctx.batch, m.layout),
+        "first_nonfinite": m.fault or (g.nonfinite_param if g else None), **causes.aux_fields(m, ref), **m.extra,
+    }
+
+
+__all__ = ["Guard", "Judge", "Measured", "UserCodeExit", "report_fields", "carried_aux"]

@@ -1,0 +1,187 @@
+"""What an audit holds in memory beyond a plain training step, as a formula, and a meter
+that measures it on any device torch runs on (the CPU included).
+
+A plain training step on the full batch peaks at ``W + G + activations``: the weights, their
+gradient (both ``P x b`` bytes for P parameters in a dtype of b bytes) and what the forward
+keeps for the backward. ``audit_extra_bytes`` bounds what an audit holds on top of that peak:
+
+- the reference gradient, kept all run: ``P x b``;
+- while one layout's logit paths run (``reduction``, ``model``, ``loss-fn`` and the correct
+  reduction the harness runs on every layout): one gradient sum per distinct sum, ``P x b``
+  each (accumulate.py: the model's dtype; proportional reductions share one, so num_items and
+  sum cost one together). The backward hands each parameter's gradient to the sums and frees it
+  at once, so the first sum stands where a training step keeps its gradient: it costs nothing
+  beyond the step. Where a path has a loss of its own (a non-uniform reduction such as
+  sequence_mean, the model's loss, a user's loss function), the correct gradient of the
+  microbatch is kept while that path's backward runs, to measure the path's weight: ``P x b``.
+  The comparison widens pieces of at most ``grads.CHUNK`` elements: a few of those;
+- while a step path runs (``trainer``, ``accelerate``): the update the optimizer writes into
+  zeros while the weights are parked (``paths/probe.py``: ``P x b``, on the model's device;
+  the parked weights are the model's own tensors, not a copy).
+
+The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
+microbatch's forward: with k=1 that microbatch is the full batch.
+
+``LiveTensorBytes`` counts the bytes of every tensor storage created while it is active (and
+of those it is shown) until that storage is freed, and keeps their peak: what
+``torch.cuda.max_memory_allocated`` says on a GPU, measured on the CPU.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..core.grads import CHUNK
+
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class AuditShape:
+    """What the audit's memory depends on, in bytes or counts."""
+
+    parameters: int  # P: trainable parameters
+    param_bytes: int  # b: bytes per parameter in the model's dtype (2 for bf16); a gradient sum's too
+    sums: int  # gradient sums alive together while logit paths run (sums_held)
+    keeps_correct: bool = False  # a path with a loss of its own runs: the correct gradient is kept for it
+    largest_tensor: int = 0  # elements of the largest parameter tensor
+    logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
+    step_path: bool = False  # a trainer or accelerate path runs
+
+    @property
+    def wide_bytes(self) -> int:
+        """Bytes of an element the comparison widens to: float32, or float64's 8."""
+        return max(4, self.param_bytes)
+
+
+def logit_phase_bytes(s: AuditShape) -> int:
+    """Beyond the training step while logit paths run: reference + every sum but the first
+    + the kept correct gradient + comparison temporaries (+ the model path's own float32 loss)."""
+    pb = s.parameters * s.param_bytes
+    return pb + max(s.sums - 1, 0) * pb + (pb if s.keeps_correct else 0) + comparison_bytes(s) + s.logits_bytes
+
+
+def step_phase_bytes(s: AuditShape) -> int:
+    """Beyond the training step while a step path runs: reference + the update the probe reads
+    (the logit paths' sums are freed by then)."""
+    if not s.step_path:
+        return 0
+    pb = s.parameters * s.param_bytes
+    return pb + pb + comparison_bytes(s)
+
+
+def comparison_bytes(s: AuditShape) -> int:
+    """compare_grads and the hooks' dot products, per piece: both sides widened and their
+    difference, at most CHUNK elements each. (The gradient a hook is handed is the one a
+    training step would keep; the first sum takes it as it is.)"""
+    return 3 * min(s.largest_tensor, CHUNK) * s.wide_bytes
+
+
+def audit_extra_bytes(s: AuditShape) -> int:
+    """Bytes the audit may hold beyond a plain training step's peak on the same batch."""
+    return max(logit_phase_bytes(s), step_phase_bytes(s))
+
+
+def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
+    """The audit's peak by the memory model: a training step's peak plus ``audit_extra_bytes``."""
+    return train_step_peak + audit_extra_bytes(s)
+
+
+def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, logits_bytes: int = 0,
+             step_path: bool = False) -> AuditShape:
+    """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return AuditShape(
+        parameters=sum(p.numel() for p in params),
+        param_bytes=params[0].element_size(),
+        sums=sums,
+        keeps_correct=keeps_correct,
+        largest_tensor=max(p.numel() for p in params),
+        logits_bytes=logits_bytes,
+        step_path=step_path,
+    )
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of live tensor storages and their peak, counted at the dispatcher: every storage an
+    operator returns (forward and backward) counts from its creation until it is freed.
+
+        with LiveTensorBytes() as meter:
+            meter.count_existing(model)  # the weights, created before
+            ...
+        meter.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def count_existing(self, *objects) -> None:
+        """Count tensors made before the meter started: modules' parameters, buffers and grads, or tensors."""
+        for obj in objects:
+            tensors = [t for t in obj.parameters()] + [t for t in obj.buffers()] if isinstance(obj, torch.nn.Module) \
+                else [obj]
+            tensors += [t.grad for t in tensors if getattr(t, "grad", None) is not None]
+            for t in tensors:
+                self._count(t)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, size)
+
+    def _freed(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t)
+        return out
+
+
+CONSTANT_WEIGHTS = {"num_items", "sum"}  # the same weight on every microbatch: one sum serves both
+UNIFORM_REDUCTIONS = {"mean_of_means"} | CONSTANT_WEIGHTS  # a scalar weight per microbatch: no backward of their own
+OWN_BACKWARD_PATHS = ("model", "loss-fn")  # a loss of their own: a backward and a sum each
+
+
+def sums_held(paths, reductions) -> int:
+    """Gradient sums alive together while one layout's logit paths run: one for num_items, the
+    correct reduction, which runs on every layout (sum shares it), one per other reduction of
+    the ``reduction`` path (mean_of_means shares it too where every microbatch holds as many
+    targets: counted apart here), and one per path with a loss of its own. Freed when the
+    layout is judged."""
+    own = [r for r in reductions if r not in CONSTANT_WEIGHTS] if "reduction" in paths else []
+    return 1 + len(own) + sum(p in OWN_BACKWARD_PATHS for p in paths)
+
+
+def keeps_correct(paths, reductions) -> bool:
+    """Whether a path with a loss of its own runs (a non-uniform reduction, the model's loss, a
+    user's loss function): the microbatch's correct gradient is then kept during its backward."""
+    return any(p in OWN_BACKWARD_PATHS for p in paths) or \
+        ("reduction" in paths and bool(set(reductions) - UNIFORM_REDUCTIONS))
+
+
+def model_loss_bytes(batch_size: int, length: int, vocab: int) -> int:
+    """The model path's own loss over a full-batch microbatch (k=1): float32 logits and their log-softmax."""
+    return 2 * batch_size * length * vocab * 4

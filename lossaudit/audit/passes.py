@@ -1,0 +1,80 @@
+"""Passes over a layout: when the logit paths' gradient sums would not fit the device's memory
+together, they run in several passes, each running the layout's forwards and backwards again
+for some of them. The first pass holds the correct reduction (it measures what the judge
+learns about the layout); the others are planned in path order.
+
+A pass's peak is estimated from the reference's own (a full-batch forward and backward: a
+training step's activations and gradient, measured on CUDA) plus a parameter-sized tensor per
+sum beyond the first, the kept correct gradient where a path has a loss of its own, and the
+model path's float32 logits (memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .memory import GIB, model_loss_bytes
+from ..paths.base import LogitPath
+
+DEVICE_SHARE = 0.94  # of a CUDA device's memory, by default: an 80 GB card's 79.2 GiB gives 74.5 GiB
+
+
+def sum_groups(paths: list[LogitPath]) -> list[list[LogitPath]]:
+    """The paths grouped by the gradient sum they fill: those with the same weight on every
+    microbatch (num_items, the correct reduction, and sum) share one; any other has its own.
+    The correct reduction's group comes first."""
+    constant = [p for p in paths if p.constant_weights]
+    groups = [[p] for p in paths if not p.constant_weights]
+    return [constant] + groups if constant else groups
+
+
+def plan(paths: list[LogitPath], per_pass: int | None) -> list[list[LogitPath]]:
+    """``paths`` split into passes of at most ``per_pass`` sums each (None: one pass)."""
+    groups = sum_groups(paths)
+    if per_pass is None or len(groups) <= per_pass:
+        return [paths]
+    per_pass = max(per_pass, 1)
+    passes = [[p for g in groups[i:i + per_pass] for p in g] for i in range(0, len(groups), per_pass)]
+    order = {id(p): i for i, p in enumerate(paths)}
+    return [sorted(ps, key=lambda p: order[id(p)]) for ps in passes]
+
+
+def budget_bytes(max_memory_gib: float | None, device: torch.device) -> int | None:
+    """What the audit may hold on ``device``: ``--max-memory``, else on CUDA a share of the
+    device's memory, else no limit."""
+    if max_memory_gib is not None:
+        return int(max_memory_gib * GIB)
+    if device.type == "cuda":
+        return int(DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def sums_per_pass(budget: int | None, base: int, param_bytes: int, extra: int) -> int | None:
+    """How many sums one pass may hold: what the budget leaves above ``base`` (the reference's
+    peak) and ``extra`` (the kept correct gradient, the model path's logits), one
+    parameter-sized tensor each; at least one. None: no limit."""
+    if budget is None or not param_bytes:
+        return None
+    return max(1, math.floor((budget - base - extra) / param_bytes))
+
+
+def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
+    """The run's passes: one, unless the sums would not fit ``--max-memory`` (on CUDA, by
+    default, the device's memory)."""
+    config = ctx.config
+    budget = budget_bytes(getattr(config, "max_memory", None), ctx.device)
+    if budget is None or not paths:
+        return [paths]
+    pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
+    if ctx.device.type == "cuda":
+        base = torch.cuda.max_memory_allocated(ctx.device)  # the reference's full-batch step, or more
+    else:  # activations are not counted: the weights and the reference gradient only
+        base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
+    own = any(p.own_backward for p in paths)
+    logits = 0
+    if any(p.label.path == "model" for p in paths):
+        batch = ctx.batch
+        logits = model_loss_bytes(len(batch), max(batch.lengths), getattr(ctx.loaded, "vocab_size", 0) or 0)
+    return plan(paths, sums_per_pass(budget, base, pb, (pb if own else 0) + logits))

@@ -1,3 +1,0 @@
-"""Subcommands of ``python -m lossaudit``, one module each (see ``lossaudit.cli``)."""
-
-COMMANDS = ("check", "compare", "explain", "sweep", "upgrade", "history")

@@ -1,0 +1,1 @@
+"""The regression gate: thresholds, and two reports compared (compare, check --baseline)."""

@@ -1,0 +1,2 @@
+"""Other transformers releases in isolated, cached environments: the upgrade and history commands'
+machinery."""
