@@ -69,11 +69,11 @@ class Backward:
     """One backward's products: for each parameter the dot of its gradient with the reference
     (and with the kept correct gradient), read after the backward with one synchronisation."""
 
-    def __init__(self, sinks: Sequence[tuple[GradientSum, float]], keep: bool, against: list | None):
-        self.sinks, self.keep, self.against = sinks, keep, against
+    def __init__(self, sinks: Sequence[tuple[GradientSum, float]], kept: list | None, against: list | None):
+        self.sinks, self.against = sinks, against
+        self.kept: list[torch.Tensor | None] | None = kept  # filled with each gradient, where asked
         self.reference_terms: list[torch.Tensor] = []
         self.against_terms: list[torch.Tensor] = []
-        self.kept: list[torch.Tensor | None] | None = None
 
     def results(self) -> tuple[float, float | None]:
         """(gradient . reference, gradient . kept correct gradient or None)."""
@@ -121,8 +121,7 @@ class Hooks:
                  against: list | None = None) -> Backward:
         """d loss / d params into ``sinks`` (sum += scale x gradient each). ``keep``: also return
         the gradient itself (``Backward.kept``); ``against``: a kept gradient to take dots with."""
-        b = Backward(sinks, keep, against)
-        b.kept = [None] * len(self.params) if keep else None
+        b = Backward(sinks, [None] * len(self.params) if keep else None, against)
         self.current = b
         try:
             torch.autograd.backward(loss, inputs=self.params, retain_graph=True)
