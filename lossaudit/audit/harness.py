@@ -172,14 +172,14 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
             share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
             shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
     judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)
-    measured = []
+    measured, shared = [], {}  # shared: products of the sums' tensors, read once for every path on a sum
     for path in paths:
         if id(path) not in failed:
             note, reason = guard.call(f"the {path.label.path} path", path.note)
             if reason is None:
                 outcome = steps[id(path)].outcome(path, layout, note, norm2)
                 seen(outcome)
-                measured.append(judge.measure(outcome, fault=fault))
+                measured.append(judge.measure(outcome, fault=fault, raw=shared))
                 continue
             failed[id(path)] = reason
         measured.append(judge.failed(path.label, layout, failed[id(path)]))

@@ -99,12 +99,13 @@ class Judge:
         return self.reference.loss + aux.contribution, aux.target_grads(self.reference.grads), aux
 
     # --- measuring ---------------------------------------------------------------------
-    def measure(self, outcome: Outcome, *, fault: str | None = None) -> Measured:
-        """Compare an outcome with its target; its gradient is read once, tensor by tensor."""
+    def measure(self, outcome: Outcome, *, fault: str | None = None, raw: dict | None = None) -> Measured:
+        """Compare an outcome with its target, tensor by tensor. ``raw``: a cache for outcomes
+        that share their gradient tensors (grads.compare_grads), alive no longer than they are."""
         label, layout = outcome.label, outcome.layout
         loss_target, grads_target, aux = self.target(label, layout)
         grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
-                              norms=self.norms if grads_target is self.reference.grads else None)
+                              norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
         return Measured(

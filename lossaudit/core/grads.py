@@ -104,29 +104,35 @@ class GradDiff:
     per_tensor: tuple[tuple[str, float], ...] = ()
 
 
-def _tensor_stats(g: torch.Tensor | None, r: torch.Tensor, factor: float, r2: torch.Tensor) -> torch.Tensor:
-    """||d||², ||r||², ||G||², d·r, G·r and max|d| for G = factor·g (None: zeros) and d = G - r,
-    on r's device as one float64 tensor. The difference is formed once per piece, in the
-    wider of the two dtypes with a single rounding (``e = g - r / factor``, d = factor·e): where
-    G ~ r it is exact (Sterbenz), so what is small there is read from d (see _near)."""
-    if (g is None or factor == 0.0) and r.numel():
-        low, high = torch.aminmax(r.reshape(-1))
-        zero = torch.zeros((), dtype=torch.float64, device=r.device)
-        return torch.stack([r2.double(), r2.double(), zero, -r2.double(), zero, torch.maximum(-low, high).double()])
+def _difference_stats(g: torch.Tensor | None, r: torch.Tensor, factor: float, r2: torch.Tensor) -> torch.Tensor:
+    """||e||², ||r||², e·r and max|e| for e = g - r / factor, on r's device as one tensor
+    (compare_grads multiplies them out to d = factor·e; where g is None or factor 0 they are
+    already d's: d = -r). The
+    difference is formed once per piece, in the wider of the two dtypes with a single
+    rounding: where G ~ r it is exact (Sterbenz), so what is small there is read from d (see
+    _near)."""
     if not r.numel():
-        return torch.zeros(6, dtype=torch.float64, device=r.device)
-    e2, er, g2, gr, e_max = [], [], [], [], []
+        return torch.zeros(4, dtype=torch.float64, device=r.device)
+    if g is None or factor == 0.0:
+        low, high = torch.aminmax(r.reshape(-1))
+        return torch.stack([r2, r2, -r2, torch.maximum(-low, high).to(r2.dtype)]).double()
+    parts = []
     for gc, rc in pieces(g.to(r.device), r):
         e = gc - rc if factor == 1.0 else torch.sub(gc, rc, alpha=1.0 / factor)
         low, high = torch.aminmax(e)
-        e2.append(dot(e, e))
-        er.append(dot(e, rc))
-        g2.append(dot(gc, gc))
-        gr.append(dot(gc, rc))  # not e.r + r.r: where G is far from r that would cancel
-        e_max.append(torch.maximum(-low, high))
-    f = float(factor)
-    e2, er, g2, gr = (torch.stack(x).double().sum() for x in (e2, er, g2, gr))
-    return torch.stack([f * f * e2, r2.double(), f * f * g2, f * er, f * gr, abs(f) * torch.stack(e_max).double().max()])
+        parts.append(torch.stack([dot(e, e), r2, dot(e, rc), torch.maximum(-low, high).to(r2.dtype)]).double())
+    if len(parts) == 1:
+        return parts[0]
+    parts = torch.stack(parts)
+    return torch.cat([parts[:, 0].sum().reshape(1), parts[0, 1:2], parts[:, 2].sum().reshape(1), parts[:, 3].max().reshape(1)])
+
+
+def _raw_stats(g: torch.Tensor | None, r: torch.Tensor) -> torch.Tensor:
+    """g·g and g·r (g None: zeros), as one float64 tensor on r's device."""
+    if g is None or not r.numel():
+        return torch.zeros(2, dtype=torch.float64, device=r.device)
+    terms = [torch.stack([dot(gc, gc), dot(gc, rc)]) for gc, rc in pieces(g.to(r.device), r)]
+    return torch.stack(terms).double().sum(0)
 
 
 def _near(d2: float, r2: float, g2: float) -> bool:
@@ -154,32 +160,41 @@ def _scale(d2: float, r2: float, g2: float, dr: float, gr: float) -> float:
 
 
 def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]], *,
-                  factor: float = 1.0, norms: dict | None = None) -> GradDiff:
-    """``factor`` x ``grads`` against ``reference``, tensor by tensor; every statistic stays on
-    the device until one host synchronisation at the end. ``norms``: a cache of the reference
-    tensors' squared norms (name -> 0-dim tensor), filled as they are first needed."""
-    names, stats = [], []
+                  factor: float = 1.0, norms: dict | None = None, raw: dict | None = None) -> GradDiff:
+    """``factor`` x ``grads`` against ``reference``, tensor by tensor, every statistic on the
+    device until one host synchronisation.
+
+    Where the gradient is near the reference (|d| < |r| / 2), its norm and its product with the
+    reference follow from d exactly enough, and that is all. Elsewhere they are read from the
+    gradient itself in a second pass, since there d·r + r·r would cancel. ``norms`` caches the
+    reference tensors' squared norms (name -> 0-dim tensor); ``raw`` caches a second pass's
+    products per tensor pair, for gradients that several cases share with other factors."""
+    grads = list(grads)  # (name, tensor) references: read twice where the case is far
     norms = {} if norms is None else norms
-    for name, g in grads:
-        r = reference[name]
+    for name, _ in grads:
         if name not in norms:
-            norms[name] = dot(r, r)
-        names.append(name)
-        stats.append(_tensor_stats(g, r, factor, norms[name]))
-    if not stats:
+            norms[name] = dot(reference[name], reference[name])
+    if not grads:
         return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
-    table = torch.stack([s.to(stats[0].device) for s in stats]).cpu()  # the one synchronisation
-    diff2 = ref2 = got2 = d_ref = g_ref = max_abs = worst_rel = 0.0
+    stats = [_difference_stats(g, reference[name], factor, norms[name]) for name, g in grads]
+    table = torch.stack([s.to(stats[0].device) for s in stats]).cpu()  # the synchronisation
+    f = float(factor)
+    to_d = [[f * f, 1.0, f, abs(f)] if g is not None and f else [1.0] * 4 for _, g in grads]
+    table *= torch.tensor(to_d, dtype=torch.float64)  # e -> d = factor x e (already d where G = 0)
+    diff2 = ref2 = d_ref = max_abs = worst_rel = 0.0
     worst, nonfinite, per_tensor = "", None, []
-    for name, (d2, r2, g2, dr, gr, d_max) in zip(names, table.tolist()):
+    for (name, _), (d2, r2, dr, d_max) in zip(grads, table.tolist()):
         if nonfinite is None and not math.isfinite(d_max):  # the reference is finite (else nothing is compared)
             nonfinite = name
-        diff2, ref2, got2, d_ref, g_ref = diff2 + d2, ref2 + r2, got2 + g2, d_ref + dr, g_ref + gr
+        diff2, ref2, d_ref = diff2 + d2, ref2 + r2, d_ref + dr
         max_abs = max(max_abs, d_max)
         rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
         per_tensor.append((name, rel))
         if not rel <= worst_rel:  # also takes NaN
             worst, worst_rel = name, rel
+    got2, g_ref = diff2 + 2 * d_ref + ref2, d_ref + ref2  # G = d + r
+    if not _near(diff2, ref2, got2):
+        got2, g_ref = _far(reference, grads, factor, raw)
     return GradDiff(
         rel_err=math.sqrt(diff2 / ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf),
         cosine=_cosine(diff2, ref2, got2, d_ref, g_ref),
@@ -190,4 +205,17 @@ def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[s
         nonfinite_param=nonfinite,
         per_tensor=tuple(per_tensor),
     )
+
+
+def _far(reference: Mapping[str, torch.Tensor], grads: list, factor: float, raw: dict | None) -> tuple[float, float]:
+    """||G||² and G·r read from G itself (the second pass), G = factor x grads."""
+    raw = {} if raw is None else raw
+    terms = []
+    for name, g in grads:
+        key = (id(g), id(reference[name]))
+        if key not in raw:
+            raw[key] = _raw_stats(g, reference[name])
+        terms.append(raw[key])
+    g2, gr = torch.stack([t.to(terms[0].device) for t in terms]).sum(0).tolist()
+    return factor * factor * g2, factor * gr
 
