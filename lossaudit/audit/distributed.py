@@ -252,6 +252,9 @@ def _rank_main(rank: int, fn: RankFn, world_size: int, workdir: str, device_type
             result = fn(rank, world_size, payload, device)
             if result is not None:
                 torch.save(result, workdir_path / f"result-{rank}.pt")
+            # every rank done before any tears the group down: a rank whose peer closed its
+            # connections first could abort in teardown (SIGABRT, "terminate called ...")
+            torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -107,6 +107,7 @@ def test_launched_report_is_the_spawned_runs(two_runs):
     assert len(a) == len(b) == 6  # 3 recipes x 2 layouts (k=1, k=2), on 2 ranks
     assert (a["world_size"] == 2).all() and all(len(set(t)) == 2 for t in a["rank_tokens"])  # uneven ranks
     a, b = a.sort_values(KEYS).reset_index(drop=True), b.sort_values(KEYS).reset_index(drop=True)
-    assert a[KEYS + ["verdict", "expected"]].equals(b[KEYS + ["verdict", "expected"]])
+    errors = [d for frame in (a, b) for d in frame.loc[frame["verdict"] == "error", "detail"]]
+    assert a[KEYS + ["verdict", "expected"]].equals(b[KEYS + ["verdict", "expected"]]), errors
     assert a["grad_rel_err"].tolist() == pytest.approx(b["grad_rel_err"].tolist(), rel=1e-6, abs=1e-12)
     assert a["rank_tokens"].tolist() == b["rank_tokens"].tolist()
