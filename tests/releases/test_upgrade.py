@@ -59,6 +59,7 @@ def freeze() -> str:
     return subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.heavy  # builds an isolated environment (minutes on 2 cores the first time)
 def test_an_upgrade_preview_audits_both_sides_and_the_environment_is_cached(env_cache, tmp_path):
     out = tmp_path / "preview"
     result = lossaudit("upgrade", "llama", "--to", f"transformers=={INSTALLED}", "--env-cache", str(env_cache),
@@ -84,6 +85,7 @@ def test_an_upgrade_preview_audits_both_sides_and_the_environment_is_cached(env_
     assert len([p for p in env_cache.glob(f"transformers-{INSTALLED}-*") if (p / MANIFEST).exists()]) == 1
 
 
+@pytest.mark.heavy  # a virtual environment and pip's resolution against the package index
 def test_a_failed_install_is_one_line_exit_3_and_leaves_this_environment_alone(tmp_path):
     before = freeze()
     cache = tmp_path / "envs"
@@ -145,6 +147,7 @@ def test_a_history_row_is_the_worst_audited_case_of_its_path(tmp_path):
     assert harness["verdict"] == "expected" and harness["findings"] == 0  # known to differ: not a finding
 
 
+@pytest.mark.heavy  # a virtual environment and pip's resolution against the package index
 def test_history_tables_every_release_and_names_one_that_cannot_be_installed(cli, tmp_path):
     out = tmp_path / "history"
     result = cli("history", "llama", "--transformers", f"{INSTALLED},99.0.0", "--env-cache", str(tmp_path / "envs"),
