@@ -65,7 +65,9 @@ def _child(work: Callable[[], int], write_end: int) -> None:
     status = 3
     try:
         status = work()
-    except BaseException:  # main() answers everything; anything else is an internal error
+    except SystemExit as exc:  # argparse's --help
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BaseException:  # main() answers everything else; what is left is an internal error
         pass
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -124,5 +126,8 @@ def _reported(read_end: int, pid: int) -> int | None:
 def _how(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
     return f"exit status {os.WEXITSTATUS(status)}"

@@ -20,7 +20,7 @@ from . import require
 from .peft import peft_config, read_adapter
 from .trl import arguments_class, check_arguments, resolve_trainer_class
 
-# option -> (config field, the path it drives, why it needs one process)
+# (flag, config field, the path it drives); ONE_PROCESS: the flags whose path runs in one process only
 PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
                 ("--lightning-module", "lightning_module", "lightning"))
 ONE_PROCESS = ("--step", "--trainer-class")
