@@ -23,6 +23,20 @@ HEAVY_CASES = {
     "tests/cli/test_contract.py::test_user_code_calling_sys_exit_never_passes_for_a_clean_run[--loss-fn]",
     "tests/cli/test_contract.py::test_user_code_calling_sys_exit_ends_the_run_naming_it_and_keeps_the_old_report[--loss-fn]",
     "tests/cli/test_contract.py::test_a_signal_before_the_swap_leaves_the_old_report_whole_and_nothing_staged[2-interrupted]",
+    *(f"tests/cli/test_contract.py::test_stack_options_are_refused_before_the_model_is_built[{args}]"
+      for args in ("--peft lora --peft-arg inference_mode=true", "--peft lora --peft-arg lora_alpha=nan",
+                   "--peft xlora", "--trainer-class hostile:ExitingTrainer --world-size 2",
+                   "--step hostile:sgd --path reduction", "--trainer-class hostile:ExitingTrainer --path reduction",
+                   "--lightning-module hostile:factory --path reduction", "--step no_such_module:f",
+                   "--step hostile:nothing", "--trainer-class hostile:sgd",
+                   "--path trainer --trainer-class trl:SFTTrainer --trainer-arg packing=banana")),
+    *(f"tests/cli/test_contract.py::test_a_broken_adapter_is_refused_in_one_line[{variant}]"
+      for variant in ("cut", "garbled", "no_tensors", "half_the_tensors", "config_not_json", "config_not_an_object")),
+    *(f"tests/cli/test_contract.py::test_user_code_that_hard_exits_is_exit_3_and_keeps_the_old_report[{args}]"
+      for args in ("--path step --step hostile:exit0", "--path step --step exits_on_import:step",
+                   "--path step --step hostile:sys_exit", "--path lightning --lightning-module hostile:factory")),
+    *(f"tests/cli/test_contract.py::test_a_launcher_environment_that_is_no_group_is_refused[{env}]"
+      for env in ("RANK=-1", "MASTER_PORT='abc'", "WORLD_SIZE=0", "MASTER_PORT=70000")),
     "tests/sweep/test_sweep.py::test_bad_sweep_input_is_one_line_and_exit_2[args1---jobs]",
     "tests/sweep/test_sweep.py::test_bad_sweep_input_is_one_line_and_exit_2[args2-did you mean 'model']",
     # the default tier finds the 1 % rescale in bfloat16, where it is hardest
