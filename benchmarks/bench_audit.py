@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 SIZES = {  # Llama shapes: (hidden, layers, heads, kv heads, intermediate, vocab, max_length)
     "tiny": None,  # lossaudit's own tiny Llama config (the model `check llama` builds)
     "50m": (512, 8, 8, 8, 1376, 32000, 128),
+    "200m": (1024, 12, 16, 16, 2816, 32000, 64),  # issue 28's CPU shape: parameters dominate, as on the 8B GPU one
     "1b": (2048, 16, 32, 8, 8192, 128256, 512),  # Llama-3.2-1B-shaped
     "8b": (4096, 32, 32, 8, 14336, 128256, 512),  # Llama-3-8B-shaped
 }

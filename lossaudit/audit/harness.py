@@ -20,7 +20,8 @@ from ..core.batch import Batch, BatchSpec, make_batch
 from .config import CheckConfig, parse_value
 from ..report.environment import environment
 from ..core.errors import EnvironmentProblem, UsageError
-from .faults import has_nonfinite, out_of_memory_is_environmental
+from .faults import out_of_memory_is_environmental
+from ..core.finite import has_nonfinite
 from ..core.forward import forward
 from ..core.accumulate import GradientSum, Hooks
 from ..core.grads import dots, trainable
@@ -33,7 +34,8 @@ from .passes import passes_for
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
 from ..core.reference import compute_reference
-from ..stacks.peft import virtual_tokens, wrap_loaded
+from ..core.wrapped import virtual_tokens
+from ..stacks.peft import wrap_loaded
 from .tolerance import Tolerance
 from ..report.report import CASE_COLUMNS, Report
 from ..core.tokens import prepend_ignored, target_mask
@@ -168,7 +170,7 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
             if fault is None and has_nonfinite(view.outputs.logits):
                 fault = f"NaN/Inf in the logits of {where}"
             if aux:
-                aux.add(view.outputs, mb.attention_mask)
+                aux.add(view.outputs, mb.attention_mask, hooks)
             share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
             shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
     judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)

@@ -1,7 +1,8 @@
-"""Gradients: accumulate them per path and compare them with the reference tensor by tensor.
+"""Gradients: take them, dot them and compare them with the reference tensor by tensor (their
+sums over a step are accumulate.py's).
 
 Comparison streams over parameters and keeps only running sums, so no case ever holds a
-second copy of the model's gradient beyond its own accumulator.
+second copy of the model's gradient beyond its own sum.
 """
 
 from __future__ import annotations
@@ -68,26 +69,6 @@ def dots(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> 
 
 def _wide(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-
-
-class GradAccumulator:
-    """A running weighted sum of gradients, one float32 (or wider) tensor per parameter."""
-
-    def __init__(self, params: Params):
-        self.names = [n for n, _ in params]
-        self.tensors: list[torch.Tensor | None] = [None] * len(params)
-
-    def add(self, grads: Sequence[torch.Tensor | None], scale: float = 1.0) -> None:
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if self.tensors[i] is None:
-                self.tensors[i] = g.to(torch.promote_types(g.dtype, torch.float32)) * scale  # a copy
-            else:
-                self.tensors[i].add_(g, alpha=scale)  # in place, no temporary
-
-    def items(self) -> Iterable[tuple[str, torch.Tensor | None]]:
-        return zip(self.names, self.tensors)
 
 
 @dataclass(frozen=True, slots=True)
