@@ -25,8 +25,13 @@ warm-up forward/backward whose memory is released before the peak counter is res
 - accelerate_passes: every accelerate recipe's step per layout, without the audit;
 - accelerate:        ``check --path accelerate``.
 
-Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak of live
-tensor bytes (lossaudit.audit.memory.LiveTensorBytes), both beyond nothing: weights included.
+Peak memory is torch.cuda.max_memory_allocated on CUDA (weights included). On the CPU it is
+what the process holds: its peak resident memory (VmHWM, reset after the warm-up) beyond what
+it held with torch, transformers, accelerate and lossaudit imported, before the model was built
+(lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
+in the child so that freed blocks go back to the system. Time on the CPU is the process's CPU
+time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the audit
+modes a --max-memory of X times the train mode's measured peak (the train mode runs first).
 A mode that runs out of memory or past --timeout is a result ("out of memory", "timeout"),
 not a crash. It prints the ratio table and, with --json, writes it with the date, device and
 library versions. Timings on a shared or busy machine are noisy: use --repeat.
@@ -72,12 +77,14 @@ RATIOS = (
     ("audit3/audit", "audit3", "audit", "seconds", 1.10),
     ("peak audit/train", "audit", "train", "peak_bytes", 1.4),
     ("peak audit3/train", "audit3", "train", "peak_bytes", None),
+    ("peak default/train", "default", "train", "peak_bytes", None),  # within --max-memory-train where given
     ("trainer/trainer_passes", "trainer", "trainer_passes", "seconds", 1.5),
     ("peak trainer/trainer_passes", "trainer", "trainer_passes", "peak_bytes", None),
     ("accelerate/accelerate_passes", "accelerate", "accelerate_passes", "seconds", 1.5),
     ("peak accelerate/accelerate_passes", "accelerate", "accelerate_passes", "peak_bytes", None),
 )
 GIB = 2 ** 30
+MMAP_THRESHOLD = 1 << 16  # bytes: glibc serves larger blocks with mmap and gives them back when freed
 
 
 # ---- the child: one mode in a fresh process ------------------------------------------------
@@ -123,7 +130,13 @@ def check_config(args, loaded, max_length, mode: str):
 def child(args) -> dict:
     """One mode in this (fresh) process."""
     import torch
+    from accelerate import Accelerator  # noqa: F401  (imported before the baseline, as every library a mode uses)
+    from transformers import Trainer  # noqa: F401
 
+    import lossaudit.audit.harness  # noqa: F401
+    from lossaudit.audit.memory import resident_bytes
+
+    args.resident_start = resident_bytes()  # the interpreter with its libraries: what no mode holds
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
     return measure(args, loaded, max_length, args.mode)
@@ -141,13 +154,15 @@ def measure(args, loaded, max_length, mode: str) -> dict:
     try:
         warm_up(loaded, config, device)
         _sync(device)
+        meter = cpu_meter(args, device)  # the peak starts over here, after the warm-up
         start, cpu_start = time.perf_counter(), time.process_time()
         result["cases"] = MEASURE[mode](loaded, config, device)
         _sync(device)
         result["seconds"] = time.perf_counter() - start
         result["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: steadier on a shared CPU
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-            cpu_peak(loaded, config, device, mode)
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else meter.peak()
+        if meter is not None:
+            result["peak_resettable"] = meter.resettable
     except Exception as exc:
         from lossaudit.audit.faults import is_out_of_memory
 
@@ -173,15 +188,14 @@ def in_process(args, modes: list[str]):
             torch.cuda.empty_cache()
 
 
-def cpu_peak(loaded, config, device, mode: str) -> int:
-    """Peak live tensor bytes of a second run of ``mode``, the weights included (as on CUDA)."""
-    from lossaudit.audit.memory import LiveTensorBytes
+def cpu_meter(args, device):
+    """On the CPU, what the process holds beyond the interpreter with its libraries (measured
+    before the model was built), its peak counted from now; None on CUDA."""
+    from lossaudit.audit.memory import ResidentMeter, resident_bytes
 
-    loaded.model.zero_grad(set_to_none=True)
-    with LiveTensorBytes() as meter:
-        meter.count_existing(loaded.model)
-        MEASURE[mode](loaded, config, device)
-    return meter.peak
+    if device.type == "cuda":
+        return None
+    return ResidentMeter(start=getattr(args, "resident_start", None) or resident_bytes())
 
 
 def _sync(device) -> None:
@@ -348,7 +362,8 @@ def run_child(args, mode: str, timeout: float | None = None) -> dict:
                "--seed", str(args.seed), "--microbatches", ",".join(map(str, args.microbatches)),
                *(["--max-memory", str(args.max_memory)] if args.max_memory else [])]
     start = time.perf_counter()
-    child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
+    child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)  # its own group: a timeout ends all of it
     timeout = args.timeout if timeout is None else timeout
     try:
@@ -473,6 +488,8 @@ def parse_args(argv=None):
                         "(no start-up per mode; no per-mode timeout)")
     p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; default on "
                    "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
+    p.add_argument("--max-memory-train", type=float, help="give the audit modes a --max-memory of this many times "
+                   "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before them")
     p.add_argument("--json", help="also write the results to this file (after every mode)")
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -500,6 +517,8 @@ def main(argv=None) -> int:
     print(table(summary))
     for name, value in {**summary["ratios"], **summary["absolute"]}.items():
         target = summary["targets"].get(name.removesuffix(" (cpu time)"))
+        if name == "peak default/train" and args.max_memory_train:
+            target = args.max_memory_train
         print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
     return 0
 
@@ -508,13 +527,20 @@ def children(args, modes: list[str]):
     """Each mode in a fresh child process (the fastest of --repeat runs), within --timeout and
     --budget. Yields (mode, result)."""
     deadline = time.monotonic() + args.budget if args.budget else None
+    done = {}
     for mode in modes:
+        if args.max_memory_train and mode in AUDITS and "train" in done and "peak_bytes" in done["train"]:
+            args.max_memory = args.max_memory_train * done["train"]["peak_bytes"] / GIB
         runs = []
         for _ in range(args.repeat):
             left = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
             runs.append(run_child(args, mode, left) if left >= 5 else {"mode": mode, "error": "skipped: out of --budget"})
         good = [r for r in runs if "error" not in r]
-        yield mode, (min(good, key=lambda r: r["seconds"]) if good else runs[-1])
+        best = min(good, key=lambda r: r["cpu_seconds" if args.device == "cpu" else "seconds"]) if good else runs[-1]
+        if args.max_memory:
+            best["max_memory_gib"] = args.max_memory
+        done[mode] = best
+        yield mode, best
 
 
 def summarise(args, results: dict) -> dict:

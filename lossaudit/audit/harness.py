@@ -30,6 +30,7 @@ from ..core.layouts import Layout, microbatches, plan_layouts
 from ..models.loading import LoadedModel, load_model
 from ..core.moe import AuxAccumulator
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
+from .memory import ResidentMeter, resident_bytes
 from .passes import passes_for
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
@@ -73,13 +74,22 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
+    meter = cpu_meter(loaded.model) if device.type == "cpu" else None
     model = loaded.model.to(device=device, dtype=getattr(torch, config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
     batch = batch_for(loaded, config.batch_spec)
     params = trainable(model)
     objective = config.objective
     reference = compute_reference(model, batch, params, device, label_smoothing=objective.label_smoothing)
-    return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective)
+    return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective, memory=meter)
+
+
+def cpu_meter(model: torch.nn.Module) -> ResidentMeter:
+    """What the audit holds on the CPU from here: the process's resident memory beyond what it
+    held before, the model's weights counted as the audit's (as a device counts them) when the
+    caller built it already."""
+    held = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu")
+    return ResidentMeter(start=max(resident_bytes() - held, 0))
 
 
 def batch_for(loaded: LoadedModel, spec: BatchSpec) -> Batch:
@@ -172,6 +182,7 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
             if aux:
                 aux.add(view.outputs, mb.attention_mask, hooks)
             share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
+            view = None  # the microbatch's outputs go before the next forward (its graph went in its last backward)
             shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
     judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)
     measured, shared = [], {}  # shared: products of the sums' tensors, read once for every path on a sum
@@ -208,7 +219,7 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
     own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
     sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / steps[id(p)].factor) for p in shared}
     token_sum = float(view.token_sum.detach())
-    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own))  # x N: the correct share
+    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own), last=not own)  # x N: the correct share
     projection, _ = correct.results()
     for path in shared:
         c, s = given[id(path)], steps[id(path)]
@@ -220,7 +231,7 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
     for path in own:
         c, s = given[id(path)], steps[id(path)]
         b, reason = guard.call(f"the backward of {path.label.path} in {where}", hooks.backward, c.loss,
-                               [(s.sum, c.scale)], False, correct.kept)
+                               [(s.sum, c.scale)], False, correct.kept, path is own[-1])
         if reason is not None:
             failed[id(path)] = reason
             continue

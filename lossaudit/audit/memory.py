@@ -29,6 +29,8 @@ of those it is shown) until that storage is freed, and keeps their peak: what
 
 from __future__ import annotations
 
+import resource
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.grads import CHUNK
+from ..core.grads import CHUNK, CPU_CHUNK
 
 GIB = 2 ** 30
 
@@ -52,6 +54,7 @@ class AuditShape:
     largest_tensor: int = 0  # elements of the largest parameter tensor
     logits_bytes: int = 0  # the model path's float32 logits and softmax over one microbatch (0 without it)
     step_path: bool = False  # a trainer or accelerate path runs
+    device: str = "cuda"  # the device type: the comparison's pieces are smaller on the CPU (grads.chunk)
 
     @property
     def wide_bytes(self) -> int:
@@ -79,7 +82,7 @@ def comparison_bytes(s: AuditShape) -> int:
     """compare_grads and the hooks' dot products, per piece: both sides widened and their
     difference, at most CHUNK elements each. (The gradient a hook is handed is the one a
     training step would keep; the first sum takes it as it is.)"""
-    return 3 * min(s.largest_tensor, CHUNK) * s.wide_bytes
+    return 3 * min(s.largest_tensor, CHUNK if s.device == "cuda" else CPU_CHUNK) * s.wide_bytes
 
 
 def audit_extra_bytes(s: AuditShape) -> int:
@@ -104,7 +107,59 @@ def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, 
         largest_tensor=max(p.numel() for p in params),
         logits_bytes=logits_bytes,
         step_path=step_path,
+        device=params[0].device.type,
     )
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return resident_peak_bytes()
+
+
+def resident_peak_bytes() -> int:
+    """The process's peak resident memory since it started or since ``reset_resident_peak``
+    (Linux: VmHWM; elsewhere ru_maxrss, which cannot be reset: then an upper bound)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_resident_peak() -> bool:
+    """Start the peak over from what the process holds now (Linux 4.0+: clear_refs 5). Whether
+    it could: where not, ``resident_peak_bytes`` keeps the peak since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class ResidentMeter:
+    """What a process holds on the CPU beyond ``start`` (its resident memory when the meter was
+    made, by default): the measure of ``--max-memory`` on the CPU, where RAM is the limit.
+    Freed blocks go back to the system only above glibc's mmap threshold: set
+    ``MALLOC_MMAP_THRESHOLD_`` (bytes) for a peak that is not an allocator's cache."""
+
+    def __init__(self, start: int | None = None):
+        self.start = resident_bytes() if start is None else start
+        self.resettable = reset_resident_peak()
+
+    def peak(self) -> int:
+        return max(resident_peak_bytes() - self.start, 0)
+
+    def now(self) -> int:
+        return max(resident_bytes() - self.start, 0)
 
 
 class LiveTensorBytes(TorchDispatchMode):

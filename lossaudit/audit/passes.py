@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .memory import GIB, model_loss_bytes
+from .memory import GIB, comparison_bytes, model_loss_bytes, shape_of
 from ..paths.base import LogitPath
 
 DEVICE_SHARE = 0.94  # of a CUDA device's memory, by default: an 80 GB card's 79.2 GiB gives 74.5 GiB
@@ -70,11 +70,16 @@ def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
     if ctx.device.type == "cuda":
         base = torch.cuda.max_memory_allocated(ctx.device)  # the reference's full-batch step, or more
+    elif getattr(ctx, "memory", None) is not None:  # what the process held at the reference's peak
+        base = ctx.memory.peak()
     else:  # activations are not counted: the weights and the reference gradient only
         base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
+    # a microbatch's gradient of the largest tensor arrives while its sum holds one already,
+    # and the comparison's widened pieces
+    transient = max(p.numel() * p.element_size() for _, p in ctx.params) + comparison_bytes(shape_of(ctx.model, sums=1))
     own = any(p.own_backward for p in paths)
     logits = 0
     if any(p.label.path == "model" for p in paths):
         batch = ctx.batch
         logits = model_loss_bytes(len(batch), max(batch.lengths), getattr(ctx.loaded, "vocab_size", 0) or 0)
-    return plan(paths, sums_per_pass(budget, base, pb, (pb if own else 0) + logits))
+    return plan(paths, sums_per_pass(budget, base, pb, (pb if own else 0) + logits + transient))

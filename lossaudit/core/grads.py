@@ -27,12 +27,20 @@ def grads_of(loss: torch.Tensor, params: Params, *, retain_graph: bool = True) -
     )
 
 
-CHUNK = 1 << 24  # elements handled at once: a 16-bit tensor's float32 copy stays at 64 MiB
+CHUNK = 1 << 24  # elements handled at once on a GPU: a 16-bit tensor's float32 copy stays at 64 MiB
+CPU_CHUNK = 1 << 20  # on the CPU (4 MiB in float32): a piece's copies stay below what its RAM notices
+
+
+def chunk(device: torch.device) -> int:
+    """Elements a comparison or a dot handles at once on ``device``: on a GPU few large pieces
+    (each piece costs kernel launches), on the CPU small ones (no launch to pay for)."""
+    return CPU_CHUNK if device.type == "cpu" else CHUNK
 
 
 def pieces(x: torch.Tensor, y: torch.Tensor):
-    """(x, y) flattened on x's device, in pieces of at most CHUNK elements (views, no copy)."""
-    return zip(x.reshape(-1).split(CHUNK), y.reshape(-1).to(x.device).split(CHUNK))
+    """(x, y) flattened on x's device, in pieces of at most ``chunk`` elements (views, no copy)."""
+    n = chunk(x.device)
+    return zip(x.reshape(-1).split(n), y.reshape(-1).to(x.device).split(n))
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,6 +55,8 @@ def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=wide, device=x.device)
     if x.device.type != "cpu" and x.dtype == y.dtype == torch.bfloat16:
         return product_dot(x, y)
+    if x is y:  # a squared norm: one widened copy of each piece
+        return torch.stack([torch.dot(a, a) for a in (a.to(wide) for a, _ in pieces(x, x))]).sum()
     return torch.stack([torch.dot(a.to(wide), b.to(wide)) for a, b in pieces(x, y)]).sum()
 
 
