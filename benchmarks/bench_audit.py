@@ -28,7 +28,7 @@ warm-up forward/backward whose memory is released before the peak counter is res
 Peak memory is torch.cuda.max_memory_allocated on CUDA (weights included). On the CPU it is
 what the process holds: its peak resident memory (VmHWM, reset after the warm-up) beyond what
 it held with torch, transformers, accelerate and lossaudit imported, before the model was built
-(lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
+and the model's code (lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
 in the child so that freed blocks go back to the system. Time on the CPU is the process's CPU
 time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the audit
 modes a --max-memory of X times the train mode's measured peak (the train mode runs first).
@@ -122,9 +122,10 @@ def check_config(args, loaded, max_length, mode: str):
     from lossaudit.audit.config import CheckConfig
 
     path, reductions = AUDITS.get(mode, ("reduction", ("num_items",)))
+    layouts = {k: v for k, v in (("paddings", args.paddings), ("groupings", args.groupings)) if v}
     return CheckConfig(model=loaded.name, paths=(path,) if path else None, reductions=reductions,
                        microbatches=args.microbatches, batch_size=args.batch_size, max_length=max_length, seed=args.seed,
-                       device=args.device, dtype=args.dtype, max_memory=args.max_memory)
+                       device=args.device, dtype=args.dtype, max_memory=args.max_memory, **layouts)
 
 
 def child(args) -> dict:
@@ -134,8 +135,11 @@ def child(args) -> dict:
     from transformers import Trainer  # noqa: F401
 
     import lossaudit.audit.harness  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the model's code: a library, not the audit's)
     from lossaudit.audit.memory import resident_bytes
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.resident_start = resident_bytes()  # the interpreter with its libraries: what no mode holds
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
@@ -178,6 +182,9 @@ def in_process(args, modes: list[str]):
     allocator emptied and the peak counter reset between modes. Yields (mode, result)."""
     import torch
 
+    from lossaudit.audit.memory import resident_bytes
+
+    args.resident_start = resident_bytes()
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
     for mode in modes:
@@ -360,6 +367,9 @@ def run_child(args, mode: str, timeout: float | None = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", mode, "--size", args.size,
                "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--seed", str(args.seed), "--microbatches", ",".join(map(str, args.microbatches)),
+               *(["--paddings", ",".join(args.paddings)] if args.paddings else []),
+               *(["--groupings", ",".join(args.groupings)] if args.groupings else []),
+               *(["--threads", str(args.threads)] if args.threads else []),
                *(["--max-memory", str(args.max_memory)] if args.max_memory else [])]
     start = time.perf_counter()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
@@ -479,6 +489,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--microbatches", type=_ints, default=(1, 4))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paddings", type=lambda s: tuple(x for x in s.split(",") if x), help="only these paddings (default: lossaudit's)")
+    p.add_argument("--groupings", type=lambda s: tuple(x for x in s.split(",") if x), help="only these groupings (default: lossaudit's)")
+    p.add_argument("--threads", type=int, help="torch threads in each mode (default: torch's)")
     p.add_argument("--repeat", type=int, default=1, help="runs per mode; the fastest counts")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mode (child process) before it is killed")
     p.add_argument("--budget", type=float, help="seconds for all modes: a mode gets at most what is left, "

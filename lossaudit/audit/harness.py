@@ -31,7 +31,7 @@ from ..models.loading import LoadedModel, load_model
 from ..core.moe import AuxAccumulator
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
 from .memory import ResidentMeter, resident_bytes
-from .passes import passes_for
+from .passes import passes_for, unheld
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
 from ..core.reference import compute_reference
@@ -310,6 +310,8 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
+    if (over := unheld(ctx, runs, bool(step_paths))) is not None:
+        say(over)
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")
