@@ -30,8 +30,8 @@ what the process holds: its peak resident memory (VmHWM, reset after the warm-up
 it held with torch, transformers, accelerate and lossaudit imported, before the model was built
 and the model's code (lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
 in the child so that freed blocks go back to the system. Time on the CPU is the process's CPU
-time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the audit
-modes a --max-memory of X times the train mode's measured peak (the train mode runs first).
+time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the default
+mode a --max-memory of X times the train mode's measured peak (the train mode runs first).
 A mode that runs out of memory or past --timeout is a result ("out of memory", "timeout"),
 not a crash. It prints the ratio table and, with --json, writes it with the date, device and
 library versions. Timings on a shared or busy machine are noisy: use --repeat.
@@ -501,8 +501,8 @@ def parse_args(argv=None):
                         "(no start-up per mode; no per-mode timeout)")
     p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; default on "
                    "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
-    p.add_argument("--max-memory-train", type=float, help="give the audit modes a --max-memory of this many times "
-                   "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before them")
+    p.add_argument("--max-memory-train", type=float, help="give the default mode a --max-memory of this many times "
+                   "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before it")
     p.add_argument("--json", help="also write the results to this file (after every mode)")
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -542,7 +542,7 @@ def children(args, modes: list[str]):
     deadline = time.monotonic() + args.budget if args.budget else None
     done = {}
     for mode in modes:
-        if args.max_memory_train and mode in AUDITS and "train" in done and "peak_bytes" in done["train"]:
+        if args.max_memory_train and mode == "default" and "peak_bytes" in done.get("train", {}):
             args.max_memory = args.max_memory_train * done["train"]["peak_bytes"] / GIB
         runs = []
         for _ in range(args.repeat):

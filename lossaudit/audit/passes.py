@@ -92,6 +92,8 @@ class Footprint:
             base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
         # a microbatch's gradient of the largest tensor arrives while its sum holds one already,
         # and the comparison's widened pieces
+        if not ctx.params:
+            return None
         transient = max(p.numel() * p.element_size() for _, p in ctx.params) + \
             comparison_bytes(shape_of(ctx.model, sums=1))
         return cls(budget, base, pb, transient)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UsageError
-from ..core.wrapped import PREPENDING, base_model, is_peft_model, virtual_tokens  # noqa: F401  (re-exported)
+from ..core.wrapped import PREPENDING
 from ..core.registry import did_you_mean
 from . import require
 
