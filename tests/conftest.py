@@ -37,6 +37,9 @@ HEAVY_CASES = {
                    "--path step --step hostile:sys_exit", "--path lightning --lightning-module hostile:factory")),
     *(f"tests/cli/test_contract.py::test_a_launcher_environment_that_is_no_group_is_refused[{env}]"
       for env in ("RANK=-1", "MASTER_PORT='abc'", "WORLD_SIZE=0", "MASTER_PORT=70000")),
+    # the memory model on whole audits: reduction-1 and reduction-3 stay in the default tier
+    "tests/audit/test_memory_model.py::test_audit_stays_within_the_formula_of_a_training_step[accelerate]",
+    "tests/audit/test_memory_model.py::test_audit_stays_within_the_formula_of_a_training_step[default]",
     "tests/sweep/test_sweep.py::test_bad_sweep_input_is_one_line_and_exit_2[args1---jobs]",
     "tests/sweep/test_sweep.py::test_bad_sweep_input_is_one_line_and_exit_2[args2-did you mean 'model']",
     # the default tier finds the 1 % rescale in bfloat16, where it is hardest
