@@ -27,6 +27,7 @@ from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
+from ..stacks.frameworks import rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
@@ -102,6 +103,9 @@ class TrainerPath(StepPath):
         user_args = {k: parse_value(v) for k, v in config.trainer_args}
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
+            problem = rows_problem(trainer_class, config.prompt_masking)
+            if problem:
+                raise UsageError(problem)
             check_arguments(trainer_class, user_args)
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
