@@ -101,6 +101,7 @@ def test_cli_a_class_whose_arguments_cannot_be_told_is_one_line_exit_2(tmp_path)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.heavy
 @RIGHT
 def test_cli_the_stock_trainer_class_is_clean(tmp_path):
     """Issue 26 item 3: this errored on every case ("Unable to create tensor ... labels")."""
