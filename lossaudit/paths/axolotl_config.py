@@ -3,7 +3,8 @@
 trainer is axolotl's, fed the layout's rows in order (the sequential sampler and the record of
 what compute_loss was given come from ``trainer_class.layout_subclass``), with SGD lr 1 whose
 update ``UpdateProbe`` reads. axolotl trains a model of its own loading, with the audited
-model's weights; the audited model is never touched."""
+model's weights; the audited model is never touched, and what axolotl patched in place (classes,
+modules) is put back after the step (``stacks.axolotl.patches_undone``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from ..core.layouts import Layout
 from ..stacks import require
-from ..stacks.axolotl import AxolotlConfig, build_trainer
+from ..stacks.axolotl import AxolotlConfig, build_trainer, patches_undone, quiet
 from .probe import UpdateProbe
 from .trainer_class import _no_progress_bars, layout_subclass
 from .trainer_step import StepResult, _quiet_and_cheap, per_device_batch, prepared
@@ -23,7 +24,7 @@ from .trainer_step import StepResult, _quiet_and_cheap, per_device_batch, prepar
 def run_axolotl_config(ctx, layout: Layout, config: AxolotlConfig) -> StepResult:
     require("datasets", "--axolotl-config")
     per_device_batch(layout)
-    with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-axolotl-") as out:
+    with patches_undone(ctx.model), _quiet_and_cheap(), _no_progress_bars(), quiet(), tempfile.TemporaryDirectory(prefix="lossaudit-axolotl-") as out:
         trainer, model = build_trainer(config, ctx, layout, Path(out))
         trainer.__class__ = layout_subclass(type(trainer))
         prepared(trainer)

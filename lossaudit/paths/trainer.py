@@ -182,6 +182,8 @@ class TrainerPath(StepPath):
             "trainer_num_items": [n for rank in ranks for n in rank.num_items],  # rank-major, as counts
             "trainer_accepts_loss_kwargs": step.accepts_loss_kwargs,
         }
+        if self.axolotl is not None:  # the config's settings the audit replaced, as "key (value -> audit's)"
+            extra["axolotl_config_owned"] = self.axolotl.owned_in()
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import logging
 import os
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -52,29 +55,77 @@ OWNED = {
     "sequence_len": "the batch's longest row",
     "val_set_size": "0",
     "output_dir": "a temporary folder",
+    "lora_dropout": "0 (dropout would make the step random)",
+    "save_strategy": "no checkpoint",
     "seed": "--seed",
 }
 # configs lossaudit cannot audit as a token mean of cross entropy
 NOT_A_TOKEN_MEAN = ("rl", "reward_model", "process_reward_model")
 
 
+LOGGERS = ("axolotl", "py.warnings")  # axolotl's own, and the warnings it routes through logging
+
+
 def _quiet_env() -> dict:
-    return {"DO_NOT_TRACK": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return {"DO_NOT_TRACK": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+            "AXOLOTL_LOG_LEVEL": "ERROR", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
 @contextlib.contextmanager
 def _environment():
-    """axolotl's telemetry and trackers off, the hub offline, while it runs."""
+    """axolotl's telemetry, trackers and info logging off, the hub offline, while it runs."""
     saved = {k: os.environ.get(k) for k in _quiet_env()}
+    levels = {name: logging.getLogger(name).level for name in LOGGERS}
     os.environ.update(_quiet_env())
     try:
         yield
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def quiet():
+    """While axolotl builds and trains: its environment (``_environment``), no warnings (its and
+    peft's advice on CPU, pin_memory, kernels is not the audit's) and no prints on stdout or stderr (errors still raise)."""
+    with _environment(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):  # its import chatter (torchao, kernels); errors still raise
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def patches_undone(model: torch.nn.Module):
+    """axolotl patches classes and modules in place (its LoRA kernels replace
+    ``LlamaAttention.forward`` with one that needs attributes only its own instances get; it
+    patches ``Trainer`` methods and loss functions): every attribute of the model's classes
+    (their MROs), of ``transformers.Trainer``, and of the modules defining them, as it was
+    before, so the audited model and the later paths run what they ran before."""
+    import sys
+
+    from transformers import Trainer
+
+    classes = {c for m in model.modules() for c in type(m).__mro__ if c is not object} | set(Trainer.__mro__[:-1])
+    modules = {sys.modules[c.__module__] for c in classes if c.__module__ in sys.modules}
+    modules |= {sys.modules[n] for n in ("transformers.loss.loss_utils", "transformers.trainer") if n in sys.modules}
+    saved = [(owner, dict(vars(owner))) for owner in (*classes, *modules)]
+    try:
+        yield
+    finally:
+        for owner, before in saved:
+            now = vars(owner)
+            for name in [n for n in now if n not in before]:
+                with contextlib.suppress(AttributeError, TypeError):
+                    delattr(owner, name)
+            for name, value in before.items():
+                if now.get(name) is not value:
+                    with contextlib.suppress(AttributeError, TypeError):
+                        setattr(owner, name, value)
 
 
 @dataclasses.dataclass
@@ -147,9 +198,25 @@ def _settings(ctx, layout: Layout, model_dir: Path, out: Path) -> dict:
         "lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": None, "weight_decay": 0.0,
         "max_grad_norm": 0.0, "bf16": half and ctx.model.dtype == torch.bfloat16, "fp16": ctx.model.dtype == torch.float16,
         "tf32": False, "sequence_len": max(longest, 8), "val_set_size": 0.0, "output_dir": str(out),
-        "seed": ctx.config.seed if ctx.config is not None else 0, "save_strategy": "no", "logging_steps": 1,
-        "use_wandb": False, "dataset_prepared_path": str(out / "prepared"),
+        "seed": ctx.config.seed if ctx.config is not None else 0, "logging_steps": 1,
+        "use_wandb": False, "dataset_prepared_path": str(out / "prepared"), "lora_dropout": 0.0,
     }
+
+
+# a LoRA's settings that change what it computes: the audit's --peft adapter and axolotl's must agree
+ADAPTER_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "modules_to_save", "bias")
+
+
+def _same_adapter(ours: torch.nn.Module, theirs: torch.nn.Module, path: Path) -> None:
+    mine, yours = getattr(ours, "peft_config", {}).get("default"), getattr(theirs, "peft_config", {}).get("default")
+    if mine is None or yours is None:
+        return
+    norm = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else v  # noqa: E731
+    differ = [f"{name}: config {norm(getattr(yours, name, None))!r}, --peft {norm(getattr(mine, name, None))!r}"
+              for name in ADAPTER_FIELDS if norm(getattr(yours, name, None)) != norm(getattr(mine, name, None))]
+    if differ:
+        raise UsageError(f"--axolotl-config {path}: its adapter differs from the audit's --peft adapter ("
+                         + "; ".join(differ) + "); give --peft-arg the config's values")
 
 
 def _copy_weights(source: torch.nn.Module, target: torch.nn.Module, path: Path) -> None:
@@ -176,10 +243,13 @@ def build_trainer(config: AxolotlConfig, ctx, layout: Layout, out: Path):
 
     from .trl import rows
 
-    with _environment():
+    with quiet():
         from axolotl.cli.config import load_cfg
         from axolotl.train import setup_model_and_tokenizer
         from axolotl.utils.trainer import setup_trainer
+
+        for name in LOGGERS:  # after the import: it configures its loggers then
+            logging.getLogger(name).setLevel(logging.ERROR)
 
         model_dir = _model_folder(ctx, out / "model")
         try:
@@ -191,7 +261,9 @@ def build_trainer(config: AxolotlConfig, ctx, layout: Layout, out: Path):
         model, tok, peft_config, processor = setup_model_and_tokenizer(cfg)
         model.to(ctx.device)
         model.train()
+        _same_adapter(ctx.model, model, config.path)
         _copy_weights(ctx.model, model, config.path)
+        cfg.save_strategy = "no"  # after validation: load_cfg would read the string "no" as False
         data = Dataset.from_list([{**row, "attention_mask": [1] * len(row["input_ids"])}
                                   for row in rows(ctx, layout, labels=True)])
         trainer = setup_trainer(cfg, data, None, model, tok, processor, 1, peft_config=peft_config)

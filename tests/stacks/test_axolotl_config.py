@@ -1,0 +1,59 @@
+"""--axolotl-config read and checked before any model is built (no axolotl needed): a missing
+file, text that is not YAML or not a mapping, an objective that is not a token mean, an adapter
+the audit's --peft does not match, and options that clash with it are one usage error each; the
+settings the audit owns are named with the config's values."""
+
+import pytest
+
+from lossaudit.audit.config import CheckConfig
+from lossaudit.core.errors import UsageError
+from lossaudit.paths.trainer import axolotl_stack
+from lossaudit.stacks.axolotl import OWNED, AxolotlConfig
+from lossaudit.stacks import missing
+
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("text, needle", [
+    (None, "no such file"), ("a: [1, 2", "not YAML"), ("- just\n- a list\n", "expected a mapping"),
+    ("rl: dpo\nbase_model: x\n", "rl: 'dpo' trains another objective"),
+    ("adapter: lora\nlora_r: 8\n", "adapter: lora but --peft None"),
+])
+def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, needle):
+    path = tmp_path / "config.yml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UsageError, match="--axolotl-config") as caught:
+        AxolotlConfig.read(str(path), peft=None)
+    assert needle in str(caught.value)
+
+
+def test_peft_without_an_adapter_in_the_config_is_refused():
+    with pytest.raises(UsageError, match="--peft lora but the config trains no adapter"):
+        AxolotlConfig.read(str(DATA / "axolotl-full.yml"), peft="lora")
+
+
+def test_options_that_clash_with_the_config_are_refused():
+    config = CheckConfig(model="llama", axolotl_config=str(DATA / "axolotl-full.yml"), trainer_class="transformers:Trainer",
+                         trainer_args=(("bf16", "true"),))
+    with pytest.raises(UsageError, match="--axolotl-config with --trainer-class, --trainer-arg"):
+        axolotl_stack(config)
+
+
+@pytest.mark.skipif(not missing("axolotl"), reason="axolotl is installed")
+def test_without_axolotl_the_pip_command_is_named():
+    from lossaudit.core.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match=r"pip install 'lossaudit\[axolotl\]'"):
+        AxolotlConfig.read(str(DATA / "axolotl-full.yml"), peft=None)
+
+
+def test_the_settings_the_audit_owns_are_named_with_the_configs_values():
+    config = AxolotlConfig(DATA / "axolotl-lora.yml", {"micro_batch_size": 2, "learning_rate": 0.0002,
+                                                         "lora_r": 8, "lora_dropout": 0.05}, "lora")
+    owned = config.owned_in()
+    assert owned == ["micro_batch_size (2 -> B/k)", "learning_rate (0.0002 -> 1 (SGD, the update is the gradient))",
+                     "lora_dropout (0.05 -> 0 (dropout would make the step random))"]
+    assert "lora_r" not in OWNED  # the adapter's shape is the config's (the audit's --peft must match it)
