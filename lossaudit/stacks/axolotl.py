@@ -152,6 +152,10 @@ class AxolotlConfig:
             raise UsageError(f"--axolotl-config {path}: expected a mapping of axolotl settings")
         problems = [f"--axolotl-config {path}: {key}: {values[key]!r} trains another objective than a token mean "
                     "of cross entropy" for key in NOT_A_TOKEN_MEAN if values.get(key)]
+        if values.get("sample_packing"):
+            problems.append(f"--axolotl-config {path}: sample_packing: its multipack sampler bins rows into packs of "
+                            "sequence_len tokens, so a microbatch is not the layout's B/k rows and the step may not "
+                            "hold the whole batch; not audited yet: set sample_packing: false")
         adapter = values.get("adapter") or None
         if adapter != peft:
             problems.append(f"--axolotl-config {path}: adapter: {adapter} but --peft {peft}: give the audit the same "

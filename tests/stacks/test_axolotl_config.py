@@ -20,6 +20,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
     (None, "no such file"), ("a: [1, 2", "not YAML"), ("- just\n- a list\n", "expected a mapping"),
     ("rl: dpo\nbase_model: x\n", "rl: 'dpo' trains another objective"),
     ("adapter: lora\nlora_r: 8\n", "adapter: lora but --peft None"),
+    ("sample_packing: true\n", "sample_packing: its multipack sampler bins rows"),
 ])
 def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, needle):
     path = tmp_path / "config.yml"
