@@ -23,6 +23,13 @@ class NoArgsTrainer(Trainer):
         raise AssertionError("never built: its arguments class cannot be told")
 
 
+class NeedsMoreTrainer(Trainer):
+    """Needs an argument of its own (as LlamaFactory's trainers need finetuning_args)."""
+
+    def __init__(self, finetuning_args, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
 class OwnCountTrainer(Trainer):
     """Planted bug: each microbatch normalised by its own tokens, as if no count were given."""
 

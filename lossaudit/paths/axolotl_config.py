@@ -23,9 +23,9 @@ from .trainer_step import StepResult, _quiet_and_cheap, per_device_batch, prepar
 
 def run_axolotl_config(ctx, layout: Layout, config: AxolotlConfig) -> StepResult:
     require("datasets", "--axolotl-config")
-    per_device_batch(layout)
+    per_device = per_device_batch(layout)
     with patches_undone(ctx.model), _quiet_and_cheap(), _no_progress_bars(), quiet(), tempfile.TemporaryDirectory(prefix="lossaudit-axolotl-") as out:
-        trainer, model = build_trainer(config, ctx, layout, Path(out))
+        trainer, model = build_trainer(config, ctx, layout, per_device, Path(out))
         trainer.__class__ = layout_subclass(type(trainer))
         prepared(trainer)
         trainer.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0,

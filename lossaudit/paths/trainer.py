@@ -27,27 +27,21 @@ from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
-from ..stacks.frameworks import rows_problem
+from ..stacks.axolotl import AxolotlConfig
+from ..stacks.frameworks import required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
+from .axolotl_config import run_axolotl_config
 from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
 
 
-def axolotl_stack(config):
+def axolotl_stack(config) -> AxolotlConfig:
     """--axolotl-config, checked before any model is built (stacks/axolotl.py)."""
-    from ..stacks.axolotl import AxolotlConfig
-
     clash = [flag for flag, value in (("--trainer-class", config.trainer_class), ("--trainer-arg", config.trainer_args),
                                       ("--loss-fn", config.loss_fn)) if value]
     if clash:
         raise UsageError(f"--axolotl-config with {', '.join(clash)}: the config is the trainer; set its options there")
     return AxolotlConfig.read(config.axolotl_config, config.peft)
-
-
-def run_axolotl_config(ctx, layout, stack):
-    from .axolotl_config import run_axolotl_config as run
-
-    return run(ctx, layout, stack)
 
 
 def _check_values(user_args: dict) -> None:
@@ -123,7 +117,7 @@ class TrainerPath(StepPath):
             return [cls(user_args, axolotl=axolotl_stack(config))]
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
-            problem = rows_problem(trainer_class, config.prompt_masking)
+            problem = required_problem(trainer_class) or rows_problem(trainer_class, config.prompt_masking)
             if problem:
                 raise UsageError(problem)
             check_arguments(trainer_class, user_args)

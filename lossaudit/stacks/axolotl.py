@@ -21,15 +21,17 @@ import dataclasses
 import io
 import logging
 import os
+import sys
 import warnings
-import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..core.errors import UsageError
 from ..core.layouts import Layout
 from . import require
+from .trl import rows, tokenizer
 
 # axolotl config key -> what the audit puts there instead
 OWNED = {
@@ -106,8 +108,6 @@ def patches_undone(model: torch.nn.Module):
     patches ``Trainer`` methods and loss functions): every attribute of the model's classes
     (their MROs), of ``transformers.Trainer``, and of the modules defining them, as it was
     before, so the audited model and the later paths run what they ran before."""
-    import sys
-
     from transformers import Trainer
 
     classes = {c for m in model.modules() for c in type(m).__mro__ if c is not object} | set(Trainer.__mro__[:-1])
@@ -138,8 +138,6 @@ class AxolotlConfig:
 
     @classmethod
     def read(cls, path: str, peft: str | None) -> "AxolotlConfig":
-        import yaml
-
         file = Path(path)
         if not file.is_file():
             raise UsageError(f"--axolotl-config {path}: no such file")
@@ -174,8 +172,6 @@ class AxolotlConfig:
 def _model_folder(ctx, folder: Path) -> Path:
     """The audited model (without an adapter: axolotl adds the config's own) and a tokenizer over
     its ids, saved where axolotl's loader reads them."""
-    from .trl import tokenizer
-
     model = ctx.model
     state = None
     if hasattr(model, "get_base_model"):  # a PEFT wrapper: the base's weights under their own names
@@ -189,15 +185,13 @@ def _model_folder(ctx, folder: Path) -> Path:
     return folder
 
 
-def _settings(ctx, layout: Layout, model_dir: Path, out: Path) -> dict:
-    from ..paths.trainer_step import per_device_batch
-
+def _settings(ctx, layout: Layout, per_device: int, model_dir: Path, out: Path) -> dict:
     longest = max(len(s.input_ids) for s in ctx.batch.samples)
     half = ctx.model.dtype in (torch.bfloat16, torch.float16)
     return {
         "base_model": str(model_dir), "base_model_config": str(model_dir), "tokenizer_config": str(model_dir),
         "datasets": [{"path": str(model_dir), "type": "completion"}],  # never loaded: the batch is given
-        "micro_batch_size": per_device_batch(layout), "gradient_accumulation_steps": layout.microbatches,
+        "micro_batch_size": per_device, "gradient_accumulation_steps": layout.microbatches,
         "batch_size": None, "num_epochs": 1, "max_steps": 1, "learning_rate": 1.0, "optimizer": "sgd",
         "lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": None, "weight_decay": 0.0,
         "max_grad_norm": 0.0, "bf16": half and ctx.model.dtype == torch.bfloat16, "fp16": ctx.model.dtype == torch.float16,
@@ -241,11 +235,10 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module, path: Path) 
             tensor.copy_(ours[name])
 
 
-def build_trainer(config: AxolotlConfig, ctx, layout: Layout, out: Path):
-    """axolotl's trainer for one step of ``layout``: (trainer, model it trains)."""
+def build_trainer(config: AxolotlConfig, ctx, layout: Layout, per_device: int, out: Path):
+    """axolotl's trainer for one step of ``layout`` (``per_device`` rows a microbatch): (trainer,
+    the model it trains)."""
     from datasets import Dataset
-
-    from .trl import rows
 
     with quiet():
         from axolotl.cli.config import load_cfg
@@ -257,7 +250,7 @@ def build_trainer(config: AxolotlConfig, ctx, layout: Layout, out: Path):
 
         model_dir = _model_folder(ctx, out / "model")
         try:
-            cfg = load_cfg(str(config.path), **_settings(ctx, layout, model_dir, out))
+            cfg = load_cfg(str(config.path), **_settings(ctx, layout, per_device, model_dir, out))
         except Exception as exc:  # pydantic's ValidationError, axolotl's ValueErrors
             first = str(exc).strip().splitlines()
             raise UsageError(f"--axolotl-config {config.path}: axolotl refused it: "

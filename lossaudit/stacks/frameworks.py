@@ -151,6 +151,28 @@ def arguments_class(cls: type) -> type:
     return TrainingArguments
 
 
+# what the audit gives a trainer class's __init__ (paths/trainer_class.py)
+GIVEN = ("model", "args", "train_dataset", "data_collator", "processing_class", "tokenizer", "optimizers")
+
+
+def required_problem(cls: type) -> str | None:
+    """A required ``__init__`` parameter the audit cannot give (LlamaFactory's trainers take
+    ``finetuning_args``), as one line; None when every required one is given."""
+    for base in _below_trainer(cls):
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        needed = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                  and p.name not in GIVEN]
+        if needed:
+            return (f"--trainer-class {cls.__module__}:{cls.__qualname__}: {base.__qualname__}.__init__ requires "
+                    f"{', '.join(needed)}, which lossaudit cannot give (it gives {', '.join(GIVEN)})")
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return None  # this __init__ decides what reaches the ones above it
+    return None
+
+
 def collator(cls: type, tokenizer):
     """The data collator ``cls``'s own builder would give it for pre-tokenized rows (None: the
     class builds its own)."""

@@ -25,7 +25,8 @@ from lossaudit.models.compat import trainer_accumulates_right  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
 from lossaudit.paths.trainer_class import run_trainer_class  # noqa: E402
 from lossaudit.paths.trainer_step import trainer_step  # noqa: E402
-from lossaudit.stacks.frameworks import PLAIN, arguments_class, collator, framework_of, rows_problem  # noqa: E402
+from lossaudit.stacks.frameworks import (PLAIN, arguments_class, collator, framework_of, required_problem,
+                                         rows_problem)  # noqa: E402
 from lossaudit.stacks.trl import resolve_trainer_class, tokenizer  # noqa: E402
 
 from stacks_common import CPU, issue_batch, layout_of, reference, rel_err, tiny_llama  # noqa: E402
@@ -58,6 +59,12 @@ def test_a_class_whose_arguments_cannot_be_told_is_one_usage_error(cls, needle):
     with pytest.raises(UsageError, match="cannot tell its arguments class") as caught:
         arguments_class(cls)
     assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_class_needing_what_the_audit_cannot_give_is_named():
+    assert "NeedsMoreTrainer.__init__ requires finetuning_args" in required_problem(tc.NeedsMoreTrainer)
+    assert all(required_problem(c) is None for c in (Trainer, tc.PlainTrainer, tc.PassThroughTrainer,
+                                                     own.AnnotatedTrainer))
 
 
 def test_a_plain_subclass_gets_a_collator_that_pads_labels_with_minus_100():
