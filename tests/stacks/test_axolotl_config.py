@@ -58,3 +58,19 @@ def test_the_settings_the_audit_owns_are_named_with_the_configs_values():
     assert owned == ["micro_batch_size (2 -> B/k)", "learning_rate (0.0002 -> 1 (SGD, the update is the gradient))",
                      "lora_dropout (0.05 -> 0 (dropout would make the step random))"]
     assert "lora_r" not in OWNED  # the adapter's shape is the config's (the audit's --peft must match it)
+
+
+def test_cli_a_missing_config_is_one_line_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "lossaudit", "check", "llama", "--path", "trainer", "--axolotl-config",
+                             str(tmp_path / "nope.yml"), "--microbatches", "2", "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, cwd=root, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--axolotl-config" in lines[0] and "no such file" in lines[0], result.stderr
+    assert not (tmp_path / "r").exists()
