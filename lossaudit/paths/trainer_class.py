@@ -15,7 +15,7 @@ import torch
 
 from ..core.layouts import Layout
 from ..stacks import require
-from ..stacks.frameworks import collator, framework_of, init_kwargs
+from ..stacks.frameworks import collator
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
 
@@ -60,10 +60,8 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
     eos = loaded.eos_id if loaded is not None else None
     words = tokenizer(vocab, ctx.batch.pad_id, eos)
-    kwargs.update(init_kwargs(cls))  # what its framework's builder passes besides (LlamaFactory: finetuning_args)
-    named = framework_of(cls).tokenizer_kwarg  # the table knows: its __init__ takes it through **kwargs
-    for name in (named,) if named else ("processing_class", "tokenizer"):  # renamed in transformers 4.46
-        if named or name in takes:
+    for name in ("processing_class", "tokenizer"):  # renamed in transformers 4.46
+        if name in takes:
             kwargs[name] = words
             break
     given_collator = collator(cls, words)  # None: the class builds its own

@@ -40,28 +40,14 @@ class Framework:
     package: str  # top-level module name
     arguments: str | None  # MODULE:CLASS of its arguments class (None: from the class's annotation)
     collator: str | None  # MODULE:CLASS of the collator its builder gives (None: the class builds its own)
-    # what else its builder passes the trainer's __init__: name -> MODULE:CLASS built with its defaults (None: None)
-    extra: tuple[tuple[str, str | None], ...] = ()
-    tokenizer_kwarg: str | None = None  # the name its __init__ takes the tokenizer by, where not the Trainer's
 
 
 KNOWN = {
     "trl": Framework("trl", None, None),
     "axolotl": Framework("axolotl", "axolotl.core.training_args:AxolotlTrainingArguments",
                          "axolotl.utils.collators:DataCollatorForSeq2Seq"),
-    # its SFT builder gives SFTDataCollatorWith4DAttentionMask, a DataCollatorForSeq2Seq that also needs its
-    # chat template; on text rows without block-diagonal attention it pads as its parent does
-    "llamafactory": Framework("llamafactory", "llamafactory.hparams:TrainingArguments",
-                              "transformers:DataCollatorForSeq2Seq",
-                              extra=(("finetuning_args", "llamafactory.hparams:FinetuningArguments"), ("processor", None)),
-                              tokenizer_kwarg="tokenizer"),
 }
 PLAIN = Framework("transformers", "transformers:TrainingArguments", "transformers:DataCollatorForSeq2Seq")
-
-
-def init_kwargs(cls: type) -> dict:
-    """What ``cls``'s framework builder passes its ``__init__`` besides the Trainer's arguments."""
-    return {name: None if spec is None else _load(spec)() for name, spec in framework_of(cls).extra}
 
 
 def _load(spec: str):
@@ -175,9 +161,8 @@ def required_problem(cls: type) -> str | None:
         if init is None:
             continue
         params = list(inspect.signature(init).parameters.values())[1:]
-        given = {*GIVEN, *(name for name, _ in framework_of(cls).extra)}
         needed = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                  and p.name not in given]
+                  and p.name not in GIVEN]
         if needed:
             return (f"--trainer-class {cls.__module__}:{cls.__qualname__}: {base.__qualname__}.__init__ requires "
                     f"{', '.join(needed)}, which lossaudit cannot give (it gives {', '.join(GIVEN)})")
