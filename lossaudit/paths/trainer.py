@@ -28,7 +28,7 @@ from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
 from ..stacks.axolotl import AxolotlConfig
-from ..stacks.frameworks import required_problem, rows_problem
+from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .axolotl_config import run_axolotl_config
 from .trainer_class import run_trainer_class
@@ -117,6 +117,7 @@ class TrainerPath(StepPath):
             return [cls(user_args, axolotl=axolotl_stack(config))]
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
+            arguments_class(trainer_class)  # first: one line when its arguments class cannot be told
             problem = required_problem(trainer_class) or rows_problem(trainer_class, config.prompt_masking)
             if problem:
                 raise UsageError(problem)

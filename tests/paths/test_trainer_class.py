@@ -99,6 +99,7 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
+@pytest.mark.heavy  # ~55 s here: a CLI process importing transformers and building the model
 def test_cli_a_class_whose_arguments_cannot_be_told_is_one_line_exit_2(tmp_path):
     result = _cli("check", "llama", "--path", "trainer", "--trainer-class", "trainer_classes:NoArgsTrainer",
                   "--microbatches", "2", "--out", str(tmp_path / "r"))

@@ -60,6 +60,7 @@ def test_the_settings_the_audit_owns_are_named_with_the_configs_values():
     assert "lora_r" not in OWNED  # the adapter's shape is the config's (the audit's --peft must match it)
 
 
+@pytest.mark.heavy  # ~60 s here: a CLI process importing transformers and building the model
 def test_cli_a_missing_config_is_one_line_exit_2(tmp_path):
     import os
     import subprocess
