@@ -27,21 +27,12 @@ from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
-from ..stacks.axolotl import AxolotlConfig
+from ..stacks.axolotl import checked as checked_axolotl
 from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .axolotl_config import run_axolotl_config
 from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
-
-
-def axolotl_stack(config) -> AxolotlConfig:
-    """--axolotl-config, checked before any model is built (stacks/axolotl.py)."""
-    clash = [flag for flag, value in (("--trainer-class", config.trainer_class), ("--trainer-arg", config.trainer_args),
-                                      ("--loss-fn", config.loss_fn)) if value]
-    if clash:
-        raise UsageError(f"--axolotl-config with {', '.join(clash)}: the config is the trainer; set its options there")
-    return AxolotlConfig.read(config.axolotl_config, config.peft)
 
 
 def _check_values(user_args: dict) -> None:
@@ -114,7 +105,7 @@ class TrainerPath(StepPath):
     def build(cls, config) -> list["TrainerPath"]:
         user_args = {k: parse_value(v) for k, v in config.trainer_args}
         if getattr(config, "axolotl_config", None):
-            return [cls(user_args, axolotl=axolotl_stack(config))]
+            return [cls(user_args, axolotl=checked_axolotl(config))]
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
             arguments_class(trainer_class)  # first: one line when its arguments class cannot be told

@@ -169,6 +169,16 @@ class AxolotlConfig:
         return [f"{key} ({self.values[key]!r} -> {OWNED[key]})" for key in OWNED if self.values.get(key) is not None]
 
 
+def checked(config) -> AxolotlConfig:
+    """--axolotl-config of a CheckConfig, checked before any model is built: the options the
+    config replaces refused, then the file read (``AxolotlConfig.read``)."""
+    clash = [flag for flag, value in (("--trainer-class", config.trainer_class), ("--trainer-arg", config.trainer_args),
+                                      ("--loss-fn", config.loss_fn)) if value]
+    if clash:
+        raise UsageError(f"--axolotl-config with {', '.join(clash)}: the config is the trainer; set its options there")
+    return AxolotlConfig.read(config.axolotl_config, config.peft)
+
+
 def _model_folder(ctx, folder: Path) -> Path:
     """The audited model (without an adapter: axolotl adds the config's own) and a tokenizer over
     its ids, saved where axolotl's loader reads them."""

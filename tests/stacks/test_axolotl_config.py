@@ -7,7 +7,6 @@ import pytest
 
 from lossaudit.audit.config import CheckConfig
 from lossaudit.core.errors import UsageError
-from lossaudit.paths.trainer import axolotl_stack
 from lossaudit.stacks.axolotl import OWNED, AxolotlConfig
 from lossaudit.stacks import missing
 
@@ -36,11 +35,18 @@ def test_peft_without_an_adapter_in_the_config_is_refused():
         AxolotlConfig.read(str(DATA / "axolotl-full.yml"), peft="lora")
 
 
-def test_options_that_clash_with_the_config_are_refused():
-    config = CheckConfig(model="llama", axolotl_config=str(DATA / "axolotl-full.yml"), trainer_class="transformers:Trainer",
-                         trainer_args=(("bf16", "true"),))
+def test_options_that_clash_with_the_config_are_refused_when_the_config_is_made():
     with pytest.raises(UsageError, match="--axolotl-config with --trainer-class, --trainer-arg"):
-        axolotl_stack(config)
+        CheckConfig(model="llama", axolotl_config=str(DATA / "axolotl-full.yml"), trainer_class="transformers:Trainer",
+                    trainer_args=(("bf16", "true"),))
+
+
+def test_a_config_without_the_trainer_path_or_on_several_ranks_is_refused_all_at_once(tmp_path):
+    with pytest.raises(UsageError) as caught:
+        CheckConfig(model="llama", axolotl_config=str(tmp_path / "nope.yml"), paths=("reduction",), world_size=2)
+    assert any("nope.yml: no such file" in p for p in caught.value.problems)
+    assert any("--axolotl-config: drives --path trainer" in p for p in caught.value.problems)
+    assert any("--axolotl-config: runs in one process" in p for p in caught.value.problems)
 
 
 @pytest.mark.skipif(not missing("axolotl"), reason="axolotl is installed")
