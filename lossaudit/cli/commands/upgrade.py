@@ -126,7 +126,8 @@ def _note_env(side: Side) -> None:
 
 def finish(old: Side, new: Side, gate: Gate, out: Path, to: dict[str, str]) -> int:
     """The gate's comparison printed and written beside both reports; check --baseline's exit."""
-    from ...gate.baseline import GatedReport, compare, render_comparison
+    from ...gate.baseline import GatedReport, compare
+    from ...gate.text import comparison_csv, render_comparison
     from ...report.render import write_files
     from ...report.report import Report
 
@@ -134,18 +135,17 @@ def finish(old: Side, new: Side, gate: Gate, out: Path, to: dict[str, str]) -> i
     comparison = compare(old_report, new_report, gate, old_name=f"{old.label} ({old.out / 'report.json'})",
                          new_name=f"{new.label} ({new.out / 'report.json'})")
     status = GatedReport(new_report, comparison).exit_status
-    text = render_comparison(comparison)
     exit_line = (f"exit {status}: {len(comparison.regressions)} regression(s) from {old.label} to {new.label}, "
                  f"{len(new_report.findings)} finding(s) with {new.label}")
     summary = {"schema": "lossaudit.upgrade/1", "to": to, "exit_status": status,
                "old": _side_dict(old, old_report), "new": _side_dict(new, new_report),
-               "regressions": len(comparison.regressions)}
+               "regressions": len(comparison.regressions), "not_like_for_like": comparison.differences}
     write_files(out, {
-        "comparison.txt": lambda _: text + "\n\n" + exit_line + "\n",
-        "comparison.csv": lambda c: c.cases.to_csv(index=False),
+        "comparison.txt": lambda c: render_comparison(c, full=True) + "\n\n" + exit_line + "\n",
+        "comparison.csv": lambda c: comparison_csv(c),
         "upgrade.json": lambda _: json.dumps(summary, indent=2) + "\n",
     }, comparison, "comparison")
-    print(text)
+    print(render_comparison(comparison, everything=f"{out}/comparison.txt"))
     print(exit_line)
     print(f"reports: {old.out}/ and {new.out}/; comparison: {out}/comparison.txt")
     return status
