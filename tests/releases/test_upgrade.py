@@ -185,5 +185,7 @@ def test_history_tables_every_release_and_names_one_that_cannot_be_installed(cli
     rows = {(r["release"], r["path"]): r for r in data["rows"]}
     assert rows[(INSTALLED, "model")]["verdict"] == "match" and rows[(INSTALLED, "model")]["environment"] == "current"
     assert "No matching distribution" in rows[("99.0.0", "-")]["cause"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lossaudit: error:")]
+    assert len(errors) == 1 and "1 release(s) could not be audited: 99.0.0 (" in errors[0]
     assert f"| {INSTALLED} | model | match |" in (out / "history.md").read_text()
     assert (out / "history.csv").read_text().startswith("release,path,verdict")

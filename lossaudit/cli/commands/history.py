@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     written = write_history(history, out)
     print(history.markdown_table())
     print(f"history: {out}/ ({', '.join(p.name for p in written)}) in {history.wall_s:.0f} s")
+    failed = [f"{r['release']} ({r['cause']})" for r in history.rows if r["path"] == "-"]
+    if failed:  # exit 3 says so in one line, after the table of the releases that ran
+        print(f"lossaudit: error: {len(failed)} release(s) could not be audited: {'; '.join(failed)}"[:1000],
+              file=sys.stderr)
     return history.exit_status
 
 
