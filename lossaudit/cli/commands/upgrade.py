@@ -172,4 +172,6 @@ def _side_dict(side: Side, report) -> dict:
     env = side.env
     return {"label": side.label, "report": str(side.out / "report.json"), "findings": len(report.findings),
             "environment": None if env is None else str(env.path),
-            "lifted": None if env is None else env.manifest.get("lifted_versions", {})}
+            "lifted": None if env is None else env.manifest.get("lifted_versions", {}),
+            "changes": None if env is None else env.manifest.get("changes", []),
+            "flavours": None if env is None else env.manifest.get("flavours", {})}
