@@ -107,7 +107,7 @@ def plan(spec, dry_run: DryRun, *, allow_flavour_change: bool = False,
     if isinstance(first, Candidate) and not _flavour_changes(first, keep, base):
         return _finish(first, pins, base, keep)
     # the package index's default build: what the candidate would be instead
-    plain = first if isinstance(first, Candidate) and not labelled else _resolve(spec, dry_run, {}, reachable)
+    plain = first if not labelled else _resolve(spec, dry_run, {}, reachable)  # asked already when nothing is labelled
     if isinstance(plain, Candidate) and not _flavour_changes(plain, keep, base):
         return _finish(plain, pins, base, keep)
     unlabelled = {n: f for n, f in keep.items() if n not in labelled}
@@ -118,13 +118,13 @@ def plan(spec, dry_run: DryRun, *, allow_flavour_change: bool = False,
         first = lined
     if not isinstance(plain, Candidate):
         raise EnvironmentProblem(f"resolving {_describe(pins)}: {plain}")
-    changed = _flavour_changes(plain, keep, base)
-    why = first if isinstance(first, str) else "; ".join(changed)
-    instead = _instead(plain, base, pins, sizes)
+    checked = _checked(plain, keep, base)
+    why = first if isinstance(first, str) else "; ".join(_flavour_changes(plain, keep, base))
+    instead = _instead(plain, base, [*pins, *checked], sizes)
     if not allow_flavour_change:
-        raise UsageError(f"{_describe(pins)}: {_kept_phrase(keep, base)} cannot be had: {why}. The package index's "
+        raise UsageError(f"{_describe(pins)}: {_kept_phrase(checked, base)} cannot be had: {why}. The package index's "
                          f"candidate is {instead}; nothing was installed (pass {ALLOW} to build it)")
-    say(f"{ALLOW}: {_kept_phrase(keep, base)} cannot be had ({why}); building {instead}")
+    say(f"{ALLOW}: {_kept_phrase(checked, base)} cannot be had ({why}); building {instead}")
     return _finish(plain, pins, base, keep)
 
 
@@ -136,9 +136,16 @@ def _kept_phrase(keep: dict[str, Flavour], base: dict[str, str]) -> str:
     return ", ".join(f"{flavour_} of {name} (as {name} {base[name]} here)" for name, flavour_ in keep.items())
 
 
+def _checked(candidate: Candidate, keep: dict[str, Flavour], base: dict[str, str]) -> dict[str, Flavour]:
+    """The builds a candidate must keep: the pins' (``keep``) and those of any base distribution
+    whose constraint was lifted (a lifted ``torch`` must not turn into a CUDA build either)."""
+    lifted = {n: f for n in sorted(candidate.lifted) if n in base and (f := flavour(n, base[n], base))}
+    return {**lifted, **keep}
+
+
 def _flavour_changes(candidate: Candidate, keep: dict[str, Flavour], base: dict[str, str]) -> list[str]:
     changes = []
-    for name, wanted in keep.items():
+    for name, wanted in _checked(candidate, keep, base).items():
         got = candidate.flavour_of(name)
         if got is None or (got.kind, got.line) != (wanted.kind, wanted.line):
             version = candidate.installs.get(name, {}).get("version")
@@ -183,13 +190,14 @@ def _finish(candidate: Candidate, pins, base, keep) -> Candidate:
     return candidate
 
 
-def _instead(candidate: Candidate, base: dict[str, str], pins: dict[str, str], sizes) -> str:
+def _instead(candidate: Candidate, base: dict[str, str], named: list[str], sizes) -> str:
     """``torch 2.14.0, a CUDA 13.0 build that adds 19 distributions (nvidia-cublas 554 MB, ...; 4.4 GB in all)``."""
-    built = [f"{candidate.installs[n]['name']} {candidate.installs[n]['version']}, "
-             f"{candidate.flavour_of(n) or 'the package index default build'}" for n in pins if n in candidate.installs]
-    added = [d for n, d in candidate.installs.items() if n not in base and n not in pins]
+    built = [f"{candidate.installs[n]['name']} {candidate.installs[n]['version']}"
+             + (f", {candidate.flavour_of(n)}" if candidate.flavour_of(n) else "")
+             for n in dict.fromkeys(named) if n in candidate.installs]
+    added = [d for n, d in candidate.installs.items() if n not in base and n not in named]
     if not added:
-        return "; ".join(built) + " that adds no distribution"
+        return ", ".join(built) + " that adds no distribution"
     known = sizes(added)
     listed = sorted(added, key=lambda d: -known.get(d["name"], 0))
     names = ", ".join(f"{d['name']} {_size(known[d['name']])}" if d["name"] in known else d["name"] for d in listed)

@@ -181,3 +181,15 @@ def test_a_real_dry_run_installs_nothing_and_reports_the_candidate(tmp_path):
     assert candidate.installs["iniconfig"]["version"] == version and candidate.changes == []
     assert "--dry-run" in (tmp_path / "log").read_text()
     assert metadata.version("iniconfig") == version and sys.prefix  # nothing here changed
+
+
+def test_a_lifted_torch_keeps_its_flavour_too():
+    """transformers pinned, and its requirements lift the constraint on a CPU torch: the package
+    index's torch would be CUDA, so the preview stops (naming the lift) instead of moving it."""
+    conflict = PIP_CONFLICT.replace("tokenizers", "torch").replace("torch==0.23.3", "torch==2.13.0+cpu")
+    lifted = report(CPU_BASE | {"transformers": "4.46.0"}, pypi_torch())
+    pip = Pip(("transformers==4.46.0", None, {"error": conflict, "when": lambda c: "torch==2.13.0+cpu" in c}),
+              ("transformers==4.46.0", None, {"report": lifted}))
+    with pytest.raises(UsageError, match=r"torch 2.14.0 is a CUDA 13.0 build, not a CPU build"):
+        plan(spec({"transformers": "4.46.0"}, CPU_BASE), pip, reachable=reachable, sizes=sizes)
+    assert len(pip.calls) == 2  # the failed resolution is not asked again
