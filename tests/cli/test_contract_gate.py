@@ -218,3 +218,17 @@ def test_a_killed_builds_half_built_folder_is_swept_by_the_next_run(tmp_path):
     other.wait(timeout=120)
     assert other.returncode == 3 and "No matching distribution found for x==1" in other.stderr.read()
     assert not folder.exists() and (cache / "unrelated").is_dir()
+
+
+def test_a_reader_that_closes_the_pipe_keeps_the_commands_answer():
+    """``compare A B | head``: the reader leaves while lines remain; no 'internal error:
+    BrokenPipeError' (exit 3), the rest is dropped and the writer goes on."""
+    from lossaudit.cli.app import ReaderGone
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = ReaderGone(os.fdopen(write_end, "w", buffering=1))
+    assert stream.write("x" * 200_000 + "\n") == 200_001  # past any pipe buffer: EPIPE is raised inside
+    stream.flush()
+    assert stream.write("after\n") == 6
+    stream.close()
