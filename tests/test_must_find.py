@@ -1,6 +1,11 @@
 """Planted bugs that must be found, and their correct twins that must pass."""
 
+import pytest
+
 import lossaudit
+
+# every default path at k=4 for each; the default tier finds the same plant in tests/quality
+pytestmark = pytest.mark.heavy
 
 
 def test_nanogpt_style_loss_over_grad_accum_steps_is_found():

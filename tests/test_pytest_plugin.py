@@ -90,6 +90,7 @@ def test_loading_the_plugin_imports_no_heavy_library():
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+@pytest.mark.heavy  # a child pytest with an audit
 def test_a_clean_suite_passes(tmp_path):
     result = run_pytest(write_suite(tmp_path, CLEAN), "--lossaudit-model", "llama")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -111,6 +112,7 @@ def test_a_suite_without_a_model_is_told_how_to_name_one(tmp_path):
     assert "no model to audit" in result.stdout and "--lossaudit-model" in result.stdout
 
 
+@pytest.mark.heavy  # a child pytest with an audit and a baseline
 def test_a_regression_against_the_baseline_fails_the_test(tmp_path):
     """A baseline whose model-path errors were 1e-12: today's audit is clean, but its errors
     passed --lossaudit-max-grad-rel-err, so the comparison alone fails the test."""

@@ -16,7 +16,7 @@ from typing import Callable
 from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seeds are below 2**32
+SEED_LIMIT = 2**32  # numpy (and so transformers.set_seed) takes a seed below 2**32
 
 Parse = Callable[[str], object]
 Check = Callable[[object], "str | None"]

@@ -4,8 +4,9 @@ Every number printed comes from the library's own computation (``tokens.token_lo
 the ``REDUCTIONS`` registry's weights, the reference, the reduction path's gradients), so
 the walkthrough shows what an audit does, not a re-derivation of it.
 
-1. The three-token example of shared/seeds/002: "AI rocks <EOS>", targets [rocks, <EOS>,
-   none], loss 1.2639.
+1. A three-token example as backpropagation tutorials give it (the softmax output P of a
+   simplified GPT-2 in the online book chapter "How LLMs learn (3 of 4): Back propagation"):
+   "AI rocks <EOS>", targets [rocks, <EOS>, none], loss 1.2639.
 2. A bigram model whose logits table is log P (so it predicts exactly P), on three sequences
    cut into two microbatches holding 1 and 5 target tokens.
 With ``--model``, step 2 runs on a real tiny model's batch instead.
@@ -34,7 +35,7 @@ from ..core.tokens import IGNORE_INDEX, count_targets, target_mask, token_losses
 
 VOCAB = ("AI", "rocks", "<EOS>")
 AI, ROCKS, EOS = range(3)
-# The seed's softmax output: row t is the next-token distribution after position t.
+# The example's softmax output: row t is the next-token distribution after position t.
 P = torch.tensor([[0.4114, 0.2532, 0.3354], [0.2524, 0.4323, 0.3153], [0.3280, 0.2986, 0.3734]],
                  dtype=torch.float64)
 
@@ -57,7 +58,7 @@ def seed_example() -> SeedExample:
 
 
 class Bigram(torch.nn.Module):
-    """logits[t] = W[token t]: with W = log P it reproduces the seed's probabilities, and its
+    """logits[t] = W[token t]: with W = log P it reproduces the example's probabilities, and its
     gradient is a 3x3 table a person can read."""
 
     def __init__(self):
@@ -172,7 +173,8 @@ def seed_text(ex: SeedExample) -> str:
             rows.append(f"  {t + 1:<9}{VOCAB[token]:<8}{VOCAB[target]:<8}{math.exp(-loss):<11.4f}{loss:.4f}")
     terms = " + ".join(f"{x:.4f}" for x in ex.losses)
     return "\n".join([
-        "1. One sequence: the worked example of shared/seeds/002",
+        "1. One sequence: \"AI rocks <EOS>\", P from a worked example of backpropagation (the online",
+        "   book chapter \"How LLMs learn (3 of 4): Back propagation\", a simplified GPT-2)",
         "",
         "  input [AI, rocks, <EOS>]; position t predicts token t+1, so the targets are",
         "  [rocks, <EOS>, none] and each target's loss is -log of the probability P gives it.",
@@ -222,6 +224,15 @@ def walkthrough_text(w: Walkthrough, title: str) -> str:
     return "\n".join(out + [""] + why_text(w))
 
 
+def percent(x: float) -> str:
+    """A relative error as a percentage with two significant digits and no exponent: 0.00016 is
+    0.016%, not 0.0%; 0.45 is 45%; 80 is 8000%."""
+    value = 100 * x
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}%"
+    return f"{value:.{max(0, 1 - math.floor(math.log10(abs(value))))}f}%"
+
+
 def why_text(w: Walkthrough) -> list[str]:
     """Why mean_of_means moves the gradient, in this step's own numbers."""
     if "mean_of_means" not in w.losses or "num_items" not in w.losses:
@@ -241,8 +252,8 @@ def why_text(w: Walkthrough) -> list[str]:
         "    tokens in microbatches with few targets pull harder and the gradient turns:",
         f"    cosine {g.cosine:.4f} with the token mean's gradient.",
         f"    The loss is {w.losses['mean_of_means']:.4f} against {w.ctx.reference.loss:.4f} "
-        f"({abs(w.losses['mean_of_means'] / w.ctx.reference.loss - 1):.1%} off); the gradient is "
-        f"{g.rel_err:.0%} off: watch gradients, not only loss curves.",
+        f"({percent(abs(w.losses['mean_of_means'] / w.ctx.reference.loss - 1))} off); the gradient is "
+        f"{percent(g.rel_err)} off: watch gradients, not only loss curves.",
     ]
     if "sum" in w.grads:
         s = w.grads["sum"]

@@ -118,9 +118,11 @@ class Option:
 
 OPTIONS = (
     Option("max-grad-growth", growth_parser("grad"), "10x",
-           "regression when a case's gradient error grows more than this factor (default 10x; off)"),
+           "regression when a case's gradient error grows more than this factor "
+           "(default 10x; the value off disables the check)"),
     Option("max-loss-growth", growth_parser("loss"), "10x",
-           "regression when a case's loss error grows more than this factor (default 10x; off)"),
+           "regression when a case's loss error grows more than this factor "
+           "(default 10x; the value off disables the check)"),
     Option("max-grad-rel-err", limit_parser("grad"), None,
            "regression when a case's gradient error passes this value (e.g. 1e-4; default off)"),
     Option("max-loss-rel-err", limit_parser("loss"), None,

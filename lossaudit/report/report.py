@@ -1,6 +1,6 @@
 """The report: every case of one run as one pandas DataFrame, plus its environment.
 
-The JSON layout is the public contract of shared/DESIGN.md (``lossaudit.report/1``).
+The JSON layout (``lossaudit.report/1``) is a public contract, documented in docs/report.md.
 """
 
 from __future__ import annotations

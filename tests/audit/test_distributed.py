@@ -124,6 +124,7 @@ def test_naive_loop_is_expected_to_differ_on_two_ranks(two_ranks):
         assert m.label.expected and verdict == "diverge"
 
 
+@pytest.mark.heavy  # spawned ranks for every layout; the recipes on two ranks run in the default tier
 def test_llama_on_two_ranks_through_the_api():
     report = lossaudit.check("llama", path=["accelerate", "reduction"], reductions=["num_items"], world_size=2,
                              microbatches=[2], groupings=["imbalanced"], paddings=["left"])

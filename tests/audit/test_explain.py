@@ -9,7 +9,8 @@ import torch
 from lossaudit.cli.app import main
 from lossaudit.audit import walkthrough as wt
 
-# shared/seeds/002: P's rows are the next-token distributions after AI, rocks, <EOS>
+# the worked backpropagation example of the online book chapter "How LLMs learn (3 of 4): Back
+# propagation" (a simplified GPT-2): P's rows are the next-token distributions after AI, rocks, <EOS>
 P = [[0.4114, 0.2532, 0.3354], [0.2524, 0.4323, 0.3153], [0.3280, 0.2986, 0.3734]]
 AI, ROCKS, EOS = 0, 1, 2
 # the two-microbatch step: (microbatch, sequence, current token, target token) per target
@@ -93,3 +94,9 @@ def test_an_unknown_model_fails_before_anything_is_printed(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "did you mean 'llama'" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("error, shown", [(0.00016, "0.016%"), (0.035, "3.5%"), (0.45, "45%"), (80.0, "8000%"),
+                                          (0.0, "0%")])
+def test_relative_errors_print_with_two_significant_digits(error, shown):
+    assert wt.percent(error) == shown

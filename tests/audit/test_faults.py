@@ -148,6 +148,7 @@ def test_a_step_path_that_raises_is_an_error_case(monkeypatch):
     assert (cases[cases["reduction"] == "num_items"]["verdict"] == "match").all()
 
 
+@pytest.mark.heavy  # a whole CLI audit; the error cases themselves are tested in process above
 def test_the_cli_writes_the_report_with_the_failed_path_as_an_error(tmp_path, monkeypatch, capsys):
     original = ModelPath.microbatch
 

@@ -94,6 +94,7 @@ def two_runs(tmp_path_factory):
     return out, finish(launched_run), spawned
 
 
+@pytest.mark.heavy  # two 2-rank runs; joining a launcher's group runs in the default tier
 def test_launched_report_is_the_spawned_runs(two_runs):
     import pandas as pd
 

@@ -33,6 +33,7 @@ def test_the_model_is_built_on_the_device_in_its_dtype():
     assert max_length == 32 and loaded.parameters == 115008
 
 
+@pytest.mark.heavy  # every mode of the benchmark, each after a warm-up (its fixture ran 25+ min on the loaded 2-core machine)
 def test_every_mode_runs_on_tiny_cpu(results):
     layouts = results["passes"]["cases"]
     assert layouts == 8  # k=1: 2 paddings; k=4: 2 paddings x 3 groupings

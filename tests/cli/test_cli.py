@@ -183,6 +183,7 @@ def test_an_out_in_a_read_only_directory_is_refused(tmp_path):
         tmp_path.chmod(0o700)
 
 
+@pytest.mark.heavy  # two whole default audits
 def test_the_same_check_twice_writes_the_same_report(tmp_path):
     tiny = ("--microbatches", "1,2", "--path", "reduction", "--path", "model", "--batch-size", "4",
             "--max-length", "12")

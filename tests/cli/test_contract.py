@@ -387,6 +387,7 @@ def test_a_second_writer_of_the_same_out_is_refused_naming_the_lock(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hook-locked", "r"]
 
 
+@pytest.mark.heavy  # two concurrent runs
 def test_two_runs_with_the_default_out_write_two_reports(tmp_path):
     hook, pause = paused("locked", tmp_path)
     first = start("check", "llama", *TINY, cwd=tmp_path, extra_env=pause)

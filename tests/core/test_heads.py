@@ -131,8 +131,13 @@ def num_items_handling(name, task):
 EXPECTED_DETAIL = {"ignored": "num_items_in_batch ignored", "rejected": "does not accept num_items_in_batch"}
 
 
-@pytest.mark.parametrize("name, task", [("t5", None), ("bart", None), ("bert", "token-classification"),
-                                        ("llama", "sequence-classification"), ("t5", "sequence-classification")])
+HEAVY = pytest.mark.heavy  # a whole default audit (every path) of a real head each
+
+
+@pytest.mark.parametrize("name, task", [pytest.param("t5", None, marks=HEAVY), pytest.param("bart", None, marks=HEAVY),
+                                        pytest.param("bert", "token-classification", marks=HEAVY),
+                                        pytest.param("llama", "sequence-classification", marks=HEAVY),
+                                        ("t5", "sequence-classification")])
 def test_real_heads_on_the_model_path(name, task):
     report = lossaudit.check(name, task=task, microbatches=[1, 2], empty_sequences=1)
     cases = report.cases

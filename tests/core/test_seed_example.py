@@ -1,4 +1,5 @@
-"""The worked example of shared/seeds/002: "AI rocks <EOS>", targets [rocks, <EOS>, none]."""
+"""A worked backpropagation example: "AI rocks <EOS>", targets [rocks, <EOS>, none], with the softmax
+output P of a simplified GPT-2 from the online book chapter "How LLMs learn (3 of 4): Back propagation"."""
 
 import torch
 

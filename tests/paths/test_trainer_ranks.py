@@ -69,6 +69,7 @@ def test_default_trainer_on_two_ranks_does_what_the_installed_release_does():
     assert no_children_left() == []
 
 
+@pytest.mark.heavy  # 2-rank Trainer steps through the CLI
 @pytest.mark.skipif(FIELD is None, reason="TrainingArguments has no average_tokens_across_devices before 4.47")
 def test_tokens_not_averaged_across_devices_is_found_and_named(tmp_path):
     from test_cli import run
@@ -101,6 +102,7 @@ def test_tokens_not_averaged_across_devices_is_found_and_named(tmp_path):
         assert case["logged_loss_rel_err"] < 0.01  # the loss curve hides it: look at gradients
 
 
+@pytest.mark.heavy  # 2-rank Trainer steps, every one failing on a rank
 @pytest.mark.skipif(not trainer_takes("compute_loss_func"), reason="the failure is planted in a compute_loss_func (4.46+)")
 def test_a_rank_that_fails_makes_every_step_an_error_case():
     report = lossaudit.check("llama", path=["trainer"], loss_fn="planted:loss_raising_on_rank_1", world_size=2,

@@ -3,7 +3,7 @@
 model path) audited through ``lossaudit.check``, beside its correct twin.
 
 A row is *found* when the bug's audit has a finding (exit status 1) and the twin's has none.
-``python tests/quality/table.py`` prints the table found / missed for README.
+``python tests/quality/table.py`` prints the table found / missed for docs/detection.md.
 """
 
 from __future__ import annotations

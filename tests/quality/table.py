@@ -1,4 +1,4 @@
-"""Print the detection table (bug x dtype -> found / missed) as Markdown, for README:
+"""Print the detection table (bug x dtype -> found / missed) as Markdown, for docs/detection.md:
 
     python tests/quality/table.py
 """

@@ -86,6 +86,7 @@ def test_an_upgrade_preview_audits_both_sides_and_the_environment_is_cached(env_
     assert len([p for p in env_cache.glob(f"transformers-{INSTALLED}-*") if (p / MANIFEST).exists()]) == 1
 
 
+@pytest.mark.heavy  # a virtual environment and pip's resolution against the package index
 def test_a_failed_install_is_one_line_exit_3_and_leaves_this_environment_alone(tmp_path):
     before = freeze()
     cache = tmp_path / "envs"

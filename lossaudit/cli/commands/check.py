@@ -33,7 +33,21 @@ def _out_dir(text: str) -> Path:
     return Path(text)
 
 
+class PathsHelp(argparse.HelpFormatter):
+    """``check --help``: --path lists the path registry's names, read when help is printed
+    (the registry imports torch; parsing a command line must not)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        if action.dest != "paths":
+            return text
+        from ...paths import PATHS  # lazy: the registry imports torch, only --help needs it here
+
+        return f"{text}; one of: {', '.join(PATHS.names())}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = PathsHelp
     add_config_arguments(p)  # the audit's settings: the option table of lossaudit.audit.options
     p.add_argument("--out", type=_out_dir, metavar="DIR", help="report directory (default reports/MODEL-TASK/)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
