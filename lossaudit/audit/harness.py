@@ -204,17 +204,20 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
             given[id(path)] = c
     shared = [p for p in live if id(p) in given and given[id(p)].loss is view.token_sum]
     own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
-    sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / steps[id(p)].factor) for p in shared}
+    # backwarded as token_sum / N, the correct share itself: a 16-bit logit gradient then rounds as
+    # the reference's does (the token sum's own, p - 1 per target, rounds ~0.2 % low in bf16)
+    unit = 1.0 / n if n else 1.0
+    sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / (unit * steps[id(p)].factor)) for p in shared}
     token_sum = float(view.token_sum.detach())
-    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own))  # x N: the correct share
-    projection, _ = correct.results()
+    correct = hooks.backward(view.token_sum * unit, list(sinks.values()), keep=bool(own))
+    projection = correct.results()[0] / unit  # the token sum's gradient . the reference
     for path in shared:
         c, s = given[id(path)], steps[id(path)]
         s.loss += token_sum * c.scale
         s.projection += c.scale * projection
         s.weights.append(n * c.scale if view.step.counts[view.index] else math.nan)
         _carry(s, c)
-    norm2 = dots(correct.kept, correct.kept) if own else 0.0
+    norm2 = dots(correct.kept, correct.kept) / unit if own else 0.0  # (its gradient . the correct share) x N
     for path in own:
         c, s = given[id(path)], steps[id(path)]
         b, reason = guard.call(f"the backward of {path.label.path} in {where}", hooks.backward, c.loss,

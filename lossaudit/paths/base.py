@@ -82,6 +82,7 @@ class Outcome:
     weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
     gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
+    projections: list[float] | None = None  # step paths: each microbatch's backward . the reference (core/backwards.py)
 
 
 @dataclass(frozen=True)

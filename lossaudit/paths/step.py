@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ..core.backwards import Backwards
 from ..core.layouts import Layout, microbatches
 from ..core.registry import load_callable
 from ..stacks.step import run_step_function
@@ -33,11 +34,20 @@ class StepFunctionPath(StepPath):
     def run(self, ctx, layout: Layout) -> list[Outcome]:
         if layout.world_size > 1:
             raise Unavailable("the step path runs in one process (--world-size 1)")
-        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device)
+        reference = [ctx.reference.grads[n] for n, _ in ctx.params]
+        watched: list[Backwards] = []
+
+        def watch(dicts):  # each backward of the step, cut per microbatch
+            watched.append(Backwards(ctx.model, ctx.params, reference, [d["input_ids"] for d in dicts]))
+            return watched[0]
+
+        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch)
         if math.isnan(step.loss):
             raise Unavailable(f"{self.label.reduction} returned no loss: return the step's loss "
                               "(the sum of what it backwarded) so that it can be compared")
-        return [Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(step.notes))]
+        projections, unresolved = watched[0].resolve(layout.microbatches, [g for _, g in step.gradient])
+        return [Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(x for x in step.notes + [unresolved] if x),
+                        projections=projections)]
 
 
 PATHS.register(

@@ -97,6 +97,71 @@ def reweight_1pct(step: StepTokens):
     return weights
 
 
+# --- training steps (--step MODULE:FUNCTION(model, microbatches)) ---------------------------
+
+
+def _step_token_sums(model, microbatches, weight, *, upcast: bool = True) -> float:
+    """A user's accumulation loop: per microbatch, its token sum of cross entropy times
+    ``weight(i, counts)``, one backward each. ``upcast=False`` takes the cross entropy on the
+    model's own logits (bf16-true: litgpt's ``chunked_cross_entropy`` on bf16 logits)."""
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in microbatches]
+    loss = 0.0
+    for i, batch in enumerate(microbatches):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].flatten(0, 1)
+        part = F.cross_entropy(logits.float() if upcast else logits, batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100, reduction="sum") * weight(i, counts)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+def step_correct(model, microbatches):
+    """The correct twin: each microbatch's token sum over the step's count, logits upcast."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / sum(counts))
+
+
+def step_rescale_1pct(model, microbatches):
+    """Token sums over a count 1% too large (gradient x0.990)."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / (1.01 * sum(counts)))
+
+
+def _moved(i: int, counts: list[int]) -> float:
+    """reweight_1pct's weights, in a loop: 1% of the step's weight from the last microbatch to the first."""
+    w = 1.0 / sum(counts)
+    if len(counts) > 1 and i in (0, len(counts) - 1):
+        w += (0.01 if i == 0 else -0.01) / counts[i]
+    return w
+
+
+def step_reweight_1pct(model, microbatches):
+    """1% of the step's weight moved from the last microbatch to the first (total unchanged)."""
+    return _step_token_sums(model, microbatches, _moved)
+
+
+def step_bf16_logits(model, microbatches):
+    """The right count, but cross entropy on the model's own (bf16) logits: a precision finding."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / sum(counts), upcast=False)
+
+
+def step_bf16_logits_mean_of_means(model, microbatches):
+    """litgpt bf16-true with gradient accumulation: each microbatch's token mean of cross
+    entropy on bf16 logits, divided by k: precision at k=1, a mean of means at k>1."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / (len(counts) * counts[i]), upcast=False)
+
+
+def step_one_backward(model, microbatches):
+    """A correct step that sums its microbatches' losses and runs one backward: judged on the
+    whole step (its microbatches cannot be cut)."""
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in microbatches]
+    total = 0.0
+    for batch in microbatches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].flatten(0, 1)
+        total = total + F.cross_entropy(logits.float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                        reduction="sum") / sum(counts)
+    total.backward()
+    return float(total.detach())
+
+
 # --- a model whose outputs depend on padding -----------------------------------------------
 
 PAD_BLIND = "quality-padblind-llama"
