@@ -196,13 +196,27 @@ class Judge:
         p = self.precision_reference()
         return p.describe() if p is not None and precision.fits(one, p, tol) else ""
 
+    @staticmethod
+    def bent_at_one(m: Measured, one: Measured | None, tol: Tolerance) -> str:
+        """For a case at k > 1 whose own k = 1 already points elsewhere than the reference: that
+        it is another objective, not a normalisation over microbatches (every count bug is
+        right at k = 1)."""
+        if one is None or one is m or m.label.expected or m.label.calibrates:
+            return ""
+        g = one.grads
+        if not (g is not None and math.isfinite(g.cosine) and 1.0 - g.cosine > tol.tolerances["direction"]):
+            return ""
+        return (f"at k=1 this step already differs from the token mean in direction (1 - cosine {1.0 - g.cosine:.2g}): "
+                "another objective, not a count over microbatches alone")
+
     def cause(self, m: Measured, tol: Tolerance) -> str:
         """A finding's cause. Precision when the step's k = 1 is what its precision gives; at
         k > 1 the normalisation is then judged against that k = 1 (precision included)."""
         said = self.precision_of(m, tol)
-        one = self.single(m) if said else None
+        one = self.single(m)
         if not said or one is m:
-            return said or causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+            found = said or causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+            return "; ".join(x for x in (self.bent_at_one(m, one, tol), found) if x)
         rel = precision.relative(m, one)
         if not tol.exceeded({k: v for k, v in rel.deviation().items() if k in ("scale", "direction", "weights")}):
             return f"{said}; its normalisation matches its own k=1"
@@ -236,7 +250,7 @@ class Guard:
 
     def step(self, path: StepPath, ctx: AuditContext, layout: Layout) -> list[Measured]:
         """One layout of a step path: its outcomes measured, or its error cases."""
-        outcomes, reason = self.call(f"the {path.name} path on {layout.name}", path.run, ctx, layout)
+        outcomes, reason = self.call(f"the {path.name} path on {layout.name}", path.run_resolved, ctx, layout)
         if reason is not None:
             return [self.judge.failed(label, layout, reason) for label in path.labels(layout)]
         return [self.judge.measure(o) for o in outcomes]

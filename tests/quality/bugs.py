@@ -149,6 +149,22 @@ def step_bf16_logits_mean_of_means(model, microbatches):
     return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / (len(counts) * counts[i]), upcast=False)
 
 
+def step_sequence_mean_by_k(model, microbatches):
+    """verl's seq-mean-token-mean with accumulation: each microbatch's mean over its sequences of
+    their token means, divided by k. A different objective at k=1 already (not a count)."""
+    loss = 0.0
+    for batch in microbatches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counts = (targets != -100).sum(dim=1)
+        rows = counts > 0
+        part = (per_token.sum(dim=1)[rows] / counts[rows]).mean() / len(microbatches)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
 def step_one_backward(model, microbatches):
     """A correct step that sums its microbatches' losses and runs one backward: judged on the
     whole step (its microbatches cannot be cut)."""
@@ -223,6 +239,7 @@ class Plant:
     bug: dict  # lossaudit.check options that plant it
     twin: dict  # the correct twin's options
     setup: object = field(default=contextlib.nullcontext)  # a context the audit runs inside
+    dtypes: tuple = DTYPES  # where it is a bug (bf16 logits are float32's own in a float32 model)
 
 
 def _fn(name: str) -> str:
@@ -231,6 +248,13 @@ def _fn(name: str) -> str:
 
 def _planted(name: str) -> str:
     return f"planted:{name}"
+
+
+def _step(name: str, **more) -> dict:
+    return dict(path=["step"], step=_fn(name), microbatches=[1, 2, 4], **more)
+
+
+STEP_TWIN = _step("step_correct")
 
 
 PLANTS = (
@@ -258,6 +282,15 @@ PLANTS = (
           dict(model="llama", path=["model"], paddings=["right", "left"]), pad_blind_llama),
     Plant("reweight-1%", "reduction: 1% of the step's weight moved from the last microbatch to the first",
           dict(path=["reduction"], reductions=[_fn("reweight_1pct")]), dict(path=["reduction"], reductions=[_planted("correct")])),
+    # your own step (--step), resolved per microbatch (core/backwards.py)
+    Plant("step-rescale-1%", "your step: token sums over a count 1% too large",
+          _step("step_rescale_1pct"), STEP_TWIN),
+    Plant("step-reweight-1%", "your step: 1% of the step's weight moved from the last microbatch to the first",
+          _step("step_reweight_1pct"), STEP_TWIN),
+    Plant("step-mean-of-means", "your step: each microbatch's token mean, divided by k (nanoGPT)",
+          _step("step_bf16_logits_mean_of_means"), STEP_TWIN, dtypes=("bfloat16",)),
+    Plant("step-bf16-logits", "your step: the right count, cross entropy on bf16 logits (precision)",
+          _step("step_bf16_logits"), STEP_TWIN, dtypes=("bfloat16",)),
 )
 
 
@@ -293,4 +326,4 @@ def found(plant: Plant, dtype: str) -> tuple[bool, bool, str]:
 
 def table() -> list[dict]:
     return [dict(zip(("bug", "dtype", "found", "twin_clean", "measured"), (p.name, d, *found(p, d))))
-            for p in PLANTS for d in DTYPES]
+            for p in PLANTS for d in p.dtypes]
