@@ -176,7 +176,12 @@ class Judge:
     def precision_reference(self) -> PrecisionReference | None:
         """The reference in the model's own precision, taken once, when a finding asks."""
         if self._precision is False:
-            self._precision = precision.precision_reference(self.ctx)
+            try:
+                self._precision = precision.precision_reference(self.ctx)
+            except Exception as exc:  # a model whose own forward fails here: name no precision
+                if must_propagate(exc):
+                    raise
+                self._precision = None
         return self._precision
 
     def single(self, m: Measured) -> Measured | None:
@@ -201,7 +206,7 @@ class Judge:
         """For a case at k > 1 whose own k = 1 already points elsewhere than the reference: that
         it is another objective, not a normalisation over microbatches (every count bug is
         right at k = 1)."""
-        if one is None or one is m or m.label.expected or m.label.calibrates:
+        if one is None or one is m or m.label.expected or m.label.calibrates or m.aux_target is not None:
             return ""
         g = one.grads
         if not (g is not None and math.isfinite(g.cosine) and 1.0 - g.cosine > tol.tolerances["direction"]):
