@@ -25,7 +25,7 @@ from ..core.accumulate import SIXTEEN_BIT
 from ..core.forward import forward
 from ..core.grads import dots, grads_of
 from ..core.layouts import full_batch
-from ..core.tokens import prepend_ignored, target_mask
+from ..core.tokens import prepend_ignored, target_mask, token_losses
 from ..stacks.peft import virtual_tokens
 from .tolerance import Tolerance
 
@@ -61,7 +61,8 @@ def precision_reference(ctx: "AuditContext") -> PrecisionReference | None:
     if outputs.logits.dtype not in SIXTEEN_BIT:
         return None
     labels = prepend_ignored(mb.labels, virtual_tokens(ctx.model)).to(ctx.device)
-    losses = ctx.objective.token_losses(outputs.logits, labels, ctx.batch.task, dtype=outputs.logits.dtype)
+    losses = token_losses(outputs.logits, labels, ctx.batch.task, label_smoothing=ctx.objective.label_smoothing,
+                          dtype=outputs.logits.dtype)
     count = int(target_mask(labels, ctx.batch.task).sum())
     loss = losses.double().sum() / count
     grads = grads_of(loss, ctx.params, retain_graph=False)

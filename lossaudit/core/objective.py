@@ -29,10 +29,9 @@ class Objective:
     def plain(self) -> bool:
         return self.label_smoothing == 0.0
 
-    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor, task: str,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Per-target losses in float64 (or ``dtype``), (B, T'), 0 where no target (see tokens.token_losses)."""
-        return token_losses(logits, labels, task, label_smoothing=self.label_smoothing, dtype=dtype)
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+        """Per-target losses in float64, (B, T'), 0 where no target (see tokens.token_losses)."""
+        return token_losses(logits, labels, task, label_smoothing=self.label_smoothing)
 
     def describe(self) -> str:
         if self.plain:

@@ -42,7 +42,7 @@ class StepFunctionPath(StepPath):
             watched.append(Backwards(ctx.model, ctx.params, reference, [d["input_ids"] for d in dicts]))
             return watched[0]
 
-        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch)
+        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch=watch)
         if math.isnan(step.loss):
             raise Unavailable(f"{self.label.reduction} returned no loss: return the step's loss "
                               "(the sum of what it backwarded) so that it can be compared")

@@ -32,7 +32,7 @@ def _run(setup, fn):
         watched.append(Backwards(model, params, r, [d["input_ids"] for d in dicts]))
         return watched[0]
 
-    step = run_step_function(model, mbs, fn, CPU, watch)
+    step = run_step_function(model, mbs, fn, CPU, watch=watch)
     return watched[0].resolve(len(mbs), [g for _, g in step.gradient])
 
 
