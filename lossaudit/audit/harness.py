@@ -22,7 +22,7 @@ from ..report.environment import environment
 from ..core.errors import EnvironmentProblem, UsageError
 from .faults import has_nonfinite, out_of_memory_is_environmental
 from ..core.forward import forward
-from ..core.accumulate import GradientSum, Hooks
+from ..core.accumulate import SIXTEEN_BIT, GradientSum, Hooks
 from ..core.grads import dots, trainable
 from .judge import Guard, Judge, Measured, report_fields
 from ..core.layouts import Layout, microbatches, plan_layouts
@@ -204,9 +204,11 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
             given[id(path)] = c
     shared = [p for p in live if id(p) in given and given[id(p)].loss is view.token_sum]
     own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
-    # backwarded as token_sum / N, the correct share itself: a 16-bit logit gradient then rounds as
-    # the reference's does (the token sum's own, p - 1 per target, rounds ~0.2 % low in bf16)
-    unit = 1.0 / n if n else 1.0
+    # in 16 bits, backwarded as token_sum / N, the correct share itself: its logit gradient then
+    # rounds as the reference's does (the token sum's own, p - 1 per target, rounds ~0.2 % low in
+    # bf16). Wider dtypes keep the token sum's backward and their numbers: its float32 rounding in
+    # float64 runs (RMSNorm, rotary) is the noise that lets transformers' float32 loss code pass
+    unit = 1.0 / n if n and hooks.params and hooks.params[0].dtype in SIXTEEN_BIT else 1.0
     sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / (unit * steps[id(p)].factor)) for p in shared}
     token_sum = float(view.token_sum.detach())
     correct = hooks.backward(view.token_sum * unit, list(sinks.values()), keep=bool(own))
