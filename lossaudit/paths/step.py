@@ -22,6 +22,7 @@ def resolve_step(spec):
 
 class StepFunctionPath(StepPath):
     name = "step"
+    changes_model = True  # a real loop's step may update, cast or freeze the model
     cuts_backwards = True  # it knows its microbatches' inputs: a step that visits them out of order is followed
 
     def __init__(self, spec):
