@@ -26,7 +26,7 @@ from ..core.forward import forward
 from ..core.grads import dots, grads_of
 from ..core.layouts import full_batch
 from ..core.tokens import prepend_ignored, target_mask, token_losses
-from ..stacks.peft import virtual_tokens
+from ..core.wrapped import virtual_tokens
 from .tolerance import Tolerance
 
 if TYPE_CHECKING:
