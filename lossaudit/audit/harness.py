@@ -23,7 +23,7 @@ from ..core.errors import EnvironmentProblem, UsageError
 from .faults import out_of_memory_is_environmental
 from ..core.finite import has_nonfinite
 from ..core.forward import forward
-from ..core.accumulate import GradientSum, Hooks
+from ..core.accumulate import SIXTEEN_BIT, GradientSum, Hooks
 from ..core.grads import dots, trainable
 from .judge import Guard, Judge, Measured, report_fields
 from ..core.layouts import Layout, microbatches, plan_layouts
@@ -218,17 +218,23 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
             given[id(path)] = c
     shared = [p for p in live if id(p) in given and given[id(p)].loss is view.token_sum]
     own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
-    sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / steps[id(p)].factor) for p in shared}
+    # in 16 bits, backwarded as token_sum / N, the correct share itself: its logit gradient then
+    # rounds as the reference's does (the token sum's own, p - 1 per target, rounds ~0.2 % low in
+    # bf16). Wider dtypes keep the token sum's backward and their numbers: its float32 rounding in
+    # float64 runs (RMSNorm, rotary) is the noise that lets transformers' float32 loss code pass
+    unit = 1.0 / n if n and hooks.params and hooks.params[0].dtype in SIXTEEN_BIT else 1.0
+    sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / (unit * steps[id(p)].factor)) for p in shared}
     token_sum = float(view.token_sum.detach())
-    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own), last=not own)  # x N: the correct share
-    projection, _ = correct.results()
+    loss = view.token_sum * unit if unit != 1.0 else view.token_sum
+    correct = hooks.backward(loss, list(sinks.values()), keep=bool(own), last=not own)
+    projection = correct.results()[0] / unit  # the token sum's gradient . the reference
     for path in shared:
         c, s = given[id(path)], steps[id(path)]
         s.loss += token_sum * c.scale
         s.projection += c.scale * projection
         s.weights.append(n * c.scale if view.step.counts[view.index] else math.nan)
         _carry(s, c)
-    norm2 = dots(correct.kept, correct.kept) if own else 0.0
+    norm2 = dots(correct.kept, correct.kept) / unit if own else 0.0  # (its gradient . the correct share) x N
     for path in own:
         c, s = given[id(path)], steps[id(path)]
         b, reason = guard.call(f"the backward of {path.label.path} in {where}", hooks.backward, c.loss,

@@ -14,14 +14,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import causes
+from . import causes, precision
 from ..core.errors import LossauditError, RankFailure
 from .faults import must_propagate, one_line
 from ..core.forward import forward
-from ..core.grads import GradDiff, compare_grads
+from ..core.grads import GradDiff, compare_grads, dots
 from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
+from .precision import PrecisionReference
 from .tolerance import Tolerance, deviations
 
 
@@ -73,6 +74,9 @@ class Judge:
         self.reference = ctx.reference
         self.facts: dict[Layout, LayoutFacts] = {}
         self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
+        self.norm2: float | None = None  # the reference's squared norm, summed (harness.run_layout's norm2)
+        self.seen: dict[int, list[Measured]] = {}  # id(label) -> its cases, to find a step's own k=1
+        self._precision: PrecisionReference | None | bool = False  # False: not taken yet
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -109,10 +113,29 @@ class Judge:
                               norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
-        return Measured(
+        return self._saw(Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
-            grads=grads, weights=None if aux else outcome.weights,
-            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault)
+            grads=grads, weights=None if aux else (outcome.weights or self.resolved(outcome)),
+            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault))
+
+    def _saw(self, m: Measured) -> Measured:
+        self.seen.setdefault(id(m.label), []).append(m)
+        return m
+
+    def resolved(self, outcome: Outcome) -> list[float] | None:
+        """A step path's weight per microbatch (x the token-mean weight): each backward's
+        projection on the reference over the correct share of its microbatch, which the
+        harness's correct reduction measured on the same layout."""
+        facts = self.facts.get(outcome.layout)
+        if outcome.projections is None or facts is None or facts.shares is None:
+            return None
+        if self.norm2 is None:
+            r = [self.reference.grads[n] for n, _ in self.ctx.params]
+            self.norm2 = dots(r, r)
+        norm2 = self.norm2
+        if len(facts.shares) != len(outcome.projections) or not norm2 or not all(facts.shares):
+            return None
+        return [p / (s * norm2) for p, s in zip(outcome.projections, facts.shares)]
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""
@@ -147,8 +170,65 @@ class Judge:
         only_loss = ""
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
-        cause = causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+        cause = self.cause(m, tol)
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
+
+    # --- precision (precision.py) ------------------------------------------------------
+    def precision_reference(self) -> PrecisionReference | None:
+        """The reference in the model's own precision, taken once, when a finding asks."""
+        if self._precision is False:
+            try:
+                self._precision = precision.precision_reference(self.ctx)
+            except Exception as exc:  # a model whose own forward fails here: name no precision
+                if must_propagate(exc):
+                    raise
+                self._precision = None
+        return self._precision
+
+    def single(self, m: Measured) -> Measured | None:
+        """The same case at k = 1 on one process (right padding first): the step's own k = 1."""
+        ones = [x for x in self.seen.get(id(m.label), ()) if x.layout.microbatches == 1 and x.layout.world_size == 1
+                and x.grads is not None and x.error is None]
+        return next((x for x in ones if x.layout.padding == m.layout.padding), ones[0] if ones else None)
+
+    def precision_of(self, m: Measured, tol: Tolerance) -> str:
+        """The precision finding of a case (its k = 1 deviates as the model's own precision
+        makes cross entropy deviate), or ""."""
+        if m.label.calibrates or m.label.expected or m.aux_target is not None or self.dtype not in ("bfloat16", "float16"):
+            return ""
+        one = self.single(m)
+        if one is None or not tol.exceeded(one.deviation()):
+            return ""
+        p = self.precision_reference()
+        return p.describe() if p is not None and precision.fits(one, p, tol) else ""
+
+    @staticmethod
+    def bent_at_one(m: Measured, one: Measured | None, tol: Tolerance) -> str:
+        """For a case at k > 1 whose own k = 1 already points elsewhere than the reference: that
+        it is another objective, not a normalisation over microbatches (every count bug is
+        right at k = 1)."""
+        if one is None or one is m or m.label.expected or m.label.calibrates or m.aux_target is not None:
+            return ""
+        g = one.grads
+        if not (g is not None and math.isfinite(g.cosine) and 1.0 - g.cosine > tol.tolerances["direction"]):
+            return ""
+        return (f"at k=1 this step already differs from the token mean in direction (1 - cosine {1.0 - g.cosine:.2g}): "
+                "another objective, not a count over microbatches alone")
+
+    def cause(self, m: Measured, tol: Tolerance) -> str:
+        """A finding's cause. Precision when the step's k = 1 is what its precision gives; at
+        k > 1 the normalisation is then judged against that k = 1 (precision included)."""
+        said = self.precision_of(m, tol)
+        one = self.single(m)
+        if not said or one is m:
+            found = said or causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+            return "; ".join(x for x in (self.bent_at_one(m, one, tol), found) if x)
+        rel = precision.relative(m, one)
+        if not tol.exceeded({k: v for k, v in rel.deviation().items() if k in ("scale", "direction", "weights")}):
+            return f"{said}; its normalisation matches its own k=1"
+        coarse = precision.loss_resolution(tol, self.dtype)
+        found = causes.explain(rel, self.reference, self.ctx.batch, coarse, self.facts.get(m.layout))
+        return f"{said}; against its own k=1 (precision included): {found}"
 
 
 class Guard:
@@ -176,7 +256,7 @@ class Guard:
 
     def step(self, path: StepPath, ctx: AuditContext, layout: Layout) -> list[Measured]:
         """One layout of a step path: its outcomes measured, or its error cases."""
-        outcomes, reason = self.call(f"the {path.name} path on {layout.name}", path.run, ctx, layout)
+        outcomes, reason = self.call(f"the {path.name} path on {layout.name}", path.run_resolved, ctx, layout)
         if reason is not None:
             return [self.judge.failed(label, layout, reason) for label in path.labels(layout)]
         return [self.judge.measure(o) for o in outcomes]
@@ -195,6 +275,7 @@ def report_fields(m: Measured, judge: Judge, tol: Tolerance) -> dict:
         "grad_max_abs": g.max_abs if g else nan, "grad_scale": g.scale if g else nan,
         "worst_param": g.worst_param if g else None, "worst_param_rel_err": g.worst_rel_err if g else nan,
         "verdict": verdict, "expected": bool(m.label.expected), "detail": detail,
+        "precision": (judge.precision_of(m, tol) or None) if verdict == "diverge" else None,
         "microbatch_weights": list(m.weights) if m.weights else None,
         "microbatch_losses": ref.microbatch_losses(judge.ctx.batch, m.layout),
         "first_nonfinite": m.fault or (g.nonfinite_param if g else None), **causes.aux_fields(m, ref), **m.extra,

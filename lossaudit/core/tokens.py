@@ -87,14 +87,16 @@ def count_unshifted(labels: torch.Tensor, task: str) -> int:
 
 
 def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, task: str, *, label_smoothing: float = 0.0
+    logits: torch.Tensor, labels: torch.Tensor, task: str, *, label_smoothing: float = 0.0,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Per-target cross entropy in float64, shape (B, T'); exactly 0 where no target.
 
     The logits are upcast before the softmax, so the loss (not the model) is float64.
+    ``dtype``: the precision the log-softmax runs in instead (``audit/precision.py``).
     """
     scored, targets = align(logits, labels, task)
-    flat = scored.reshape(-1, scored.shape[-1]).to(torch.float64)
+    flat = scored.reshape(-1, scored.shape[-1]).to(dtype)
     losses = F.cross_entropy(
         flat,
         targets.reshape(-1).to(flat.device),

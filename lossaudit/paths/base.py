@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
+from ..core.backwards import Backwards
 from ..core.layouts import Layout, Microbatch
 from ..core.objective import Objective
 from ..core.reductions import Reduction, StepTokens
@@ -84,6 +85,7 @@ class Outcome:
     weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
     gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
+    projections: list[float] | None = None  # step paths: each microbatch's backward . the reference (core/backwards.py)
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,25 @@ class StepPath:
     def run(self, ctx: AuditContext, layout: Layout) -> list[Outcome]:
         raise NotImplementedError
 
+    cuts_backwards = False  # ``run`` resolves its own microbatches (sets Outcome.projections)
+
     def labels(self, layout: Layout) -> list[Label]:
         """The labels ``run`` returns on ``layout`` (an error case needs them when it raises)."""
         return [self.label]
+
+    def run_resolved(self, ctx: AuditContext, layout: Layout) -> list[Outcome]:
+        """``run`` in this process with each of its backwards cut and projected on the reference
+        (core/backwards.py), so that its outcome carries a weight per microbatch, or a note why not."""
+        if self.cuts_backwards or layout.world_size > 1 or ctx.reference is None:
+            return self.run(ctx, layout)
+        with Backwards(ctx.model, ctx.params, [ctx.reference.grads[n] for n, _ in ctx.params]) as watched:
+            outcomes = self.run(ctx, layout)
+        if len(outcomes) == 1 and outcomes[0].projections is None:
+            o = outcomes[0]
+            o.gradient = list(o.gradient)
+            o.projections, why = watched.resolve(layout.microbatches, [g for _, g in o.gradient])
+            o.note = "; ".join(x for x in (o.note, why) if x)
+        return outcomes
 
     def run_layouts(self, ctx: AuditContext, layouts: list[Layout], guard, say: Callable[[str], None]) -> list:
         """Every layout of the run, each behind ``guard`` (judge.Guard), judged as it ends. A

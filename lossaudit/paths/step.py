@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ..core.backwards import Backwards
 from ..core.layouts import Layout, microbatches
 from ..core.registry import load_callable
 from ..stacks.step import run_step_function
@@ -22,6 +23,7 @@ def resolve_step(spec):
 class StepFunctionPath(StepPath):
     name = "step"
     changes_model = True  # a real loop's step may update, cast or freeze the model
+    cuts_backwards = True  # it knows its microbatches' inputs: a step that visits them out of order is followed
 
     def __init__(self, spec):
         self.fn = resolve_step(spec)
@@ -34,11 +36,20 @@ class StepFunctionPath(StepPath):
     def run(self, ctx, layout: Layout) -> list[Outcome]:
         if layout.world_size > 1:
             raise Unavailable("the step path runs in one process (--world-size 1)")
-        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device)
+        reference = [ctx.reference.grads[n] for n, _ in ctx.params]
+        watched: list[Backwards] = []
+
+        def watch(dicts):  # each backward of the step, cut per microbatch
+            watched.append(Backwards(ctx.model, ctx.params, reference, [d["input_ids"] for d in dicts]))
+            return watched[0]
+
+        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch=watch)
         if math.isnan(step.loss):
             raise Unavailable(f"{self.label.reduction} returned no loss: return the step's loss "
                               "(the sum of what it backwarded) so that it can be compared")
-        return [Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(step.notes))]
+        projections, unresolved = watched[0].resolve(layout.microbatches, [g for _, g in step.gradient])
+        return [Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(x for x in step.notes + [unresolved] if x),
+                        projections=projections)]
 
 
 PATHS.register(

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:  # the CLI imports this module to parse arguments: keep pandas out of it
     from .report import Report
 
-MAX_FINDINGS_SHOWN = 10
 Segment = tuple[str, str | None]  # (text, rich style)
 Line = list[Segment]
 PROGRESS_STEP = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")  # the harness's "[i/n] layout" messages
@@ -123,8 +122,7 @@ def summary_lines(report: Report, written: list[Path]) -> list[Line]:
     from .report import summary_frame  # lazy: the CLI parses arguments with this module, keep pandas out
 
     table = summary_frame(report)
-    expected = report.cases.assign(label=report.cases["path"] + report.cases["reduction"].map(
-        lambda r: f":{r}" if isinstance(r, str) else "")).groupby("label")["expected"].all()
+    expected = report.cases.assign(label=_labels(report.cases)).groupby("label")["expected"].all()
     width = max(len(label) for label in table.index) + 2
     lines.append([(" " * width + "".join(f"{c:>10}" for c in table.columns), "dim")])
     for label, row in table.iterrows():
@@ -140,19 +138,31 @@ def summary_lines(report: Report, written: list[Path]) -> list[Line]:
 
 
 def _findings_lines(report: Report) -> list[Line]:
+    """The findings, one line per path and k: the worst layout of that k, with how many of its
+    layouts diverge. Every k of every path keeps its line (k=1's evidence included), so nothing
+    that tells the story is cut; the report holds every case."""
     findings = report.worst_first(report.findings)
     if not len(findings):
         return [[("no findings: every audited path matches the float64 reference", "bold green")]]
-    lines: list[Line] = [[(f"{len(findings)} FINDING(S), worst first:", "bold red")]]
-    for row in findings.head(MAX_FINDINGS_SHOWN).itertuples():
-        what = row.path + (f":{row.reduction}" if isinstance(row.reduction, str) else "")
-        lines.append([("  ", None), (f"{row.verdict.upper():8}", "bold red" if row.verdict == "diverge" else "bold yellow"),
-                      (f" {what} k={row.microbatches} {row.grouping} pad-{row.padding}: "
-                       f"loss err {_err(row.loss_rel_err)}, grad err {_err(row.grad_rel_err)}"
-                       f" (worst {row.worst_param}) - {row.detail}", None)])
-    if len(findings) > MAX_FINDINGS_SHOWN:
-        lines.append([(f"  ... and {len(findings) - MAX_FINDINGS_SHOWN} more in the report", None)])
+    lines: list[Line] = [[(f"{len(findings)} FINDING(S), worst first, one line per path and k:", "bold red")]]
+    cases = report.cases.assign(_label=_labels(report.cases))
+    layouts = cases.groupby(["_label", "microbatches"]).size()
+    findings = findings.assign(_label=_labels(findings))
+    for label in dict.fromkeys(findings["_label"]):  # paths in the order of their worst finding
+        mine = findings[findings["_label"] == label]
+        for k in sorted(set(mine["microbatches"])):
+            at_k = mine[mine["microbatches"] == k]
+            row = next(at_k.itertuples())  # worst first already
+            count = f"{len(at_k)} of {layouts.get((label, k), len(at_k))} layouts"
+            lines.append([("  ", None), (f"{row.verdict.upper():8}", "bold red" if row.verdict == "diverge" else "bold yellow"),
+                          (f" {label} k={row.microbatches} ({count}; worst {row.grouping} pad-{row.padding}): "
+                           f"loss err {_err(row.loss_rel_err)}, grad err {_err(row.grad_rel_err)}"
+                           f" (worst {row.worst_param}) - {row.detail}", None)])
     return lines
+
+
+def _labels(frame):
+    return frame["path"] + frame["reduction"].map(lambda r: f":{r}" if isinstance(r, str) else "")
 
 
 def summary(report: Report, written: list[Path]) -> str:

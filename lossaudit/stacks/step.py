@@ -4,8 +4,9 @@ user's forward and backward over the layout's microbatches and leaves the step's
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -23,13 +24,16 @@ def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: 
 
 
 def run_step_function(model: torch.nn.Module, microbatches: list[Microbatch], fn: StepFn,
-                      device: torch.device) -> StackStep:
-    """One call of the user's step; ``.grad`` is cleared again afterwards."""
+                      device: torch.device, *, watch: Callable[[list[dict]], ContextManager] | None = None) -> StackStep:
+    """One call of the user's step; ``.grad`` is cleared again afterwards. ``watch``: a context
+    made from the step's microbatch dicts, entered around the call (core/backwards.py)."""
     params = trainable(model)
     for _, p in params:
         p.grad = None
+    dicts = batch_dicts(model, microbatches, device)
     try:
-        returned = fn(model, batch_dicts(model, microbatches, device))
+        with (watch or (lambda _: contextlib.nullcontext()))(dicts):
+            returned = fn(model, dicts)
         gradient = [(n, None if p.grad is None else p.grad.detach().cpu().clone()) for n, p in params]
     finally:
         for _, p in params:

@@ -97,6 +97,87 @@ def reweight_1pct(step: StepTokens):
     return weights
 
 
+# --- training steps (--step MODULE:FUNCTION(model, microbatches)) ---------------------------
+
+
+def _step_token_sums(model, microbatches, weight, *, upcast: bool = True) -> float:
+    """A user's accumulation loop: per microbatch, its token sum of cross entropy times
+    ``weight(i, counts)``, one backward each. ``upcast=False`` takes the cross entropy on the
+    model's own logits (bf16-true: litgpt's ``chunked_cross_entropy`` on bf16 logits)."""
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in microbatches]
+    loss = 0.0
+    for i, batch in enumerate(microbatches):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].flatten(0, 1)
+        part = F.cross_entropy(logits.float() if upcast else logits, batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100, reduction="sum") * weight(i, counts)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+def step_correct(model, microbatches):
+    """The correct twin: each microbatch's token sum over the step's count, logits upcast."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / sum(counts))
+
+
+def step_rescale_1pct(model, microbatches):
+    """Token sums over a count 1% too large (gradient x0.990)."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / (1.01 * sum(counts)))
+
+
+def _moved(i: int, counts: list[int]) -> float:
+    """reweight_1pct's weights, in a loop: 1% of the step's weight from the last microbatch to the first."""
+    w = 1.0 / sum(counts)
+    if len(counts) > 1 and i in (0, len(counts) - 1):
+        w += (0.01 if i == 0 else -0.01) / counts[i]
+    return w
+
+
+def step_reweight_1pct(model, microbatches):
+    """1% of the step's weight moved from the last microbatch to the first (total unchanged)."""
+    return _step_token_sums(model, microbatches, _moved)
+
+
+def step_bf16_logits(model, microbatches):
+    """The right count, but cross entropy on the model's own (bf16) logits: a precision finding."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / sum(counts), upcast=False)
+
+
+def step_bf16_logits_mean_of_means(model, microbatches):
+    """litgpt bf16-true with gradient accumulation: each microbatch's token mean of cross
+    entropy on bf16 logits, divided by k: precision at k=1, a mean of means at k>1."""
+    return _step_token_sums(model, microbatches, lambda i, counts: 1.0 / (len(counts) * counts[i]), upcast=False)
+
+
+def step_sequence_mean_by_k(model, microbatches):
+    """verl's seq-mean-token-mean with accumulation: each microbatch's mean over its sequences of
+    their token means, divided by k. A different objective at k=1 already (not a count)."""
+    loss = 0.0
+    for batch in microbatches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counts = (targets != -100).sum(dim=1)
+        rows = counts > 0
+        part = (per_token.sum(dim=1)[rows] / counts[rows]).mean() / len(microbatches)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+def step_one_backward(model, microbatches):
+    """A correct step that sums its microbatches' losses and runs one backward: judged on the
+    whole step (its microbatches cannot be cut)."""
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in microbatches]
+    total = 0.0
+    for batch in microbatches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].flatten(0, 1)
+        total = total + F.cross_entropy(logits.float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                        reduction="sum") / sum(counts)
+    total.backward()
+    return float(total.detach())
+
+
 # --- a model whose outputs depend on padding -----------------------------------------------
 
 PAD_BLIND = "quality-padblind-llama"
@@ -158,6 +239,7 @@ class Plant:
     bug: dict  # lossaudit.check options that plant it
     twin: dict  # the correct twin's options
     setup: object = field(default=contextlib.nullcontext)  # a context the audit runs inside
+    dtypes: tuple = DTYPES  # where it is a bug (bf16 logits are float32's own in a float32 model)
 
 
 def _fn(name: str) -> str:
@@ -166,6 +248,13 @@ def _fn(name: str) -> str:
 
 def _planted(name: str) -> str:
     return f"planted:{name}"
+
+
+def _step(name: str, **more) -> dict:
+    return dict(path=["step"], step=_fn(name), microbatches=[1, 2, 4], **more)
+
+
+STEP_TWIN = _step("step_correct")
 
 
 PLANTS = (
@@ -193,6 +282,15 @@ PLANTS = (
           dict(model="llama", path=["model"], paddings=["right", "left"]), pad_blind_llama),
     Plant("reweight-1%", "reduction: 1% of the step's weight moved from the last microbatch to the first",
           dict(path=["reduction"], reductions=[_fn("reweight_1pct")]), dict(path=["reduction"], reductions=[_planted("correct")])),
+    # your own step (--step), resolved per microbatch (core/backwards.py)
+    Plant("step-rescale-1%", "your step: token sums over a count 1% too large",
+          _step("step_rescale_1pct"), STEP_TWIN),
+    Plant("step-reweight-1%", "your step: 1% of the step's weight moved from the last microbatch to the first",
+          _step("step_reweight_1pct"), STEP_TWIN),
+    Plant("step-mean-of-means", "your step: each microbatch's token mean, divided by k (nanoGPT)",
+          _step("step_bf16_logits_mean_of_means"), STEP_TWIN, dtypes=("bfloat16",)),
+    Plant("step-bf16-logits", "your step: the right count, cross entropy on bf16 logits (precision)",
+          _step("step_bf16_logits"), STEP_TWIN, dtypes=("bfloat16",)),
 )
 
 
@@ -228,4 +326,4 @@ def found(plant: Plant, dtype: str) -> tuple[bool, bool, str]:
 
 def table() -> list[dict]:
     return [dict(zip(("bug", "dtype", "found", "twin_clean", "measured"), (p.name, d, *found(p, d))))
-            for p in PLANTS for d in DTYPES]
+            for p in PLANTS for d in p.dtypes]

@@ -17,6 +17,9 @@ def main() -> None:
     for plant in PLANTS:
         cells = []
         for dtype in DTYPES:
+            if dtype not in plant.dtypes:
+                cells.append("n/a")
+                continue
             bug, twin, why = found(plant, dtype)
             cells.append(("found" if bug else "MISSED") + ("" if twin else " (twin FLAGGED)"))
             print(f"{plant.name} {dtype}: {why}", file=sys.stderr)

@@ -7,7 +7,7 @@ silently turns back into "missed"."""
 
 import pytest
 
-from quality.bugs import DTYPES, MISSED, PLANTS, audit, is_found
+from quality.bugs import MISSED, PLANTS, audit, is_found
 
 
 def _tier(plant) -> list:
@@ -17,7 +17,7 @@ def _tier(plant) -> list:
 
 def _table():
     for plant in PLANTS:
-        for dtype in DTYPES:
+        for dtype in plant.dtypes:
             reason = MISSED.get((plant.name, dtype))
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             yield pytest.param(plant, dtype, id=f"{plant.name}-{dtype}", marks=marks + _tier(plant))
@@ -31,7 +31,7 @@ def test_planted_bug_is_found(plant, dtype):
 
 
 @pytest.mark.parametrize("plant, dtype", [pytest.param(p, d, id=f"{p.name}-{d}", marks=_tier(p)) for p in PLANTS
-                                            for d in DTYPES])
+                                            for d in p.dtypes])
 def test_correct_twin_passes_clean(plant, dtype):
     report = audit(plant, dtype, twin=True)
     assert report.exit_status == 0, report.findings[["path", "reduction", "microbatches", "padding",

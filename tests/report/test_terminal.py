@@ -119,3 +119,23 @@ def test_check_takes_no_color():
 
     assert build_parser().parse_args(["check", "llama", "--no-color"]).color is False
     assert build_parser().parse_args(["check", "llama"]).color is True
+
+
+def test_every_path_and_k_keeps_a_line_k1_included():
+    """Twelve findings at k=4 outrank the k=1 ones: each (path, k) still gets its line, with how
+    many of its layouts diverge, and nothing is cut ("... and N more" hid k=1's evidence)."""
+    rows = []
+    for path, k, grouping, err in ([("step", 4, g, 0.5 + i / 100) for i, g in enumerate(["a", "b", "c"] * 4)]
+                                   + [("step", 1, "contiguous", 0.003), ("loss-fn", 1, "contiguous", 0.002),
+                                      ("loss-fn", 2, "contiguous", 1e-9)]):
+        row = {c: None for c in CASE_COLUMNS}
+        row.update(path=path, reduction=None, microbatches=k, padding="right", grouping=grouping, world_size=1,
+                   tokens=[1], loss_rel_err=err, grad_rel_err=err, verdict="diverge" if err > 1e-5 else "match",
+                   expected=False, worst_param="w", detail=f"detail {path} k={k}")
+        rows.append(row)
+    text = summary(Report({}, {"name": "m", "task": "causal-lm", "parameters": 1}, pd.DataFrame(rows),
+                          {"rtol": 1e-5, "noise_floor": 1e-7}), [])
+    lines = [line for line in text.splitlines() if line.startswith("  DIVERGE")]
+    assert "14 FINDING(S)" in text and "more in the report" not in text
+    assert [line.split(" (")[0].split()[-2:] for line in lines] == [["step", "k=1"], ["step", "k=4"], ["loss-fn", "k=1"]]
+    assert "12 of 12 layouts; worst c pad-right" in lines[1] and "detail step k=1" in lines[0]
