@@ -83,6 +83,7 @@ class Outcome:
     weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
     gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
+    loss_compared: bool = True  # False: the code under audit reported no loss (NaN); judged on its gradient alone
 
 
 @dataclass(frozen=True)
