@@ -9,7 +9,10 @@ microbatches)`` on its own k microbatches (the layout's rank r holds groups[r*k:
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on each block the model names in
   ``_no_split_modules``, then on the whole model; the gradients are reduce-scattered (averaged
   unless the step calls ``set_gradient_divide_factor``) and each rank holds a shard, a DTensor:
-  ``full_tensor()`` gathers it.
+  ``full_tensor()`` gathers it. On gloo, which has no PREMUL_SUM reduce op (what a divide
+  factor other than the world size uses), every sharded module is set to
+  ``set_force_sum_reduction_for_comms(True)``: a sum with the division applied before or after
+  it, the same arithmetic.
 
 The step's gradient is rank 0's full gradient; if ranks hold different gradients (a step that
 never synchronised them) the note says by how much. The step's loss is what the ranks returned,
@@ -71,10 +74,12 @@ def wrap(model: torch.nn.Module, data_parallel: str, device: torch.device) -> to
         from torch.distributed.fsdp import fully_shard
 
         blocks = set(getattr(model, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if module is not model and type(module).__name__ in blocks:
-                fully_shard(module)
-        return fully_shard(model)
+        sharded = [fully_shard(m) for m in list(model.modules()) if m is not model and type(m).__name__ in blocks]
+        sharded.append(fully_shard(model))
+        if torch.distributed.get_backend() == "gloo":  # gloo has no PREMUL_SUM (a divide factor's reduce op)
+            for module in sharded:
+                module.set_force_sum_reduction_for_comms(True)
+        return sharded[-1]
     raise ValueError(f"unknown data-parallel wrapper {data_parallel!r}")
 
 
