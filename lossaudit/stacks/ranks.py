@@ -116,7 +116,7 @@ def spread(gradient: list[tuple[str, torch.Tensor | None]]) -> float:
     for _, g in gradient:
         if g is None:
             continue
-        high, low = g.clone(), g.clone()
+        high, low = g.detach().clone(), g.detach().clone()
         torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
         if g.numel():
@@ -134,8 +134,9 @@ def rank_step(model: torch.nn.Module, microbatches, fn, data_parallel: str, rank
     wrapped = wrap(model, data_parallel, device)
     returned = fn(wrapped, dicts)
     factors = divide_factors(wrapped, data_parallel, world_size)
+    # on the device the group reduces on (nccl takes no CPU tensors); FSDP2's full_tensor is one gather
+    gap = spread([(n, p.grad) for n, p in trainable(model)]) if data_parallel == "ddp" else 0.0
     gradient = full_gradient(model)
-    gap = spread(gradient) if data_parallel == "ddp" else 0.0  # FSDP2's full_tensor is one gather
     return RankStep(as_loss(returned), factors, gradient if rank == 0 else None, gap)
 
 

@@ -91,3 +91,23 @@ def test_what_cannot_run_under_fsdp2_is_refused(options, line):
     with pytest.raises(UsageError) as raised:
         lossaudit.check("llama", step="rank_steps:gathered_count_step", **options)
     assert any(line in problem for problem in raised.value.problems), raised.value.problems
+
+
+def test_the_ranks_losses_combine_as_their_gradients_do():
+    """Summed over ranks, divided by the wrapper's factor: the mean under an average, the sum at 1."""
+    import math
+
+    import torch
+
+    from lossaudit.stacks.ranks import RankStep, combine
+
+    grad = [("w", torch.ones(2))]
+    averaged = combine([RankStep(3.0, {2.0}, grad), RankStep(5.0, {2.0})], "ddp")
+    assert averaged.loss == 4.0 and averaged.notes == [] and averaged.extra["rank_losses"] == [3.0, 5.0]
+    assert combine([RankStep(3.0, {1.0}, grad), RankStep(5.0, {1.0})], "fsdp2").loss == 8.0
+    silent = combine([RankStep(3.0, {2.0}, grad), RankStep(math.nan, {2.0})], "ddp")
+    assert math.isnan(silent.loss)
+    mixed = combine([RankStep(3.0, {1.0, 2.0}, grad), RankStep(5.0, {1.0, 2.0})], "fsdp2")
+    assert math.isnan(mixed.loss) and "different factors in different modules (1, 2)" in mixed.notes[0]
+    apart = combine([RankStep(3.0, {2.0}, grad, spread=0.5), RankStep(5.0, {2.0})], "ddp")
+    assert "ranks hold different gradients" in apart.notes[0] and "0.5" in apart.notes[0]
