@@ -76,3 +76,9 @@ def root_factor_only_step(model, microbatches):
 def silent_gathered_count_step(model, microbatches):
     """Right under DDP, returns nothing: judged on its gradient alone."""
     gathered_count_step(model, microbatches)
+
+
+def never_synced_step(model, microbatches):
+    """Planted bug: no_sync on every microbatch, so DDP never all-reduces: each rank keeps its own."""
+    with model.no_sync():
+        return gathered_count_step(model, microbatches)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +62,6 @@ class RankStep:
     divide_factors: set[float]  # the wrapper's gradient is the ranks' sum divided by these (one each module)
     gradient: list[tuple[str, torch.Tensor | None]] | None = None  # full; rank 0 only
     spread: float = 0.0  # max |difference| between ranks' gradients / max |gradient|
-    notes: list[str] = field(default_factory=list)
 
 
 def wrap(model: torch.nn.Module, data_parallel: str, device: torch.device) -> torch.nn.Module:
@@ -110,13 +109,13 @@ def full_gradient(model: torch.nn.Module) -> list[tuple[str, torch.Tensor | None
     return out
 
 
-def spread(gradient: list[tuple[str, torch.Tensor | None]]) -> float:
-    """How far the ranks' gradients differ (0: all the same), relative to the largest entry."""
+def spread(params: list[tuple[str, torch.nn.Parameter]]) -> float:
+    """How far the ranks' gradients differ (0: all the same), relative to the largest entry. A
+    parameter with no gradient counts as zeros: every rank must make the same collectives."""
     worst, largest = 0.0, 0.0
-    for _, g in gradient:
-        if g is None:
-            continue
-        high, low = g.detach().clone(), g.detach().clone()
+    for _, p in params:
+        g = torch.zeros_like(p) if p.grad is None else p.grad.detach()
+        high, low = g.clone(), g.clone()
         torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
         if g.numel():
@@ -135,7 +134,7 @@ def rank_step(model: torch.nn.Module, microbatches, fn, data_parallel: str, rank
     returned = fn(wrapped, dicts)
     factors = divide_factors(wrapped, data_parallel, world_size)
     # on the device the group reduces on (nccl takes no CPU tensors); FSDP2's full_tensor is one gather
-    gap = spread([(n, p.grad) for n, p in trainable(model)]) if data_parallel == "ddp" else 0.0
+    gap = spread(trainable(model)) if data_parallel == "ddp" else 0.0
     gradient = full_gradient(model)
     return RankStep(as_loss(returned), factors, gradient if rank == 0 else None, gap)
 

@@ -111,3 +111,10 @@ def test_the_ranks_losses_combine_as_their_gradients_do():
     assert math.isnan(mixed.loss) and "different factors in different modules (1, 2)" in mixed.notes[0]
     apart = combine([RankStep(3.0, {2.0}, grad, spread=0.5), RankStep(5.0, {2.0})], "ddp")
     assert "ranks hold different gradients" in apart.notes[0] and "0.5" in apart.notes[0]
+
+
+@pytest.mark.heavy
+def test_ranks_left_unsynchronised_are_found_and_said():
+    cases = step_cases("never_synced_step", "ddp")
+    assert set(cases["verdict"]) == {"diverge"}
+    assert all("ranks hold different gradients after the step" in d for d in cases["detail"])
