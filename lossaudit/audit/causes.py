@@ -39,6 +39,7 @@ def candidates(m: "Measured", batch: Batch) -> list[tuple[str, list[float]]]:
             found.append(("the mean of each rank's own token mean: per-rank normalisation (each rank divides by "
                           "its local target count, not the count gathered over ranks)",
                           [n / (layout.world_size * per_rank[i // k]) for i in range(parts)]))
+        found += _divide_factor(layout.world_size, k, parts)
     # with equal counts per microbatch the first two coincide; the ignored count is the likelier story
     found += [
         ("each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored", [n / c for c in counts]),
@@ -52,6 +53,20 @@ def candidates(m: "Measured", batch: Batch) -> list[tuple[str, list[float]]]:
         found.append((f"the token sum over {unshifted}, the step's labels counted without the shift (each row's first "
                       f"label, which nothing predicts, counted too): {n}/{unshifted}x", [n / unshifted] * parts))
     return [(text, w) for text, w in found if any(abs(x - 1.0) > 1e-9 for x in w)]
+
+
+def _divide_factor(w: int, k: int, parts: int) -> list[tuple[str, list[float]]]:
+    """A data-parallel wrapper's divide factor applied twice (the gathered count already divides,
+    and the wrapper averages over the ranks on top) or not at all (the loss multiplied by the
+    world size, and the gradients summed, not averaged). With k = w a k-fold error is the same
+    factor: the text says both."""
+    also = f"; or the same factor through k = {k} microbatches" if k == w else ""
+    return [
+        (f"1/{w} of the token mean: the count gathered over {w} ranks divides the step and the wrapper's "
+         f"average over ranks divides it again (divide factor applied twice{also})", [1.0 / w] * parts),
+        (f"{w}x the token mean: the loss is multiplied by the world size {w} to undo an average over ranks "
+         f"that the wrapper did not apply (gradients summed: divide factor not applied{also})", [float(w)] * parts),
+    ]
 
 
 def _loss_fits(weights: list[float], loss: float, m: "Measured", reference: Reference, batch: Batch,
@@ -98,7 +113,7 @@ def measured(m: "Measured", loss: float, reference: Reference, tol: Tolerance) -
             parts.append(f"gradient is {g.scale:.4g}x the reference in the same direction")
         else:
             parts.append(f"gradient scale {g.scale:.4g} (least squares), 1 - cosine {1.0 - g.cosine:.2g}")
-    if reference.loss:
+    if reference.loss and math.isfinite(loss):
         parts.append(f"loss is {loss / reference.loss:.4g}x the reference")
     return "; ".join(parts)
 
@@ -108,6 +123,11 @@ def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol
     """The cause behind a cross-entropy ``loss`` that misses the reference: a candidate whose
     loss and gradient fit (``gradient=False``: the gradient also carries something else, so the
     loss alone is checked and said so)."""
+    if not m.loss_compared:  # no loss reported: the gradient is the only evidence
+        for text, weights in candidates(m, batch):
+            if gradient and _gradient_fits(weights, m, tol, facts):
+                return f"its gradient equals {text} (no loss reported to confirm it)"
+        return measured(m, loss, reference, tol)
     for text, weights in candidates(m, batch):
         if _loss_fits(weights, loss, m, reference, batch, tol):
             if not gradient:

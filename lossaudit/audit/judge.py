@@ -48,6 +48,7 @@ class Measured:
     aux_target: LayoutAux | None = None  # set when judged against CE + coef x mean aux
     error: str | None = None
     fault: str | None = None  # the first non-finite tensor the harness saw in this layout
+    loss_compared: bool = True  # False: no loss reported (NaN), the gradient alone is judged
 
     @property
     def loss_rel_err(self) -> float:
@@ -57,7 +58,10 @@ class Measured:
     def deviation(self) -> dict[str, float]:
         t = self.aux_target
         ratio = self.aux / t.mean if t is not None and self.aux is not None and t.mean else None
-        return deviations(self.loss_rel_err, self.grads, self.weights, ratio)
+        out = deviations(self.loss_rel_err, self.grads, self.weights, ratio)
+        if not self.loss_compared:
+            del out["loss"]
+        return out
 
 
 @dataclass
@@ -116,7 +120,8 @@ class Judge:
         return self._saw(Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
             grads=grads, weights=None if aux else (outcome.weights or self.resolved(outcome)),
-            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault))
+            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
+            loss_compared=outcome.loss_compared))
 
     def _saw(self, m: Measured) -> Measured:
         self.seen.setdefault(id(m.label), []).append(m)
@@ -160,7 +165,7 @@ class Judge:
         if self.reference.nonfinite:
             return "error", f"the reference is not finite (NaN/Inf first in {self.reference.nonfinite}): nothing can be compared"
         g = m.grads
-        if not math.isfinite(m.loss) or (g is not None and g.nonfinite_param):
+        if (m.loss_compared and not math.isfinite(m.loss)) or (g is not None and g.nonfinite_param):
             return causes.nonfinite(m, self.reference, self.ctx.batch, tokens)
         info = causes.aux_info(m, self.reference) if m.aux_target is not None else ""
         deviation = m.deviation()

@@ -16,7 +16,8 @@ from typing import Callable
 from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-SEED_LIMIT = 2**32  # numpy (and so transformers.set_seed) takes a seed below 2**32
+DATA_PARALLEL = ("ddp", "fsdp2")  # how a step on --world-size N ranks wraps the model
+SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seeds are below 2**32
 
 Parse = Callable[[str], object]
 Check = Callable[[object], "str | None"]
@@ -162,6 +163,12 @@ def _argparse_type(parse: Parse) -> Parse:
 POSITIVE = at_least(1)
 
 
+def one_of(choices: tuple[str, ...]) -> Check:
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+    return check
+
+
 def positive_number(value) -> str | None:
     return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value < float("inf") \
         else f"must be a positive number, got {value!r}"
@@ -196,6 +203,9 @@ OPTIONS: tuple[Option, ...] = (
            "NAME[,NAME...]"),
     Option("world_size", "int", 1, "data-parallel ranks", "--world-size", parse=parse_int, check=POSITIVE,
            metavar="N"),
+    Option("data_parallel", "str", "ddp", "how --path step wraps the model on --world-size N ranks: ddp "
+           "(DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard)", "--data-parallel",
+           check=one_of(DATA_PARALLEL), metavar="WRAPPER"),
     Option("batch_size", "int", 8, "sequences per optimizer step", "--batch-size", parse=parse_int,
            check=POSITIVE, metavar="N"),
     Option("max_length", "int", 32, "longest sequence, in tokens", "--max-length", parse=parse_int,

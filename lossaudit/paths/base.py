@@ -86,6 +86,7 @@ class Outcome:
     gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
     projections: list[float] | None = None  # step paths: each microbatch's backward . the reference (core/backwards.py)
+    loss_compared: bool = True  # False: the code under audit reported no loss (NaN); judged on its gradient alone
 
 
 @dataclass(frozen=True)

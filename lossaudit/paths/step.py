@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..core.backwards import Backwards
 from ..core.layouts import Layout, microbatches
 from ..core.registry import load_callable
+from ..stacks import StackStep
+from ..stacks.ranks import StepJob, combine, run_rank
 from ..stacks.step import run_step_function
 from ..core.tokens import TASKS
 from .base import PATHS, Label, Outcome, PathSpec, StepPath, Unavailable
@@ -25,17 +28,20 @@ class StepFunctionPath(StepPath):
     changes_model = True  # a real loop's step may update, cast or freeze the model
     cuts_backwards = True  # it knows its microbatches' inputs: a step that visits them out of order is followed
 
-    def __init__(self, spec):
+    def __init__(self, spec, data_parallel: str = "ddp", *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.spec = spec
         self.fn = resolve_step(spec)
+        self.data_parallel = data_parallel
+        self.timeout_s = timeout_s
         self.label = Label("step", spec_name(spec))
 
     @classmethod
     def build(cls, config) -> list["StepFunctionPath"]:
-        return [cls(config.step)]
+        return [cls(config.step, config.data_parallel)]
 
     def run(self, ctx, layout: Layout) -> list[Outcome]:
         if layout.world_size > 1:
-            raise Unavailable("the step path runs in one process (--world-size 1)")
+            raise Unavailable("a step on several ranks runs through run_layouts")
         reference = [ctx.reference.grads[n] for n, _ in ctx.params]
         watched: list[Backwards] = []
 
@@ -44,12 +50,32 @@ class StepFunctionPath(StepPath):
             return watched[0]
 
         step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch=watch)
-        if math.isnan(step.loss):
-            raise Unavailable(f"{self.label.reduction} returned no loss: return the step's loss "
-                              "(the sum of what it backwarded) so that it can be compared")
         projections, unresolved = watched[0].resolve(layout.microbatches, [g for _, g in step.gradient])
-        return [Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(x for x in step.notes + [unresolved] if x),
-                        projections=projections)]
+        return [self._outcome(layout, step, projections, unresolved)]
+
+    def run_layouts(self, ctx, layouts, guard, say):
+        """On --world-size N: every layout in one spawn of N ranks (stacks/ranks.py); a step on
+        ranks is judged on its whole gradient, not per microbatch."""
+        world_size = layouts[0].world_size if layouts else 1
+        if world_size == 1:
+            return super().run_layouts(ctx, layouts, guard, say)
+        say(f"step: {len(layouts)} layouts on {world_size} ranks ({self.data_parallel})")
+        job = StepJob(PortableModel.of(ctx.model), ctx.batch, layouts, self.spec, self.data_parallel)
+        per_rank, reason = guard.call(f"the step path on {world_size} ranks", lambda: run_ranks(
+            run_rank, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
+        if reason is not None:
+            return [guard.judge.failed(self.label, layout, reason) for layout in layouts]
+        return [guard.judge.measure(self._outcome(layout, combine([steps[i] for steps in per_rank], self.data_parallel)))
+                for i, layout in enumerate(layouts)]
+
+    def _outcome(self, layout: Layout, step: StackStep, projections=None, unresolved: str | None = None) -> Outcome:
+        notes = list(step.notes)
+        if math.isnan(step.loss):
+            notes.append(f"{self.label.reduction} returned no loss: loss not compared, judged on its gradient alone")
+        if unresolved:
+            notes.append(unresolved)
+        return Outcome(self.label, layout, step.loss, step.gradient, note="; ".join(notes), extra=step.extra,
+                       loss_compared=not math.isnan(step.loss), projections=projections)
 
 
 PATHS.register(

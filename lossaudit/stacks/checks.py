@@ -25,7 +25,8 @@ from .trl import arguments_class, check_arguments, resolve_trainer_class
 # (flag, config field, the path it drives); ONE_PROCESS: the flags whose path runs in one process only
 PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
                 ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"))
-ONE_PROCESS = ("--step", "--trainer-class", "--axolotl-config")
+ONE_PROCESS = ("--trainer-class", "--axolotl-config")  # --step runs on ranks (stacks/ranks.py)
+RANKED_PATHS = ("accelerate", "trainer", "lightning")  # step paths other than step: they run DDP only
 
 
 def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -> list[str]:
@@ -41,8 +42,24 @@ def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -
                             f"add --path {path}")
         if flag in ONE_PROCESS and isinstance(config.world_size, int) and config.world_size > 1:
             problems.append(f"{flag}: runs in one process; --world-size {config.world_size} cannot run it")
+    problems += _data_parallel(config)
     problems += _loadable(config, value_problems)
     problems += _adapter(config)
+    return problems
+
+
+def _data_parallel(config) -> list[str]:
+    """``--data-parallel fsdp2`` wraps the user's step on several ranks; nothing else runs under it yet."""
+    if getattr(config, "data_parallel", "ddp") != "fsdp2":
+        return []
+    problems = []
+    if not (isinstance(config.world_size, int) and config.world_size > 1):
+        problems.append("--data-parallel fsdp2: shards over ranks; give --world-size 2 or more")
+    others = RANKED_PATHS if config.paths is None else [p for p in config.paths if p in RANKED_PATHS]
+    if others:
+        problems.append(f"--data-parallel fsdp2: only --path step runs under FSDP2 so far, not --path "
+                        f"{','.join(others)}{' (selected by default)' if config.paths is None else ''}: "
+                        f"select --path step")
     return problems
 
 
