@@ -1,0 +1,204 @@
+"""What each GRPO ``loss_type`` declares, the float64 reference of every optimizer step against
+that declaration, and the cause of a step that misses it (``stacks/grpo.py`` runs TRL's trainer).
+
+At ratio 1 (every step runs on the weights its rollouts were scored with) each loss type's
+per-token loss has the gradient of ``-c * A_i * log p(token)`` (``c`` = 1, or ``min(1,
+epsilon_high)`` for ``cispo``, whose clipped weight is detached; the KL term of ``beta`` has zero
+gradient where the policy is its reference). The loss types differ in how they aggregate the
+tokens of an optimizer step's window of k microbatches: a per-token weight, the same for every
+token of a sequence. The reference is that weighted sum, computed here from the model's logits
+(divided by the temperature, as TRL does) in float64, one backward per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..core.errors import UsageError
+from ..core.forward import forward
+from ..core.grads import GradDiff, compare_grads, grads_of
+from ..core.layouts import collate
+from ..core.tokens import token_losses
+from ..audit.tolerance import Tolerance, deviations
+
+# weights(microbatches, lengths, max_completion_length) -> per-token weight of each sequence of
+# the window, in window order (microbatches: the sequence ids of each microbatch)
+Weights = Callable[[list[list[int]], list[int], int], list[float]]
+
+
+def _token_mean(mbs, lengths, _max_len):
+    n = sum(lengths[i] for mb in mbs for i in mb)
+    return [1.0 / n for mb in mbs for _ in mb]
+
+
+def _sequence_mean(mbs, lengths, _max_len):
+    s = sum(len(mb) for mb in mbs)
+    return [1.0 / (s * lengths[i]) for mb in mbs for i in mb]
+
+
+def _microbatch_mean(mbs, lengths, _max_len):
+    return [1.0 / (len(mbs) * sum(lengths[j] for j in mb)) for mb in mbs for _ in mb]
+
+
+def _sum_over_sequences_x_length(mbs, _lengths, max_len):
+    s = sum(len(mb) for mb in mbs)
+    return [1.0 / (s * max_len) for mb in mbs for _ in mb]
+
+
+def _sequence_sum_mean(mbs, _lengths, _max_len):
+    s = sum(len(mb) for mb in mbs)
+    return [1.0 / s for mb in mbs for _ in mb]
+
+
+@dataclass(frozen=True)
+class Declaration:
+    aggregation: str  # short name, as --objective spells it where it can
+    describe: str  # what the loss type computes over one optimizer step's window
+    weights: Weights
+    token_mean: bool = False  # the window's token mean (what a window error is measured against)
+
+
+TOKEN_MEAN = Declaration("token-mean", "the token mean over the optimizer window", _token_mean, token_mean=True)
+SEQUENCE_MEAN = Declaration("sequence-mean", "a mean of per-sequence token means over the window", _sequence_mean)
+DECLARATIONS = {
+    "dapo": TOKEN_MEAN,
+    "cispo": TOKEN_MEAN,
+    "vespo": TOKEN_MEAN,
+    "grpo": SEQUENCE_MEAN,
+    "sapo": SEQUENCE_MEAN,
+    "bnpo": Declaration("microbatch-mean", "a mean of microbatch token means (TRL: 'the local batch')",
+                        _microbatch_mean),
+    "dr_grpo": Declaration("sum-over", "a token sum over a constant, sequences x max_completion_length",
+                           _sum_over_sequences_x_length),
+    "luspo": Declaration("sum-over", "a mean of per-sequence token sums (a sum over the window's sequences)",
+                         _sequence_sum_mean),
+}
+
+
+def declaration(loss_type: str) -> Declaration:
+    if loss_type not in DECLARATIONS:
+        raise UsageError(f"--trainer-arg loss_type={loss_type}: lossaudit does not know what it declares "
+                         f"(known: {', '.join(sorted(DECLARATIONS))})")
+    return DECLARATIONS[loss_type]
+
+
+def coefficient(config) -> float:
+    """The per-token loss's factor on ``-A log p`` at ratio 1."""
+    if config.loss_type == "cispo":
+        high = config.epsilon_high if config.epsilon_high is not None else config.epsilon
+        return min(1.0, float(high))
+    return 1.0
+
+
+def describe(config) -> str:
+    d = declaration(config.loss_type)
+    constant = f" = {config.max_completion_length}" if config.loss_type == "dr_grpo" else ""
+    scale = coefficient(config)
+    factor = f"{scale:g} x " if scale != 1.0 else ""
+    return f"GRPO loss_type={config.loss_type}: per token -{factor}A log p, {d.describe}{constant}"
+
+
+def declared_weights(microbatches: list[list[int]], rollouts, config) -> list[float]:
+    """The per-token weight of each sequence of the window (in window order) the loss type declares."""
+    return declaration(config.loss_type).weights(microbatches, rollouts.completion_lengths(),
+                                                 config.max_completion_length)
+
+
+def reference_gradient(ctx, rollouts, microbatches: list[list[int]], weights: list[float], config
+                       ) -> dict[str, torch.Tensor]:
+    """The gradient of sum_i weights_i x -c A_i sum_t log p(token) over the window's sequences,
+    in float64 from the model's logits (one forward and backward of the window)."""
+    seqs = [i for mb in microbatches for i in mb]
+    mb = collate(rollouts.batch, tuple(seqs), "right")
+    outputs, _ = forward(ctx.model, mb, ctx.device)
+    logits = outputs.logits / config.temperature if config.temperature != 1.0 else outputs.logits
+    per_sequence = token_losses(logits, mb.labels.to(ctx.device), "causal-lm").sum(dim=1)  # -sum log p, (S,)
+    advantages = rollouts.advantages[seqs].to(per_sequence)
+    w = torch.tensor(weights, dtype=torch.float64).to(per_sequence)
+    loss = coefficient(config) * (w * advantages * per_sequence).sum()
+    grads = grads_of(loss, ctx.params, retain_graph=False)
+    return {n: torch.zeros_like(p) if g is None else g.detach() for (n, p), g in zip(ctx.params, grads)}
+
+
+def window_tokens(rollouts, microbatches: list[list[int]]) -> int:
+    lengths = rollouts.completion_lengths()
+    return sum(lengths[i] for mb in microbatches for i in mb)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A way a token-mean window can be normalised wrong: per microbatch, the count it divides
+    its token sum by, from the generation batch's num_items_in_batch (N), k and
+    steps_per_generation."""
+
+    name: str
+    divisor: Callable[[int, int, int], float]  # (N, k, steps_per_generation) -> count
+
+
+WINDOW_CAUSES = (
+    Cause("each microbatch divided by its generation batch's average target tokens per window "
+          "(num_items_in_batch x k / steps_per_generation)", lambda n, k, spg: n * k / spg),
+    Cause("each microbatch divided by its whole generation batch's target tokens (num_items_in_batch), "
+          "not its window's", lambda n, k, spg: float(n)),
+)
+
+
+def cause_weights(cause: Cause, microbatches: list[list[int]], num_items: list, config) -> list[float] | None:
+    """The per-token weights ``cause`` gives the window, or None where a microbatch had no count."""
+    if any(n is None for n in num_items) or len(num_items) != len(microbatches):
+        return None
+    k, spg = config.gradient_accumulation_steps, config.steps_per_generation
+    return [1.0 / cause.divisor(n, k, spg) for mb, n in zip(microbatches, num_items) for _ in mb]
+
+
+@dataclass
+class StepCase:
+    """One optimizer step of a GRPO run against its loss type's declaration."""
+
+    step: int  # 0-based, in the run
+    microbatches: list[list[int]]  # sequence ids
+    tokens: list[int]  # completion tokens per microbatch
+    diff: GradDiff
+    target: dict[str, torch.Tensor]  # the declared gradient
+    cause: str = ""  # for a step that misses: what it computed, where a candidate fits
+
+
+def gradient_deviation(diff: GradDiff) -> dict[str, float]:
+    return {k: v for k, v in deviations(0.0, diff, None).items() if k != "loss"}
+
+
+def judge_steps(ctx, rollouts, run, tolerance: Tolerance) -> list[StepCase]:
+    """Every step of ``run`` (stacks.grpo.GRPORun) against its declared gradient; a step that
+    misses a token-mean declaration is tested against each of WINDOW_CAUSES."""
+    config, lengths = run.config, rollouts.completion_lengths()
+    cases = []
+    for s, window in enumerate(run.steps):
+        target = reference_gradient(ctx, rollouts, window.microbatches,
+                                    declared_weights(window.microbatches, rollouts, config), config)
+        diff = compare_grads(target, window.update)
+        case = StepCase(s, window.microbatches, [sum(lengths[i] for i in mb) for mb in window.microbatches], diff, target)
+        if tolerance.exceeded(gradient_deviation(diff)):
+            case.cause = step_cause(ctx, rollouts, window, config, case, tolerance)
+        cases.append(case)
+    return cases
+
+
+def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Tolerance) -> str:
+    d = declaration(config.loss_type)
+    tokens = sum(case.tokens)
+    if d.token_mean:
+        for cause in WINDOW_CAUSES:
+            weights = cause_weights(cause, window.microbatches, window.num_items, config)
+            if weights is None:
+                continue
+            fit = compare_grads(reference_gradient(ctx, rollouts, window.microbatches, weights, config), window.update)
+            if not tolerance.exceeded(gradient_deviation(fit)):
+                counts = sorted(set(window.num_items))
+                return (f"{cause.name}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
+                        f"k={config.gradient_accumulation_steps}, steps_per_generation={config.steps_per_generation}; "
+                        f"the window holds {tokens} target tokens: gradient {case.diff.scale:.4g}x its own token mean")
+    return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}); "
+            f"the window holds {tokens} target tokens in {len(case.tokens)} microbatches {case.tokens}")

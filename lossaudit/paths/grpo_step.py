@@ -1,0 +1,117 @@
+"""``--trainer-class trl:GRPOTrainer``: TRL's GRPO trainer (or a subclass) run on rollouts drawn
+from the seed (``stacks/grpo.py``), every optimizer step of its generation batches read.
+
+The trainer gets the stock Trainer path's settings (SGD lr 1, no clipping, the seed), k
+accumulation steps of B/k completions, the user's ``--trainer-arg`` (``loss_type``,
+``steps_per_generation``, ``num_generations``, ``num_iterations``, ``beta``, ...) and as many
+steps as it takes for the windows and the generation batches to line up again
+(``audited_steps``). ``probe.StepUpdates`` reads each step's update (SGD lr 1) and puts the
+weights back after it, so every step runs on the weights its rollouts were scored with: the
+importance ratio is 1 and each step's gradient is its loss type's aggregation of
+``-A log p`` over the step's window (``paths/grpo.py`` judges it).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from ..core.layouts import Layout
+from ..stacks.grpo import Rollouts, audit_subclass, prompt_text, reward_func, rollout_func, silenced_experimental
+from ..stacks.trl import arguments, tokenizer
+from .probe import StepUpdates
+from .trainer_class import _no_progress_bars
+from .trainer_step import _common_settings, _quiet_and_cheap, prepared
+
+
+@dataclass
+class StepWindow:
+    """One optimizer step of the run: the sequences of each of its microbatches, in order, and
+    the update it applied (as a gradient)."""
+
+    microbatches: list[list[int]]
+    update: list[tuple[str, torch.Tensor | None]]
+    num_items: list[int | None]  # num_items_in_batch on each microbatch's inputs (None: none there)
+
+    @property
+    def sequences(self) -> list[int]:
+        return [i for mb in self.microbatches for i in mb]
+
+
+@dataclass
+class GRPORun:
+    steps: list[StepWindow]
+    config: object  # the GRPOConfig the trainer ran with
+    logged_loss: float
+
+
+def audited_steps(microbatches: int, steps_per_generation: int, num_iterations: int) -> int:
+    """Optimizer steps until the windows and the generation batches line up again: every step of
+    a generation batch (and of each of its iterations)."""
+    generate_every = steps_per_generation * num_iterations
+    return math.lcm(microbatches, generate_every) // microbatches
+
+
+def plan(microbatches: int, per_device: int, user_args: dict) -> dict:
+    """The run's shape: steps_per_generation (the user's, else k), num_generations (the user's,
+    else 4 or 2, whichever divides the generation batch), steps, prompts and completions."""
+    spg = int(user_args.get("steps_per_generation") or microbatches)
+    iterations = int(user_args.get("num_iterations", 1))
+    generation_batch = per_device * spg
+    default_g = 4 if generation_batch % 4 == 0 else 2
+    g = int(user_args.get("num_generations", default_g))
+    steps = audited_steps(microbatches, spg, iterations)
+    completions = max(generation_batch, per_device * microbatches * steps // iterations)
+    return {"steps_per_generation": spg, "num_generations": g, "steps": steps,
+            "prompts": max(1, completions // g), "num_iterations": iterations}
+
+
+def build_trainer(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict):
+    """``cls`` (GRPOTrainer or a subclass) on the rollouts' prompts, with SGD lr 1 and the audit's
+    settings, ready for ``StepUpdates``."""
+    from datasets import Dataset
+
+    args = arguments(cls, settings, user_args)
+    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    loaded = ctx.loaded
+    vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
+    eos = loaded.eos_id if loaded is not None else None
+    dataset = Dataset.from_list([{"prompt": prompt_text(p)} for p in range(rollouts.prompts)])
+    with silenced_experimental():
+        trainer = audit_subclass(cls)(
+            model=ctx.model, reward_funcs=[reward_func(rollouts)], args=args, train_dataset=dataset,
+            processing_class=tokenizer(vocab, ctx.batch.pad_id, eos), optimizers=(optimizer, schedule),
+            rollout_func=rollout_func(rollouts))
+    trainer.lossaudit_rollouts = rollouts
+    trainer.seen_seqs = []
+    return prepared(trainer)
+
+
+def run_grpo(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict) -> GRPORun:
+    """Train ``settings["max_steps"]`` steps of ``cls``; every step's update and microbatches.
+    The model's weights are as they were afterwards."""
+    probe = StepUpdates(ctx.model)
+    try:
+        with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-grpo-") as out:
+            trainer = build_trainer(ctx, cls, rollouts, {**settings, "output_dir": out}, user_args)
+            probe.watch(trainer.optimizer)
+            result = trainer.train()
+    finally:
+        probe.restore()
+    k = trainer.args.gradient_accumulation_steps
+    seqs, counts = trainer.seen_seqs, [None if n is None else int(n) for n in trainer.seen_num_items]
+    steps = [StepWindow(seqs[s * k:(s + 1) * k], update, counts[s * k:(s + 1) * k])
+             for s, update in enumerate(probe.updates)]
+    return GRPORun(steps, trainer.args, float(result.training_loss))
+
+
+def settings_for(ctx, microbatches: int, per_device: int, steps: int, out: str = "") -> dict:
+    """The stock Trainer path's settings (SGD lr 1, no clipping, ...) for ``steps`` steps of
+    ``microbatches`` accumulation steps of ``per_device`` completions."""
+    groups = tuple(tuple(range(i * per_device, (i + 1) * per_device)) for i in range(microbatches))
+    settings = _common_settings(ctx, Layout(microbatches, "contiguous", "right", groups), out)
+    return {**settings, "max_steps": steps, "logging_strategy": "no"}

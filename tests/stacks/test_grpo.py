@@ -1,0 +1,86 @@
+"""--trainer-class trl:GRPOTrainer: TRL's real GRPOTrainer on rollouts drawn from the seed, every
+optimizer step of a generation batch judged against its loss type's own declaration (float64,
+paths/grpo.py), at steps_per_generation equal to and twice the accumulation steps."""
+
+import pytest
+
+from stacks_common import needs
+
+needs("trl")
+
+import trl  # noqa: E402
+
+from lossaudit.audit.config import CheckConfig  # noqa: E402
+from lossaudit.audit.tolerance import Tolerance  # noqa: E402
+from lossaudit.core.grads import compare_grads, trainable  # noqa: E402
+from lossaudit.paths.base import AuditContext  # noqa: E402
+from lossaudit.paths.grpo import DECLARATIONS, declared_weights, judge_steps, reference_gradient  # noqa: E402
+from lossaudit.paths.grpo_step import plan, run_grpo, settings_for  # noqa: E402
+from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
+
+from stacks_common import CPU, tiny_llama  # noqa: E402
+
+GRPO = getattr(trl, "GRPOTrainer", None)
+K, PER_DEVICE = 2, 4  # two accumulation steps of four completions
+TOLERANCE = Tolerance.measure("float32", [])
+INSTALLED = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}  # trl 1.16.0's loss types
+
+
+def loss_types() -> list[str]:
+    """The loss types the installed GRPOConfig names in its help (those lossaudit declares)."""
+    import dataclasses
+
+    help_text = next(f for f in dataclasses.fields(trl.GRPOConfig) if f.name == "loss_type").metadata["help"]
+    return sorted(t for t in DECLARATIONS if f"'{t}'" in help_text)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_llama()
+
+
+def grpo_run(loaded, loss_type: str, spg: int, k: int = K, **extra):
+    user = {"loss_type": loss_type, "steps_per_generation": spg, **extra}
+    if loss_type == "luspo":
+        user["importance_sampling_level"] = "sequence"
+    shape = plan(k, PER_DEVICE, user)
+    user["num_generations"] = shape["num_generations"]
+    rollouts = draw_rollouts(prompts=shape["prompts"], generations=shape["num_generations"],
+                             vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
+                             max_completion=12, seed=0)
+    ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), CPU, CheckConfig(model="llama"),
+                       loaded)
+    run = run_grpo(ctx, GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape["steps"]), user)
+    return ctx, rollouts, run
+
+
+def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
+    assert set(loss_types()) == INSTALLED or GRPO is None
+
+
+@pytest.mark.skipif(GRPO is None, reason="no GRPOTrainer")
+@pytest.mark.parametrize("spg", [K, 2 * K], ids=["spg=k", "spg=2k"])
+@pytest.mark.parametrize("loss_type", sorted(INSTALLED))
+def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type, spg):
+    """Measured (trl 1.16.0, transformers 5.25.0, CPU): every loss type reaches its declaration on
+    every step, but the token-mean ones at steps_per_generation = 2k, whose two windows are divided
+    by the generation batch's average tokens per window."""
+    if loss_type not in loss_types():
+        pytest.skip(f"trl {trl.__version__} has no loss_type={loss_type}")
+    ctx, rollouts, run = grpo_run(loaded, loss_type, spg)
+    assert len(run.steps) == spg // K  # every step of the generation batch was read
+    assert all(len(step.microbatches) == K and all(len(mb) == PER_DEVICE for mb in step.microbatches)
+               for step in run.steps)
+    assert sorted(run.steps[0].sequences + (run.steps[1].sequences if spg > K else [])) == list(range(K * PER_DEVICE * spg // K))
+    cases = judge_steps(ctx, rollouts, run, TOLERANCE)
+    window_bug = DECLARATIONS[loss_type].token_mean and spg > K
+    for case in cases:
+        if not window_bug:
+            assert case.diff.rel_err < 1e-5 and not case.cause, (loss_type, case.step, case.diff)
+            continue
+        # divided by the generation batch's average per window: its own tokens / that average
+        generation = sum(sum(c.tokens) for c in cases)
+        expected_scale = sum(case.tokens) / (generation * K / spg)
+        assert case.diff.scale == pytest.approx(expected_scale, rel=1e-5)
+        assert abs(expected_scale - 1) > 0.05
+        assert "average target tokens per window" in case.cause and f"{case.diff.scale:.4g}x" in case.cause
