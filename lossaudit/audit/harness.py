@@ -30,6 +30,7 @@ from ..models.loading import LoadedModel, load_model
 from ..core.moe import AuxAccumulator
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
 from .passes import passes_for
+from ..paths.grpo import grpo_batch
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
 from ..core.reference import compute_reference
@@ -73,7 +74,7 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
     model = loaded.model.to(device=device, dtype=getattr(torch, config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
-    batch = batch_for(loaded, config.batch_spec)
+    batch = grpo_batch(config, loaded) or batch_for(loaded, config.batch_spec)
     params = trainable(model)
     objective = config.objective
     reference = compute_reference(model, batch, params, device, label_smoothing=objective.label_smoothing)

@@ -47,6 +47,7 @@ class Measured:
     aux_target: LayoutAux | None = None  # set when judged against CE + coef x mean aux
     error: str | None = None
     fault: str | None = None  # the first non-finite tensor the harness saw in this layout
+    cause: str | None = None  # the path's own cause (Outcome.cause)
 
     @property
     def loss_rel_err(self) -> float:
@@ -56,7 +57,10 @@ class Measured:
     def deviation(self) -> dict[str, float]:
         t = self.aux_target
         ratio = self.aux / t.mean if t is not None and self.aux is not None and t.mean else None
-        return deviations(self.loss_rel_err, self.grads, self.weights, ratio)
+        out = deviations(self.loss_rel_err, self.grads, self.weights, ratio)
+        if self.label.gradient_only:
+            del out["loss"]
+        return out
 
 
 @dataclass
@@ -104,6 +108,8 @@ class Judge:
         that share their gradient tensors (grads.compare_grads), alive no longer than they are."""
         label, layout = outcome.label, outcome.layout
         loss_target, grads_target, aux = self.target(label, layout)
+        if outcome.target is not None:  # the step's own (a GRPO window's declared gradient)
+            loss_target, grads_target, aux = math.nan, outcome.target, None
         grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
                               norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
@@ -111,7 +117,8 @@ class Judge:
         return Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
             grads=grads, weights=None if aux else outcome.weights,
-            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault)
+            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
+            cause=outcome.cause)
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""
@@ -136,7 +143,7 @@ class Judge:
         if self.reference.nonfinite:
             return "error", f"the reference is not finite (NaN/Inf first in {self.reference.nonfinite}): nothing can be compared"
         g = m.grads
-        if not math.isfinite(m.loss) or (g is not None and g.nonfinite_param):
+        if (not math.isfinite(m.loss) and not m.label.gradient_only) or (g is not None and g.nonfinite_param):
             return causes.nonfinite(m, self.reference, self.ctx.batch, tokens)
         info = causes.aux_info(m, self.reference) if m.aux_target is not None else ""
         deviation = m.deviation()
@@ -146,7 +153,8 @@ class Judge:
         only_loss = ""
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
-        cause = causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
+        cause = m.cause if m.cause is not None else causes.explain(m, self.reference, self.ctx.batch, tol,
+                                                                   self.facts.get(m.layout))
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -66,6 +66,7 @@ class Label:
     calibrates: bool = False  # lossaudit's own correct reduction: its error is the run's noise floor
     formula: Reduction | None = None  # the known reduction it computes (predicts its loss, and NaN)
     cause: str = ""  # for an expected label: why it differs (the reduction's doc)
+    gradient_only: bool = False  # its loss is not comparable (GRPO at ratio 1): judged on its gradient alone
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Outcome:
     weights: list[float] | None = None  # per microbatch, x the token-mean weight (logit paths)
     gradient_factor: float = 1.0  # the step's gradient is this x the stream (a sum shared by proportional paths)
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
+    # a step with a target of its own (a GRPO optimizer step: its window's declared gradient),
+    # and, where the path knows what the step computed, its cause (None: causes.py names one)
+    target: "Mapping[str, torch.Tensor] | None" = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True)

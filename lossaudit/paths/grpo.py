@@ -12,6 +12,7 @@ token of a sequence. The reference is that weighted sum, computed here from the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,9 +21,15 @@ import torch
 from ..core.errors import UsageError
 from ..core.forward import forward
 from ..core.grads import GradDiff, compare_grads, grads_of
-from ..core.layouts import collate
+from ..core.layouts import Layout, collate
 from ..core.tokens import token_losses
 from ..audit.tolerance import Tolerance, deviations
+from ..audit.config import parse_value
+from ..core.batch import Batch
+from ..stacks.trl import resolve_trainer_class
+from ..stacks.grpo import PROMPT_LENGTH, Rollouts, draw_rollouts
+from .base import Label, Outcome, StepPath
+from .grpo_step import default_loss_type, generations, max_completion_length, plan, run_grpo, settings_for
 
 # weights(microbatches, lengths, max_completion_length) -> per-token weight of each sequence of
 # the window, in window order (microbatches: the sequence ids of each microbatch)
@@ -202,3 +209,89 @@ def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Toleran
                         f"the window holds {tokens} target tokens: gradient {case.diff.scale:.4g}x its own token mean")
     return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}); "
             f"the window holds {tokens} target tokens in {len(case.tokens)} microbatches {case.tokens}")
+
+
+def is_grpo(cls: type) -> bool:
+    """``cls`` is TRL's GRPOTrainer or a subclass of it."""
+    return any(base.__name__ == "GRPOTrainer" and base.__module__.startswith("trl") for base in cls.__mro__)
+
+
+def rollouts_for(config, loaded, user_args: dict) -> Rollouts:
+    """The run's rollouts, from the seed: enough prompts for every k of the run, completions of
+    ``--min-length - 4 .. --max-length - 4`` tokens (at most TRL's max_completion_length)."""
+    spec, b = config.batch_spec, config.batch_spec.batch_size
+    ks = [k for k in config.ks if b % k == 0] or [1]
+    g = generations(user_args, [b // k * int(user_args.get("steps_per_generation") or k) for k in ks])
+    prompts = max(plan(k, b // k, user_args, g).prompts for k in ks)
+    limit = int(user_args.get("max_completion_length") or max_completion_length())
+    longest = max(2, min(spec.max_length - PROMPT_LENGTH, limit))
+    return draw_rollouts(prompts=prompts, generations=g, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id,
+                         eos_id=loaded.eos_id, max_completion=longest,
+                         min_completion=min(longest, max(2, spec.min_length - PROMPT_LENGTH)), seed=spec.seed)
+
+
+class GRPOPath(StepPath):
+    """``--trainer-class`` naming TRL's GRPOTrainer (or a subclass): one run of the trainer per k
+    (B/k completions per microbatch, k accumulation steps), every optimizer step a case judged
+    against its own window's declared gradient. The loss a policy-gradient step reports at ratio 1
+    (the advantages' weighted mean, not a function of the log-probabilities) is shown, not judged."""
+
+    name = "trainer"
+
+    def __init__(self, trainer_class: type, user_args: dict):
+        self.trainer_class, self.user_args = trainer_class, user_args
+        self.loss_type = user_args.get("loss_type") or default_loss_type(trainer_class)
+        declaration(self.loss_type)
+        self.label = Label("trainer", f"{trainer_class.__name__}:{self.loss_type}", gradient_only=True)
+
+    def run_layouts(self, ctx, layouts, guard, say):
+        b = len(ctx.batch) if ctx.config is None else ctx.config.batch_spec.batch_size
+        rollouts = rollouts_for(ctx.config, ctx.loaded, self.user_args)
+        cases = []
+        for k in sorted({layout.microbatches for layout in layouts}):
+            say(f"trainer: {self.trainer_class.__name__} loss_type={self.loss_type}, k={k}")
+            whole = Layout(k, "trl-generation", "right", (tuple(range(len(ctx.batch))),) * 1, 1)
+            if any(layout.world_size > 1 for layout in layouts):
+                cases.append(guard.judge.failed(self.label, whole, f"--trainer-class {self.trainer_class.__name__} "
+                                                                   "runs in one process (--world-size 1)"))
+                continue
+            if b % k:
+                cases.append(guard.judge.failed(self.label, whole, f"{b} completions do not split into {k} "
+                                                                   "microbatches of one size"))
+                continue
+            outcomes, reason = guard.call(f"the {self.trainer_class.__name__} step at k={k}", self.outcomes,
+                                          ctx, rollouts, k, b // k)
+            if reason is not None:
+                cases.append(guard.judge.failed(self.label, whole, reason))
+                continue
+            cases += [guard.judge.measure(o) for o in outcomes]
+        return cases
+
+    def outcomes(self, ctx, rollouts: Rollouts, k: int, per_device: int) -> list[Outcome]:
+        user = {**self.user_args, "loss_type": self.loss_type, "num_generations": rollouts.generations}
+        shape = plan(k, per_device, user, rollouts.generations)
+        run = run_grpo(ctx, self.trainer_class, rollouts, settings_for(ctx, k, per_device, shape.steps), user)
+        tolerance = Tolerance.measure(str(ctx.params[0][1].dtype).removeprefix("torch."), [])
+        cases = judge_steps(ctx, rollouts, run, tolerance)
+        config, out = run.config, []
+        for case, window in zip(cases, run.steps):
+            layout = Layout(k, f"trl-step{case.step + 1}of{len(cases)}", "right",
+                            tuple(tuple(mb) for mb in case.microbatches), 1)
+            extra = {"objective": describe(config), "aggregation": declaration(config.loss_type).aggregation,
+                     "optimizer_step": case.step + 1, "steps_per_generation": config.steps_per_generation,
+                     "num_generations": config.num_generations, "trainer_num_items": window.num_items,
+                     "reference_loss": math.nan, "microbatch_losses": [math.nan] * k, "logged_loss": run.logged_loss}
+            out.append(Outcome(self.label, layout, math.nan, list(window.update), extra=extra,
+                               target=case.target, cause=case.cause or None))
+        return out
+
+
+def grpo_batch(config, loaded) -> Batch | None:
+    """The run's batch when ``--trainer-class`` names a GRPO trainer: its rollouts' prompt +
+    completion sequences (the completion scored), else None."""
+    if not config.trainer_class:
+        return None
+    trainer_class = resolve_trainer_class(config.trainer_class)
+    if not is_grpo(trainer_class):
+        return None
+    return rollouts_for(config, loaded, {k: parse_value(v) for k, v in config.trainer_args}).batch

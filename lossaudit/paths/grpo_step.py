@@ -13,6 +13,7 @@ importance ratio is 1 and each step's gradient is its loss type's aggregation of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from ..core.layouts import Layout
 from ..stacks.grpo import Rollouts, audit_subclass, prompt_text, reward_func, rollout_func, silenced_experimental
-from ..stacks.trl import arguments, tokenizer
+from ..stacks.trl import arguments, arguments_class, tokenizer
 from .probe import StepUpdates
 from .trainer_class import _no_progress_bars
 from .trainer_step import _common_settings, _quiet_and_cheap, prepared
@@ -55,18 +56,46 @@ def audited_steps(microbatches: int, steps_per_generation: int, num_iterations: 
     return math.lcm(microbatches, generate_every) // microbatches
 
 
-def plan(microbatches: int, per_device: int, user_args: dict) -> dict:
-    """The run's shape: steps_per_generation (the user's, else k), num_generations (the user's,
-    else 4 or 2, whichever divides the generation batch), steps, prompts and completions."""
+@dataclass(frozen=True)
+class Plan:
+    steps_per_generation: int
+    num_iterations: int
+    steps: int  # optimizer steps the run audits
+    prompts: int  # distinct prompts it consumes (x num_generations completions)
+
+
+def plan(microbatches: int, per_device: int, user_args: dict, num_generations: int) -> Plan:
+    """The run's shape for k = ``microbatches`` accumulation steps of ``per_device`` completions:
+    steps_per_generation (the user's, else k), every step of a generation batch, and the prompts
+    those steps consume."""
     spg = int(user_args.get("steps_per_generation") or microbatches)
     iterations = int(user_args.get("num_iterations", 1))
-    generation_batch = per_device * spg
-    default_g = 4 if generation_batch % 4 == 0 else 2
-    g = int(user_args.get("num_generations", default_g))
     steps = audited_steps(microbatches, spg, iterations)
-    completions = max(generation_batch, per_device * microbatches * steps // iterations)
-    return {"steps_per_generation": spg, "num_generations": g, "steps": steps,
-            "prompts": max(1, completions // g), "num_iterations": iterations}
+    completions = max(per_device * spg, per_device * microbatches * steps // iterations)
+    return Plan(spg, iterations, steps, max(1, -(-completions // num_generations)))
+
+
+def generations(user_args: dict, generation_batches: list[int]) -> int:
+    """num_generations: the user's, else 4 or 2, the first that divides every generation batch."""
+    if user_args.get("num_generations") is not None:
+        return int(user_args["num_generations"])
+    return next((g for g in (4, 2) if all(n % g == 0 for n in generation_batches)), 2)
+
+
+def _config_default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(arguments_class(cls)) if f.name == name)
+
+
+def default_loss_type(cls: type) -> str:
+    """The loss_type the class's config defaults to (trl 1.16: dapo)."""
+    return _config_default(cls, "loss_type")
+
+
+def max_completion_length(cls: type | None = None) -> int:
+    """GRPOConfig's default max_completion_length (the constant of dr_grpo)."""
+    import trl
+
+    return int(_config_default(cls or trl.GRPOTrainer, "max_completion_length"))
 
 
 def build_trainer(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict):

@@ -26,6 +26,7 @@ from ..core.grads import trainable
 from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
+from .grpo import GRPOPath, is_grpo
 from .loss_fn import resolve_loss_fn
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .trainer_class import run_trainer_class
@@ -103,6 +104,8 @@ class TrainerPath(StepPath):
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
             check_arguments(trainer_class, user_args)
+            if is_grpo(trainer_class):  # judged per optimizer step against its loss type's declaration
+                return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
         return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])

@@ -12,7 +12,8 @@ user's ``--trainer-arg``. The update is read exactly by ``paths.probe.UpdateProb
 stock Trainer path's ``StepResult``. The class's
 collator pads its own way (TRL: right, or one flattened row when padding-free).
 
-Trainers whose objective is not a token mean of cross entropy are refused (exit 2).
+Trainers whose objective is not a token mean of cross entropy are refused (exit 2), but GRPO's
+(``GRPOTrainer``: judged per optimizer step against its loss type's declaration, paths/grpo.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ OTHER_OBJECTIVES = {
     "BCOTrainer": "a binary-classifier preference loss (BCO)",
     "NashMDTrainer": "a Nash mirror-descent preference objective",
     "XPOTrainer": "an exploratory preference objective (XPO)",
-    "GRPOTrainer": "a group-relative policy-gradient reward objective (GRPO)",
     "RLOOTrainer": "a REINFORCE leave-one-out reward objective (RLOO)",
     "PPOTrainer": "a PPO reward objective",
     "RewardTrainer": "a pairwise ranking loss of a reward model",
@@ -75,14 +75,16 @@ def resolve_trainer_class(spec) -> type:
 
 def arguments_class(cls: type) -> type:
     """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
-    SFTTrainer), else TrainingArguments."""
+    SFTTrainer), or its nearest base class's (a user's subclass of GRPOTrainer takes GRPOConfig),
+    else TrainingArguments."""
     from transformers import TrainingArguments
 
-    name = cls.__name__.removesuffix("Trainer") + "Config"
-    for module_name in (cls.__module__, cls.__module__.split(".")[0]):
-        found = getattr(importlib.import_module(module_name), name, None)
-        if isinstance(found, type) and issubclass(found, TrainingArguments):
-            return found
+    for base in cls.__mro__:
+        name = base.__name__.removesuffix("Trainer") + "Config"
+        for module_name in (base.__module__, base.__module__.split(".")[0]):
+            found = getattr(importlib.import_module(module_name), name, None)
+            if isinstance(found, type) and issubclass(found, TrainingArguments):
+                return found
     return TrainingArguments
 
 

@@ -15,7 +15,7 @@ from lossaudit.audit.tolerance import Tolerance  # noqa: E402
 from lossaudit.core.grads import compare_grads, trainable  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
 from lossaudit.paths.grpo import DECLARATIONS, declared_weights, judge_steps, reference_gradient  # noqa: E402
-from lossaudit.paths.grpo_step import plan, run_grpo, settings_for  # noqa: E402
+from lossaudit.paths.grpo_step import generations, plan, run_grpo, settings_for  # noqa: E402
 from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
 
 from stacks_common import CPU, tiny_llama  # noqa: E402
@@ -39,18 +39,18 @@ def loaded():
     return tiny_llama()
 
 
-def grpo_run(loaded, loss_type: str, spg: int, k: int = K, **extra):
+def grpo_run(loaded, loss_type: str, spg: int, k: int = K, cls=None, seed=0, **extra):
     user = {"loss_type": loss_type, "steps_per_generation": spg, **extra}
     if loss_type == "luspo":
         user["importance_sampling_level"] = "sequence"
-    shape = plan(k, PER_DEVICE, user)
-    user["num_generations"] = shape["num_generations"]
-    rollouts = draw_rollouts(prompts=shape["prompts"], generations=shape["num_generations"],
+    user["num_generations"] = generations(user, [PER_DEVICE * spg])
+    shape = plan(k, PER_DEVICE, user, user["num_generations"])
+    rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
                              vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
-                             max_completion=12, seed=0)
+                             max_completion=12, seed=seed)
     ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), CPU, CheckConfig(model="llama"),
                        loaded)
-    run = run_grpo(ctx, GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape["steps"]), user)
+    run = run_grpo(ctx, cls or GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape.steps), user)
     return ctx, rollouts, run
 
 
@@ -84,3 +84,43 @@ def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type
         assert case.diff.scale == pytest.approx(expected_scale, rel=1e-5)
         assert abs(expected_scale - 1) > 0.05
         assert "average target tokens per window" in case.cause and f"{case.diff.scale:.4g}x" in case.cause
+
+
+def test_a_step_judged_against_another_declaration_diverges(loaded):
+    """The declarations are not interchangeable: dapo's exact steps miss grpo's declaration."""
+    import copy
+    import dataclasses
+
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K)
+    config = copy.copy(run.config)
+    config.loss_type = "grpo"
+    as_grpo = dataclasses.replace(run, config=config)
+    (case,) = judge_steps(ctx, rollouts, as_grpo, TOLERANCE)
+    assert case.diff.rel_err > 0.05 and "a mean of per-sequence token means" in case.cause
+
+
+def own_tokens_trainer():
+    class OwnTokensGRPOTrainer(GRPO):
+        """Planted bug: dapo with each microbatch's token sum over its own tokens x k (num_items_in_batch
+        replaced by the microbatch's count): a mean of microbatch token means, declared a window mean."""
+
+        def _compute_loss(self, model, inputs):
+            own = inputs["completion_mask"].sum() * self.args.steps_per_generation
+            return super()._compute_loss(model, {**inputs, "num_items_in_batch": own})
+
+    return OwnTokensGRPOTrainer
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=own_tokens_trainer(), seed=1)
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    assert len(set(case.tokens)) == K  # microbatches of different token counts: a mean of means differs
+    assert TOLERANCE.exceeded({"grad": case.diff.rel_err}) and case.diff.rel_err > 1e-3
+    # the candidates of WINDOW_CAUSES do not fit it: the detail says what was measured, names nothing
+    assert "average target tokens per window" not in case.cause and "x the token mean over the optimizer window" in case.cause
+    mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
+                                       [1.0 / (K * n) for n, mb in zip(case.tokens, case.microbatches) for _ in mb],
+                                       run.config)
+    assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
+    assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
