@@ -20,7 +20,12 @@ from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
 
 from stacks_common import CPU, tiny_llama  # noqa: E402
 
+from packaging.version import Version  # noqa: E402
+
 GRPO = getattr(trl, "GRPOTrainer", None)
+# trl#5619: before 1.9.1 a token-mean loss type divided every window by the whole generation
+# batch's tokens; since, by the generation batch's average tokens per window
+WHOLE_GENERATION = Version(trl.__version__) < Version("1.9.1")
 K, PER_DEVICE = 2, 4  # two accumulation steps of four completions
 TOLERANCE = Tolerance.measure("float32", [])
 INSTALLED = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}  # trl 1.16.0's loss types
@@ -64,7 +69,8 @@ def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
 def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type, spg):
     """Measured (trl 1.16.0, transformers 5.25.0, CPU): every loss type reaches its declaration on
     every step, but the token-mean ones at steps_per_generation = 2k, whose two windows are divided
-    by the generation batch's average tokens per window."""
+    by the generation batch's average tokens per window (1.109x and 0.891x here). trl 1.9.0 (tox -e
+    trl190) divides them by the whole generation batch's tokens (0.560x and 0.440x)."""
     if loss_type not in loss_types():
         pytest.skip(f"trl {trl.__version__} has no loss_type={loss_type}")
     ctx, rollouts, run = grpo_run(loaded, loss_type, spg)
@@ -78,12 +84,14 @@ def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type
         if not window_bug:
             assert case.diff.rel_err < 1e-5 and not case.cause, (loss_type, case.step, case.diff)
             continue
-        # divided by the generation batch's average per window: its own tokens / that average
+        # divided by the generation batch's average tokens per window (or all its tokens): its own tokens / that
         generation = sum(sum(c.tokens) for c in cases)
-        expected_scale = sum(case.tokens) / (generation * K / spg)
+        divisor = generation if WHOLE_GENERATION else generation * K / spg
+        expected_scale = sum(case.tokens) / divisor
         assert case.diff.scale == pytest.approx(expected_scale, rel=1e-5)
         assert abs(expected_scale - 1) > 0.05
-        assert "average target tokens per window" in case.cause and f"{case.diff.scale:.4g}x" in case.cause
+        named = "whole generation batch's target tokens" if WHOLE_GENERATION else "average target tokens per window"
+        assert named in case.cause and f"{case.diff.scale:.4g}x" in case.cause
 
 
 def test_a_step_judged_against_another_declaration_diverges(loaded):
@@ -124,3 +132,50 @@ def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
                                        run.config)
     assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
     assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
+
+
+@pytest.fixture(scope="module")
+def env_cache(request, tmp_path_factory):
+    """Isolated environments kept between runs (as tests/releases/test_upgrade.py keeps them)."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
+        return Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
+
+
+@pytest.mark.heavy
+def test_trl_1_9_0_divides_each_window_by_the_whole_generation_batch(env_cache, tmp_path):
+    """trl#5619, in an isolated environment (this one with trl==1.9.0; its GRPO module imports
+    requests): with steps_per_generation 4 over 2 accumulation steps each window is divided by
+    the whole generation batch's tokens, so the two steps' scales are their shares of it (sum 1);
+    at steps_per_generation = k it is exact. ~4 minutes to build the environment the first time."""
+    import json
+    import subprocess
+
+    from lossaudit.releases.environments import Spec, ensure, isolated_environ
+
+    env = ensure(Spec.make({"trl": "1.9.0", "requests": "2.32.3"}), env_cache)
+
+    def check(out, *args):
+        command = [str(env.python), "-m", "lossaudit", "check", "llama", "--path", "trainer", "--trainer-class",
+                   "trl:GRPOTrainer", "--microbatches", "2", "--out", str(out), *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=isolated_environ(env.path), timeout=900)
+        return done.returncode, json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+
+    version = subprocess.run([str(env.python), "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                             text=True, env=isolated_environ(env.path)).stdout.strip()
+    assert version == "1.9.0"
+    status, report = check(tmp_path / "spg4", "--trainer-arg", "steps_per_generation=4")
+    assert status == 1, report
+    cases = report["cases"]
+    assert len(cases) == 2 and all(c["verdict"] == "diverge" for c in cases)
+    generation = sum(sum(c["tokens"]) for c in cases)
+    for c in cases:
+        assert c["grad_scale"] == pytest.approx(sum(c["tokens"]) / generation, rel=1e-4)
+        assert f"whole generation batch's target tokens (num_items_in_batch), not its window's: " \
+               f"num_items_in_batch={generation}" in c["detail"]
+    status, report = check(tmp_path / "spg2")
+    assert status == 0 and [c["verdict"] for c in report["cases"]] == ["match"]
