@@ -85,6 +85,23 @@ DECLARATIONS = {
 }
 
 
+# settings that change the per-token loss beyond -c A log p at ratio 1: the reference does not model them
+UNMODELLED = {
+    "top_entropy_quantile": (lambda v: float(v) < 1.0, "masks tokens by their entropy"),
+    "entropy_coef": (lambda v: float(v) != 0.0, "adds an entropy bonus"),
+    "use_adaptive_entropy": (lambda v: bool(v), "adds an entropy bonus"),
+    "use_vllm": (lambda v: bool(v), "samples with vLLM (the audit gives the completions itself)"),
+}
+
+
+def refuse_unmodelled(user_args: dict) -> None:
+    """A usage error naming each --trainer-arg the GRPO reference does not model."""
+    refused = [f"--trainer-arg {key}={user_args[key]}: it {why}, which lossaudit's GRPO reference does not model"
+               for key, (applies, why) in UNMODELLED.items() if key in user_args and applies(user_args[key])]
+    if refused:
+        raise UsageError(*refused)
+
+
 def declaration(loss_type: str) -> Declaration:
     if loss_type not in DECLARATIONS:
         raise UsageError(f"--trainer-arg loss_type={loss_type}: lossaudit does not know what it declares "
@@ -242,6 +259,7 @@ class GRPOPath(StepPath):
         self.trainer_class, self.user_args = trainer_class, user_args
         self.loss_type = user_args.get("loss_type") or default_loss_type(trainer_class)
         declaration(self.loss_type)
+        refuse_unmodelled(user_args)
         self.label = Label("trainer", f"{trainer_class.__name__}:{self.loss_type}", gradient_only=True)
 
     def run_layouts(self, ctx, layouts, guard, say):

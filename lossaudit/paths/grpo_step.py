@@ -13,8 +13,10 @@ importance ratio is 1 and each step's gradient is its loss type's aggregation of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -110,7 +112,7 @@ def build_trainer(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args:
     vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
     eos = loaded.eos_id if loaded is not None else None
     dataset = Dataset.from_list([{"prompt": prompt_text(p)} for p in range(rollouts.prompts)])
-    with silenced_experimental():
+    with silenced_experimental(), _reference_source(ctx.model, args, settings["output_dir"]):
         trainer = audit_subclass(cls)(
             model=ctx.model, reward_funcs=[reward_func(rollouts)], args=args, train_dataset=dataset,
             processing_class=tokenizer(vocab, ctx.batch.pad_id, eos), optimizers=(optimizer, schedule),
@@ -118,6 +120,28 @@ def build_trainer(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args:
     trainer.lossaudit_rollouts = rollouts
     trainer.seen_seqs = []
     return prepared(trainer)
+
+
+@contextlib.contextmanager
+def _reference_source(model, args, out: str):
+    """With ``beta`` > 0 TRL loads its frozen reference model from the policy's
+    ``config._name_or_path``; a model built from a config has none, so it is saved under the run's
+    output folder (the initial weights: the reference TRL would load) for the trainer's start."""
+    named = getattr(model.config, "_name_or_path", "")
+    if not getattr(args, "beta", 0.0) or (named and os.path.isdir(named)):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    folder = os.path.join(out, "reference-model")
+    model.config._name_or_path = folder
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+        yield
+    finally:
+        model.config._name_or_path = named
+        hf_logging.enable_progress_bar()
 
 
 def run_grpo(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict) -> GRPORun:

@@ -134,6 +134,45 @@ def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
     assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
 
 
+def cli(*args):
+    """lossaudit's CLI in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from lossaudit.cli.app import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:GRPOTrainer", *args])
+    return status, err.getvalue()
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_the_cli_reports_every_step_of_a_generation_batch_with_its_cause(tmp_path):
+    import json
+
+    status, _ = cli("--trainer-arg", "steps_per_generation=4", "--microbatches", "2", "--out", str(tmp_path / "r"))
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    cases = report["cases"]
+    assert status == 1 and [c["optimizer_step"] for c in cases] == [1, 2]
+    assert all(c["verdict"] == "diverge" and not c["expected"] and c["aggregation"] == "token-mean" for c in cases)
+    assert all(c["reduction"] == "GRPOTrainer:dapo" and c["steps_per_generation"] == 4 for c in cases)
+    named = "whole generation batch's target tokens" if WHOLE_GENERATION else "average target tokens per window"
+    assert all(named in c["detail"] for c in cases)
+    assert sum(len(c["tokens"]) for c in cases) == 4  # the generation batch's four microbatches, two per step
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--trainer-arg", "entropy_coef=0.1"), "entropy_coef=0.1: it adds an entropy bonus"),
+    (("--trainer-arg", "top_entropy_quantile=0.2"), "masks tokens by their entropy"),
+    (("--trainer-arg", "loss_type=nope"), "loss_type=nope: lossaudit does not know what it declares"),
+])
+def test_settings_the_reference_does_not_model_are_usage_errors(tmp_path, args, needle):
+    status, err = cli(*args, "--microbatches", "2", "--out", str(tmp_path / "r"))
+    assert status == 2 and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def env_cache(request, tmp_path_factory):
     """Isolated environments kept between runs (as tests/releases/test_upgrade.py keeps them)."""
