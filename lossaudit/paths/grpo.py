@@ -221,7 +221,10 @@ def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Toleran
             fit = compare_grads(reference_gradient(ctx, rollouts, window.microbatches, weights, config), window.update)
             if not tolerance.exceeded(gradient_deviation(fit)):
                 counts = sorted(set(window.num_items))
-                return (f"{cause.name}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
+                k, spg = config.gradient_accumulation_steps, config.steps_per_generation
+                spans = (f" (a mean of the window's {k // spg} generation batches' token means)"
+                         if cause is WINDOW_CAUSES[0] and spg < k and k % spg == 0 else "")
+                return (f"{cause.name}{spans}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
                         f"k={config.gradient_accumulation_steps}, steps_per_generation={config.steps_per_generation}; "
                         f"the window holds {tokens} target tokens: gradient {case.diff.scale:.4g}x its own token mean")
     return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}); "
