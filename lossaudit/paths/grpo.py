@@ -147,11 +147,6 @@ def reference_gradient(ctx, rollouts, microbatches: list[list[int]], weights: li
     return {n: torch.zeros_like(p) if g is None else g.detach() for (n, p), g in zip(ctx.params, grads)}
 
 
-def window_tokens(rollouts, microbatches: list[list[int]]) -> int:
-    lengths = rollouts.completion_lengths()
-    return sum(lengths[i] for mb in microbatches for i in mb)
-
-
 @dataclass(frozen=True)
 class Cause:
     """A way a token-mean window can be normalised wrong: per microbatch, the count it divides
@@ -266,12 +261,12 @@ class GRPOPath(StepPath):
         self.label = Label("trainer", f"{trainer_class.__name__}:{self.loss_type}", gradient_only=True)
 
     def run_layouts(self, ctx, layouts, guard, say):
-        b = len(ctx.batch) if ctx.config is None else ctx.config.batch_spec.batch_size
+        b = ctx.config.batch_spec.batch_size  # completions per optimizer step
         rollouts = rollouts_for(ctx.config, ctx.loaded, self.user_args)
         cases = []
         for k in sorted({layout.microbatches for layout in layouts}):
             say(f"trainer: {self.trainer_class.__name__} loss_type={self.loss_type}, k={k}")
-            whole = Layout(k, "trl-generation", "right", (tuple(range(len(ctx.batch))),) * 1, 1)
+            whole = Layout(k, "trl-generation", "right", (tuple(range(len(ctx.batch))),), 1)  # for an error case
             if any(layout.world_size > 1 for layout in layouts):
                 cases.append(guard.judge.failed(self.label, whole, f"--trainer-class {self.trainer_class.__name__} "
                                                                    "runs in one process (--world-size 1)"))
