@@ -2,8 +2,8 @@
 is compared with it as its gradient streams by, and, once the run's noise is known, gets a
 verdict and a detail. Error cases are built here and nowhere else, behind one guard.
 
-The target of a case is the float64 token-mean reference of the run's objective (label
-smoothing included), and for a path that trains a MoE model's own loss, the reference plus
+The target of a case is the float64 reference of the run's declared objective (by default the
+token mean; label smoothing included; ``core/objective.py``), and for a path that trains a MoE model's own loss, the reference plus
 coef x the layout's mean router aux loss (moe.py).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from . import causes
@@ -22,7 +22,10 @@ from ..core.grads import GradDiff, compare_grads
 from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
-from .tolerance import Tolerance, deviations
+from ..core.aggregation import SequenceMean, TokenMean
+from ..core.objective import Objective
+from ..core.reference import Reference, compute_reference
+from .tolerance import BOUNDS, Tolerance, deviations
 
 
 class UserCodeExit(LossauditError):
@@ -47,6 +50,9 @@ class Measured:
     aux_target: LayoutAux | None = None  # set when judged against CE + coef x mean aux
     error: str | None = None
     fault: str | None = None  # the first non-finite tensor the harness saw in this layout
+    # a step whose gradient is far from its target, compared with the objectives it does not
+    # declare (causes.objective_cause names the one it computes)
+    alternatives: list["Alternative"] = field(default_factory=list)
     cause: str | None = None  # the path's own cause (Outcome.cause)
 
     @property
@@ -64,6 +70,18 @@ class Measured:
 
 
 @dataclass
+class Alternative:
+    """A case measured against an objective it was not declared to compute."""
+
+    objective: Objective
+    loss: float  # that objective's float64 reference loss
+    grads: GradDiff  # the case's gradient against that objective's reference gradient
+
+    def deviation(self, loss: float) -> dict[str, float]:
+        return deviations(abs(loss - self.loss) / abs(self.loss) if self.loss else abs(loss), self.grads, None)
+
+
+@dataclass
 class LayoutFacts:
     """What the harness's correct reduction learnt about a layout, for targets and causes."""
 
@@ -77,6 +95,7 @@ class Judge:
         self.reference = ctx.reference
         self.facts: dict[Layout, LayoutFacts] = {}
         self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
+        self._others: list[tuple[Objective, Reference, dict]] | None = None  # other_objectives()
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -116,9 +135,31 @@ class Judge:
             grads = dataclasses.replace(grads, scale=outcome.scale)
         return Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
-            grads=grads, weights=None if aux else outcome.weights,
+            grads=grads, weights=None if aux or not self.ctx.objective.token_mean else outcome.weights,
             note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
-            cause=outcome.cause)
+            alternatives=[] if outcome.target is not None else self._alternatives(outcome, grads), cause=outcome.cause)
+
+    def _alternatives(self, outcome: Outcome, grads: GradDiff) -> list[Alternative]:
+        """A step's gradient (logit paths carry microbatch weights instead) that is beyond the
+        dtype's floor, against each objective the run does not declare; the gradient stream must
+        be readable twice (a list or a dict's items, not an iterator)."""
+        floor = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[0]
+        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > floor:
+            return []
+        return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
+                                                                     factor=outcome.gradient_factor, norms=norms))
+                for objective, reference, norms in self.other_objectives()]
+
+    def other_objectives(self) -> list[tuple[Objective, Reference, dict]]:
+        """The token aggregations the run does not declare, each with its float64 reference,
+        computed once a run when a step first misses its target."""
+        if self._others is None:
+            declared, ctx = self.ctx.objective, self.ctx
+            self._others = [] if declared.pairwise or ctx.reference is None else [
+                (other, compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other), {})
+                for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean()))
+                if other.aggregation != declared.aggregation]
+        return self._others
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""
@@ -154,7 +195,7 @@ class Judge:
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
         cause = m.cause if m.cause is not None else causes.explain(m, self.reference, self.ctx.batch, tol,
-                                                                   self.facts.get(m.layout))
+                                                                   self.facts.get(m.layout), objective=self.ctx.objective)
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
 

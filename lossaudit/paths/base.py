@@ -169,6 +169,9 @@ class PathSpec:
     requires: tuple[str, ...] = ()  # optional packages the path imports (left out by default without them)
     # why the path cannot run under ``config`` (None: it can); default runs leave it out
     unavailable: Callable[["CheckConfig"], str | None] = lambda config: None
+    # whether its code can compute an objective the run declares (--objective, a trainer class's):
+    # under one other than the token mean, default runs leave out the paths that cannot
+    declares: Callable[["CheckConfig", Objective], bool] = lambda config, objective: False
 
     def missing(self) -> list[str]:
         return [name for name in self.requires if importlib.util.find_spec(name) is None]

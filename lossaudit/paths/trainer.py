@@ -159,8 +159,9 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
-        return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=_note(ranks, layout, counts),
-                       extra=extra)
+        # num_items_in_batch counts tokens: no part of a pair objective (DPO divides by the pairs)
+        note = "" if ctx.objective.pairwise else _note(ranks, layout, counts)
+        return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=note, extra=extra)
 
 
 def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
@@ -208,5 +209,6 @@ def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -
 PATHS.register(
     "trainer",
     PathSpec("trainer", TrainerPath.build, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout",
-             requires=("accelerate",)),  # transformers.Trainer imports it
+             requires=("accelerate",),  # transformers.Trainer imports it
+             declares=lambda config, objective: bool(config.trainer_class)),
 )

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from ..core.layouts import Layout
-from ..stacks import require
+from ..stacks import dpo, require
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
 
@@ -37,7 +37,10 @@ def layout_subclass(cls: type) -> type:
 def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     from datasets import Dataset
 
+    pairwise = dpo.trains_pairs(cls)  # DPO: rows of pairs, batches counted in pairs, a frozen reference model
     settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
+    if pairwise:
+        settings = dpo.pair_settings(settings)
     args = arguments(cls, settings, user_args)
     optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
@@ -50,8 +53,11 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
         if name in takes:
             kwargs[name] = tokenizer(vocab, ctx.batch.pad_id, eos)
             break
-    trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(
-        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)),
+    data = dpo.dataset_rows(ctx, layout) if pairwise else \
+        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)
+    if pairwise:
+        kwargs.update(dpo.trainer_kwargs(ctx.model))
+    trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)
 

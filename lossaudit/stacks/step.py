@@ -23,13 +23,17 @@ def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: 
 
 
 def run_step_function(model: torch.nn.Module, microbatches: list[Microbatch], fn: StepFn,
-                      device: torch.device) -> StackStep:
-    """One call of the user's step; ``.grad`` is cleared again afterwards."""
+                      device: torch.device, extras: list[dict] | None = None) -> StackStep:
+    """One call of the user's step; ``.grad`` is cleared again afterwards. ``extras``: more keys
+    for each microbatch's dict (a pair objective's ``ref_logps``)."""
     params = trainable(model)
     for _, p in params:
         p.grad = None
+    dicts = batch_dicts(model, microbatches, device)
+    for d, extra in zip(dicts, extras or ()):
+        d.update(extra)
     try:
-        returned = fn(model, batch_dicts(model, microbatches, device))
+        returned = fn(model, dicts)
         gradient = [(n, None if p.grad is None else p.grad.detach().cpu().clone()) for n, p in params]
     finally:
         for _, p in params:
