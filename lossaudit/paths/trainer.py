@@ -105,6 +105,9 @@ class TrainerPath(StepPath):
             trainer_class = resolve_trainer_class(config.trainer_class)
             check_arguments(trainer_class, user_args)
             if is_grpo(trainer_class):  # judged per optimizer step against its loss type's declaration
+                if config.aggregation is not None:
+                    raise UsageError(f"--objective {config.aggregation.spec}: --trainer-class {config.trainer_class} "
+                                     "declares its aggregation by its loss_type (--trainer-arg loss_type=...)")
                 return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)

@@ -185,6 +185,7 @@ def test_the_cli_reports_every_step_of_a_generation_batch_with_its_cause(tmp_pat
     (("--trainer-arg", "entropy_coef=0.1"), "entropy_coef=0.1: it adds an entropy bonus"),
     (("--trainer-arg", "top_entropy_quantile=0.2"), "masks tokens by their entropy"),
     (("--trainer-arg", "loss_type=nope"), "loss_type=nope: lossaudit does not know what it declares"),
+    (("--objective", "sequence-mean"), "declares its aggregation by its loss_type"),
 ])
 def test_settings_the_reference_does_not_model_are_usage_errors(tmp_path, args, needle):
     status, err = cli(*args, "--microbatches", "2", "--out", str(tmp_path / "r"))

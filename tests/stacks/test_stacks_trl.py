@@ -101,7 +101,7 @@ def test_a_planted_bug_in_a_subclass_is_found(ctx):
     assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
 
 
-@pytest.mark.parametrize("name", ["DPOTrainer", "RewardTrainer"])  # GRPOTrainer is audited: test_grpo.py
+@pytest.mark.parametrize("name", ["RewardTrainer"])  # DPO and GRPO are audited: test_stacks_dpo.py, test_grpo.py
 def test_other_objectives_are_refused_naming_them(name):
     with pytest.raises(UsageError, match=f"{name} trains .*not a token mean"):
         resolve_trainer_class(f"trl:{name}")
