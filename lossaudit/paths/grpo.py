@@ -27,7 +27,7 @@ from ..audit.tolerance import Tolerance, deviations
 from ..audit.config import parse_value
 from ..core.batch import Batch
 from ..stacks.trl import resolve_trainer_class
-from ..stacks.grpo import PROMPT_LENGTH, Rollouts, draw_rollouts
+from ..stacks.grpo import LOSS_TYPES, PROMPT_LENGTH, Rollouts, draw_rollouts, grpo_problems, is_grpo
 from .base import Label, Outcome, StepPath
 from .grpo_step import default_loss_type, generations, max_completion_length, plan, run_grpo, settings_for
 
@@ -85,27 +85,13 @@ DECLARATIONS = {
 }
 
 
-# settings that change the per-token loss beyond -c A log p at ratio 1: the reference does not model them
-UNMODELLED = {
-    "top_entropy_quantile": (lambda v: float(v) < 1.0, "masks tokens by their entropy"),
-    "entropy_coef": (lambda v: float(v) != 0.0, "adds an entropy bonus"),
-    "use_adaptive_entropy": (lambda v: bool(v), "adds an entropy bonus"),
-    "use_vllm": (lambda v: bool(v), "samples with vLLM (the audit gives the completions itself)"),
-}
-
-
-def refuse_unmodelled(user_args: dict) -> None:
-    """A usage error naming each --trainer-arg the GRPO reference does not model."""
-    refused = [f"--trainer-arg {key}={user_args[key]}: it {why}, which lossaudit's GRPO reference does not model"
-               for key, (applies, why) in UNMODELLED.items() if key in user_args and applies(user_args[key])]
-    if refused:
-        raise UsageError(*refused)
+assert set(DECLARATIONS) == set(LOSS_TYPES)
 
 
 def declaration(loss_type: str) -> Declaration:
-    if loss_type not in DECLARATIONS:
-        raise UsageError(f"--trainer-arg loss_type={loss_type}: lossaudit does not know what it declares "
-                         f"(known: {', '.join(sorted(DECLARATIONS))})")
+    problems = grpo_problems({"loss_type": loss_type})
+    if problems:
+        raise UsageError(*problems)
     return DECLARATIONS[loss_type]
 
 
@@ -226,11 +212,6 @@ def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Toleran
             f"the window holds {tokens} target tokens in {len(case.tokens)} microbatches {case.tokens}")
 
 
-def is_grpo(cls: type) -> bool:
-    """``cls`` is TRL's GRPOTrainer or a subclass of it."""
-    return any(base.__name__ == "GRPOTrainer" and base.__module__.startswith("trl") for base in cls.__mro__)
-
-
 def rollouts_for(config, loaded, user_args: dict) -> Rollouts:
     """The run's rollouts, from the seed: enough prompts for every k of the run, completions of
     ``--min-length - 4 .. --max-length - 4`` tokens (at most TRL's max_completion_length)."""
@@ -256,8 +237,9 @@ class GRPOPath(StepPath):
     def __init__(self, trainer_class: type, user_args: dict):
         self.trainer_class, self.user_args = trainer_class, user_args
         self.loss_type = user_args.get("loss_type") or default_loss_type(trainer_class)
-        declaration(self.loss_type)
-        refuse_unmodelled(user_args)
+        problems = grpo_problems({**user_args, "loss_type": self.loss_type})
+        if problems:
+            raise UsageError(*problems)
         self.label = Label("trainer", f"{trainer_class.__name__}:{self.loss_type}", gradient_only=True)
 
     def run_layouts(self, ctx, layouts, guard, say):

@@ -26,8 +26,9 @@ from ..core.grads import trainable
 from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
-from .grpo import GRPOPath, is_grpo
+from .grpo import GRPOPath
 from .loss_fn import resolve_loss_fn
+from ..stacks.grpo import grpo_problems, is_grpo
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
@@ -105,9 +106,9 @@ class TrainerPath(StepPath):
             trainer_class = resolve_trainer_class(config.trainer_class)
             check_arguments(trainer_class, user_args)
             if is_grpo(trainer_class):  # judged per optimizer step against its loss type's declaration
-                if config.aggregation is not None:
-                    raise UsageError(f"--objective {config.aggregation.spec}: --trainer-class {config.trainer_class} "
-                                     "declares its aggregation by its loss_type (--trainer-arg loss_type=...)")
+                problems = grpo_problems(user_args, config.aggregation)
+                if problems:
+                    raise UsageError(*problems)
                 return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)

@@ -17,6 +17,7 @@ from ..core.errors import UsageError
 from ..core.registry import load_callable
 from ..core.tokens import TASKS
 from . import require
+from .grpo import grpo_problems, is_grpo
 from .peft import peft_config, read_adapter
 from .trl import arguments_class, check_arguments, resolve_trainer_class
 
@@ -68,6 +69,8 @@ def _trainer_class_problems(config, value_problems) -> list[str]:
         return exc.problems
     user = config.trainer_values
     problems = value_problems(config.trainer_args, arguments_class(cls))
+    if not problems and is_grpo(cls):  # what a GRPO audit refuses (stacks/grpo.py)
+        problems = grpo_problems(user, config.aggregation)
     return problems or _problems(check_arguments, cls, user)
 
 

@@ -28,6 +28,15 @@ import torch
 from ..core.batch import FIRST_TOKEN_ID, Batch, Sample
 from ..core.tokens import IGNORE_INDEX
 
+# the loss types whose declaration lossaudit knows (paths/grpo.py: DECLARATIONS): trl 1.9.0 .. 1.16.0's
+LOSS_TYPES = ("bnpo", "cispo", "dapo", "dr_grpo", "grpo", "luspo", "sapo", "vespo")
+# settings that change the per-token loss beyond -c A log p at ratio 1: the reference does not model them
+UNMODELLED = {
+    "top_entropy_quantile": (lambda v: float(v) < 1.0, "masks tokens by their entropy"),
+    "entropy_coef": (lambda v: float(v) != 0.0, "adds an entropy bonus"),
+    "use_adaptive_entropy": (lambda v: bool(v), "adds an entropy bonus"),
+    "use_vllm": (lambda v: bool(v), "samples with vLLM (the audit gives the completions itself)"),
+}
 SEQ_KEY = "lossaudit_seq"  # the generation batch's column of sequence ids
 PROMPT_LENGTH = 4
 
@@ -81,6 +90,33 @@ def draw_rollouts(*, prompts: int, generations: int, vocab_size: int, pad_id: in
         group = torch.randn(generations, generator=g, dtype=torch.float64)
         advantages.append(group - group.mean())
     return Rollouts(Batch(tuple(samples), "causal-lm", pad_id), torch.cat(advantages).float(), generations)
+
+
+def is_grpo(cls: type) -> bool:
+    """``cls`` is TRL's GRPOTrainer or a subclass of it."""
+    return any(base.__name__ == "GRPOTrainer" and base.__module__.startswith("trl") for base in cls.__mro__)
+
+
+def grpo_problems(user_args: dict, aggregation=None) -> list[str]:
+    """What a GRPO audit refuses before any model is built: a loss type lossaudit does not know, a
+    setting its reference does not model, an --objective (the loss type declares the aggregation)."""
+    problems = []
+    loss_type = user_args.get("loss_type")
+    if loss_type is not None and loss_type not in LOSS_TYPES:
+        problems.append(f"--trainer-arg loss_type={loss_type}: lossaudit does not know what it declares "
+                        f"(known: {', '.join(LOSS_TYPES)})")
+    for key, (applies, why) in UNMODELLED.items():
+        try:
+            refused = key in user_args and applies(user_args[key])
+        except (TypeError, ValueError):
+            refused = False  # not a value of the right kind: GRPOConfig says so
+        if refused:
+            problems.append(f"--trainer-arg {key}={user_args[key]}: it {why}, which lossaudit's GRPO reference "
+                            "does not model")
+    if aggregation is not None:
+        problems.append(f"--objective {aggregation.spec}: a GRPO trainer declares its aggregation by its loss_type "
+                        "(--trainer-arg loss_type=...)")
+    return problems
 
 
 def prompt_text(p: int) -> str:
