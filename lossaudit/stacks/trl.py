@@ -89,14 +89,16 @@ def declared_aggregation(cls: type, user_args: dict):
 
 def arguments_class(cls: type) -> type:
     """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
-    SFTTrainer), else TrainingArguments."""
+    SFTTrainer), for the class or the nearest base that has one (a user's subclass of
+    DPOTrainer gets DPOConfig), else TrainingArguments."""
     from transformers import TrainingArguments
 
-    name = cls.__name__.removesuffix("Trainer") + "Config"
-    for module_name in (cls.__module__, cls.__module__.split(".")[0]):
-        found = getattr(importlib.import_module(module_name), name, None)
-        if isinstance(found, type) and issubclass(found, TrainingArguments):
-            return found
+    for base in cls.__mro__:
+        name = base.__name__.removesuffix("Trainer") + "Config"
+        for module_name in (base.__module__, base.__module__.split(".")[0]):
+            found = getattr(importlib.import_module(module_name), name, None)
+            if isinstance(found, type) and issubclass(found, TrainingArguments):
+                return found
     return TrainingArguments
 
 
