@@ -135,10 +135,11 @@ class Judge:
 
     def _alternatives(self, outcome: Outcome, grads: GradDiff) -> list[Alternative]:
         """A step's gradient (logit paths carry microbatch weights instead) that is beyond the
-        dtype's floor, against each objective the run does not declare; the gradient stream must
-        be readable twice (a list or a dict's items, not an iterator)."""
-        floor = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[0]
-        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > floor:
+        dtype's cap (a finding whatever the noise: only then is another reference computed and
+        held), against each objective the run does not declare; the gradient stream must be
+        readable twice (a list or a dict's items, not an iterator)."""
+        cap = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[1]
+        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > cap:
             return []
         return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
                                                                      factor=outcome.gradient_factor, norms=norms))
