@@ -120,7 +120,9 @@ def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol
 
 
 def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, facts: "LayoutFacts | None",
-            *, objective: Objective = Objective()) -> str:
+            *, objective: Objective = Objective(), at_one: "Measured | None" = None) -> str:
+    """The cause of a finding. ``objective``: the run's declared one; ``at_one``: the same path's
+    case on the whole window in one microbatch (k=1), where the run has one."""
     label = m.label
     if label.calibrates:
         return PADDING_CAUSE
@@ -130,6 +132,12 @@ def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, f
         return "; ".join(x for x in (f"{label.reduction}: {label.cause}" if label.cause else "", fitted) if x)
     if m.aux_target is None:
         named = objective_cause(m, tol, objective)
+        if named and objective.token_mean:
+            # one sequence per microbatch: a mean of microbatch means is a sequence mean too; an
+            # accumulation bug, unless the path is that objective on the whole window already
+            cause = ce_cause(m, m.loss, reference, batch, tol, facts)
+            if cause.startswith("loss and gradient equal") and not (at_one and objective_cause(at_one, tol, objective)):
+                return f"{cause} (on this layout the same numbers as {named.split(' (')[0].removeprefix('loss and gradient equal ')})"
         if named:
             return named
         if objective.pairwise:

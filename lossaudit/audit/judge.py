@@ -92,6 +92,7 @@ class Judge:
         self.facts: dict[Layout, LayoutFacts] = {}
         self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
         self._others: list[tuple[Objective, Reference, dict]] | None = None  # other_objectives()
+        self.at_one: dict[int, Measured] = {}  # id(label) -> the path's k=1 case in one process (causes)
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -127,11 +128,14 @@ class Judge:
                               norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
-        return Measured(
+        m = Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
             grads=grads, weights=None if aux or not self.ctx.objective.token_mean else outcome.weights,
             note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
             alternatives=self._alternatives(outcome, grads))
+        if layout.microbatches == 1 and layout.world_size == 1:
+            self.at_one.setdefault(id(label), m)
+        return m
 
     def _alternatives(self, outcome: Outcome, grads: GradDiff) -> list[Alternative]:
         """A step's gradient (logit paths carry microbatch weights instead) that is beyond the
@@ -190,7 +194,7 @@ class Judge:
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
         cause = causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout),
-                               objective=self.ctx.objective)
+                               objective=self.ctx.objective, at_one=self.at_one.get(id(m.label)))
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
 
