@@ -194,6 +194,9 @@ def sum_over_cause(m: "Measured", reference: Reference, tol: Tolerance, declared
         return ""
     if isinstance(declared.aggregation, SumOver) and near == declared.aggregation.n:
         return ""
+    if abs(near - n) <= 0.1 * n:  # near the step's own count: as likely a miscount as a constant
+        return (f"loss and gradient equal the token sum over {near}, not over the step's {n} target tokens: "
+                f"a miscount of the tokens, or a sum over a constant {near}")
     return (f"loss and gradient equal a sum over a constant {near} (the token sum / {near}, {n}/{near} = "
             f"{n / near:.4g}x the token mean): {_another(declared)}; if that is what the step means, declare "
             f"it: --objective sum-over:{near}")

@@ -106,3 +106,11 @@ def test_one_sequence_per_microbatch_a_mean_of_means_stays_an_accumulation_bug()
     objective = audit(stack_modules.sequence_mean_step, ks=(1, 8))
     for detail in objective.cases["detail"]:
         assert detail.startswith("loss and gradient equal a mean of per-sequence token means"), detail
+
+
+def test_a_sum_over_a_count_near_the_steps_own_is_called_a_miscount_first():
+    report = audit(stack_modules.miscount_step, ks=(1,))
+    n = int(report.batch["target_tokens"])
+    detail = report.cases["detail"][0]
+    assert f"the token sum over {n + 2}, not over the step's {n} target tokens: a miscount" in detail, detail
+    assert "different objective" not in detail
