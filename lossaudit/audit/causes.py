@@ -216,7 +216,7 @@ def pair_cause(m: "Measured", reference: Reference, tol: Tolerance) -> str:
     g = m.grads
     if g is None or not (math.isfinite(g.cosine) and _aligned(g, tol)):
         return ""
-    for text, w in found:
+    for text, w in ((text, w) for text, w in found if abs(w - 1.0) > 1e-9):  # one pair: the sum is the mean
         scale_fits = abs(g.scale - w) <= max(3 * tol.tolerances["scale"], 1e-3) * max(1.0, w)
         loss_fits = abs(m.loss - w * reference.loss) <= max(10 * tol.loss_noise, 1e-4, tol.rtol) * w * abs(reference.loss)
         if scale_fits and loss_fits:
