@@ -24,6 +24,7 @@ from .options import BY_NAME, DTYPES, OPTIONS, parse_value
 from ..core.reductions import DEFAULT_REDUCTIONS, resolve_reduction
 from ..core.registry import load_callable
 from ..core.tokens import TASKS
+from ..stacks.checks import stack_problems
 
 DEFAULT_MICROBATCHES = (1, 2, 4, 8)
 DEFAULT_SELECTIONS = {"reductions": DEFAULT_REDUCTIONS, "paddings": PADDINGS, "groupings": GROUPINGS}
@@ -109,6 +110,11 @@ class _Config:
         return {k: parse_value(v) for k, v in self.trainer_args}
 
     @property
+    def peft_values(self) -> dict:
+        """--peft-arg as the --peft method's config takes them."""
+        return {k: parse_value(v) for k, v in self.peft_args}
+
+    @property
     def config_values(self) -> dict:
         """--config-arg as the model config takes them."""
         return {k: parse_value(v) for k, v in self.config_args}
@@ -179,7 +185,7 @@ def _stack_problems(config) -> list[str]:
                         ("--trainer-class", config.trainer_class)):
         if isinstance(value, str) and value.count(":") != 1:
             p.append(f"{flag} {value!r}: expected MODULE:NAME")
-    return p
+    return p + stack_problems(config, _trainer_value_problems)
 
 
 def _aggregation_problems(config) -> list[str]:
@@ -226,10 +232,12 @@ def trainer_arg_problems(pairs: tuple[tuple[str, str], ...]) -> list[str]:
     return problems + _trainer_value_problems(pairs)
 
 
-def _trainer_value_problems(pairs) -> list[str]:
+def _trainer_value_problems(pairs, args_cls: type | None = None) -> list[str]:
+    """Values of the wrong type for ``args_cls`` (TrainingArguments, or a trainer class's own)."""
     from transformers import TrainingArguments
 
-    kinds = {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+    args_cls = args_cls or TrainingArguments
+    kinds = {f.name: f.type for f in dataclasses.fields(args_cls) if f.init}
     problems = []
     for key, text in pairs:
         if key not in kinds or key in AUDIT_SETS:
@@ -239,7 +247,7 @@ def _trainer_value_problems(pairs) -> list[str]:
         if allowed is None or any(_fits(value, t) for t in allowed):
             continue
         names = " or ".join(sorted("None" if t is type(None) else t.__name__ for t in allowed))
-        problems.append(f"--trainer-arg {key}={text}: TrainingArguments.{key} takes {names}")
+        problems.append(f"--trainer-arg {key}={text}: {args_cls.__name__}.{key} takes {names}")
     return problems
 
 

@@ -68,10 +68,23 @@ def launched() -> Launch | None:
     if not all(name in os.environ for name in LAUNCHER_ENV):
         return None
     try:
-        return Launch(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+        launch = Launch(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+        port = int(os.environ["MASTER_PORT"])
     except ValueError:
-        raise UsageError(f"the launcher's RANK/LOCAL_RANK/WORLD_SIZE are not integers: "
-                         f"{[os.environ[n] for n in LAUNCHER_ENV[:3]]}") from None
+        raise UsageError("the launcher's RANK/LOCAL_RANK/WORLD_SIZE/MASTER_PORT are not integers: "
+                         + ", ".join(f"{n}={os.environ[n]!r}" for n in LAUNCHER_ENV if n != "MASTER_ADDR")) from None
+    problems = []
+    if launch.world_size < 1:
+        problems.append(f"WORLD_SIZE={launch.world_size}: must be at least 1")
+    elif not 0 <= launch.rank < launch.world_size:
+        problems.append(f"RANK={launch.rank}: must be from 0 to WORLD_SIZE-1 ({launch.world_size - 1})")
+    if launch.local_rank < 0:
+        problems.append(f"LOCAL_RANK={launch.local_rank}: must be at least 0")
+    if not 0 < port < 65536:
+        problems.append(f"MASTER_PORT={port}: not a port (1 to 65535)")
+    if problems:
+        raise UsageError("the launcher's environment: " + "; ".join(problems))
+    return launch
 
 
 def joined_world_size(requested: int, device: str) -> int:

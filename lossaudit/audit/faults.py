@@ -4,7 +4,9 @@ one path, running out of memory. A fault in one case never loses the others."""
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,8 +30,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def must_propagate(exc: BaseException) -> bool:
     """Errors that end the run rather than one case: OOM (the next case would hit it too)
-    and lossaudit's own usage and environment errors."""
-    return is_out_of_memory(exc) or isinstance(exc, LossauditError) or not isinstance(exc, Exception)
+    and lossaudit's own usage and environment errors. A UsageError or DivergenceError that the
+    code under audit raised itself is that code's failure, a case's error like any other."""
+    return is_out_of_memory(exc) or not isinstance(exc, Exception) or (
+        isinstance(exc, LossauditError) and raised_by_lossaudit(exc))
+
+
+PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def raised_by_lossaudit(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback, where it was raised, is lossaudit's."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return True
+    return str(Path(frames[-1].filename).resolve()).startswith(PACKAGE + os.sep)
 
 
 def one_line(exc: BaseException) -> str:

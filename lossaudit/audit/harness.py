@@ -78,7 +78,8 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
                             allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code,
                             allow_download=config.allow_download, num_layers=config.num_layers)
     loaded = wrap_loaded(loaded, adapter=config.adapter, method=config.peft,  # --adapter / --peft
-                         args={k: parse_value(v) for k, v in config.peft_args}, seed=config.seed)
+                         args={k: parse_value(v) for k, v in config.peft_args}, seed=config.seed,
+                         allow_download=config.allow_download, allow_pickle=config.allow_pickle)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")

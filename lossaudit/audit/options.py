@@ -168,6 +168,16 @@ def positive_number(value) -> str | None:
         else f"must be a positive number, got {value!r}"
 
 
+MAX_MEMORY_GIB = 2**30  # an exbibyte: more is no machine's memory (and its bytes overflow an int64)
+
+
+def memory_gib(value) -> str | None:
+    problem = positive_number(value)
+    if problem is None and value > MAX_MEMORY_GIB:
+        return f"must be at most {MAX_MEMORY_GIB} GiB, got {value!r}"
+    return problem
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("model", "str", "", "model_type (built tiny), save_pretrained directory, or cached hub id",
            check=not_blank, metavar="MODEL"),
@@ -203,7 +213,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "str", "float32", "model dtype: float32, float64, bfloat16 or float16", "--dtype", metavar="DTYPE"),
     Option("max_memory", "float | None", None, "GiB the audit may hold on the device (default on CUDA: 94 %% of its "
            "memory); logit paths whose gradient sums would not fit together run in more passes", "--max-memory",
-           parse=parse_float, check=positive_number, metavar="GIB"),
+           parse=parse_float, check=memory_gib, metavar="GIB"),
     Option("trainer_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for TrainingArguments (repeatable)",
            "--trainer-arg", "pairs", parse_key_value, metavar="KEY=VALUE"),
     Option("config_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for the model config (repeatable)",

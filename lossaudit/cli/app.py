@@ -14,7 +14,9 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
+from .supervisor import available as supervisor_available, supervised
 from .commands import COMMANDS
 from ..core.errors import EnvironmentProblem, LossauditError, UsageError
 
@@ -38,11 +40,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+# the libraries whose warnings (deprecations, "you are using ...") would bury lossaudit's lines
+LIBRARIES = ("transformers", "peft", "trl", "accelerate", "lightning", "lightning_fabric", "pytorch_lightning",
+             "datasets", "huggingface_hub", "torch", "tokenizers")
+
+
 def quiet_libraries() -> None:
-    """transformers' load reports and progress bars would bury lossaudit's own lines (a cut
-    --num-layers checkpoint lists every layer left unloaded); a user's setting wins."""
+    """transformers' load reports and progress bars, and the libraries' Python warnings (peft's,
+    TRL's, a deprecation in transformers) would bury lossaudit's own lines (a cut --num-layers
+    checkpoint lists every layer left unloaded); a user's setting (-W, PYTHONWARNINGS) wins."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
 
 
 class Terminated(KeyboardInterrupt):
@@ -55,7 +65,14 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, 1, 2 or 3 whatever happens; LOSSAUDIT_DEBUG=1 adds the traceback to
-    stderr but never changes the status."""
+    stderr but never changes the status. From an entry point (``argv`` None) the command runs
+    in a child process that code under audit cannot end with a false answer (supervisor.py)."""
+    if argv is None and supervisor_available():
+        return supervised(lambda: _main(None))
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = os.environ.get("LOSSAUDIT_DEBUG") == "1"
     quiet_libraries()
     if threading.current_thread() is threading.main_thread():

@@ -27,6 +27,7 @@ from ..core.layouts import Layout, Microbatch
 from ..core.objective import Objective
 from ..core.reductions import Reduction, StepTokens
 from ..core.registry import Registry
+from ..stacks.model_state import ModelState
 
 if TYPE_CHECKING:
     from ..core.batch import Batch
@@ -137,6 +138,9 @@ class StepPath:
 
     name = ""
     label = Label("")
+    # runs the user's code on the model itself (a step function, a LightningModule): the model is
+    # recorded before the first layout and put back after each (stacks/model_state.py)
+    changes_model = False
 
     def run(self, ctx: AuditContext, layout: Layout) -> list[Outcome]:
         raise NotImplementedError
@@ -148,10 +152,15 @@ class StepPath:
     def run_layouts(self, ctx: AuditContext, layouts: list[Layout], guard, say: Callable[[str], None]) -> list:
         """Every layout of the run, each behind ``guard`` (judge.Guard), judged as it ends. A
         path that pays a start-up cost once per run (spawning data-parallel ranks) overrides this."""
+        state = ModelState(ctx.model) if self.changes_model else None
         cases = []
         for i, layout in enumerate(layouts):
             say(f"[{i + 1}/{len(layouts)}] {self.label.path}: {layout.name}")
-            cases += guard.step(self, ctx, layout)
+            try:
+                cases += guard.step(self, ctx, layout)
+            finally:
+                if state is not None:
+                    state.restore()
         return cases
 
 

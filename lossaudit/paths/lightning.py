@@ -29,6 +29,7 @@ class LightningPath(StepPath):
 
     def __init__(self, recipe: LightningRecipe | None = None, factory=None, spec=None):
         self.recipe, self.factory = recipe, factory
+        self.changes_model = factory is not None  # the user's module may change the model it wraps
         if recipe is not None:
             self.label = Label("lightning", recipe.name, expected=recipe.expected,
                                cause=recipe.doc if recipe.expected else "")

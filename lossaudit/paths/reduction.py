@@ -6,6 +6,9 @@ their own weighted sum."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
+
+import torch
 
 from ..core.objective import Objective
 from ..core.reductions import Reduction, mean_of_means, num_items, resolve_reduction, token_sum
@@ -32,7 +35,7 @@ class ReductionPath(LogitPath):
         return cls(reduction, calibrates=reduction.name == "num_items" and not reduction.expected and ":" not in reduction.name)
 
     def start(self, ctx, layout, step):
-        self.weights = self.reduction.weights(step)  # the user's weight function runs here, guarded
+        self.weights = weights_of(self.reduction, step)  # the user's weight function runs here, guarded
 
     def uniform_weights(self):
         return None if any(hasattr(w, "shape") for w in self.weights) else [float(w) for w in self.weights]
@@ -42,6 +45,23 @@ class ReductionPath(LogitPath):
         if hasattr(weight, "shape"):
             return Contribution(weighted_sum(weight, view.losses))
         return Contribution(view.token_sum, float(weight))
+
+
+def weights_of(reduction: Reduction, step) -> list:
+    """``reduction``'s weights for ``step``: one per microbatch, each a number or a tensor; what
+    else a user's function returns is its failure (a TypeError: the layout's error case)."""
+    weights = reduction.weights(step)
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise TypeError(f"returned {type(weights).__name__}, not one weight per microbatch") from None
+    if len(weights) != step.k:
+        raise TypeError(f"returned {len(weights)} weights for {step.k} microbatches")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"returned a weight of type {type(w).__name__} ({w!r:.40}): a weight is a number "
+                            "or a tensor of per-token weights")
+    return weights
 
 
 PATHS.register(

@@ -25,6 +25,7 @@ def resolve_step(spec):
 
 class StepFunctionPath(StepPath):
     name = "step"
+    changes_model = True  # a real loop's step may update, cast or freeze the model
 
     def __init__(self, spec):
         self.fn = resolve_step(spec)

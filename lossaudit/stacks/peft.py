@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +41,11 @@ DEFAULT_VIRTUAL_TOKENS = 4
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 CONFIG = "adapter_config.json"
+# fresh adapters lossaudit does not build, and config fields it sets itself
+REFUSED_METHODS = {"XLORA": "X-LoRA mixes adapters that peft loads itself (from folders or the hub), so there is no "
+                            "fresh one to build: save it and pass --adapter DIR"}
+AUDIT_SETS = {"inference_mode": "the audit trains the adapter (inference_mode=False)",
+              "task_type": "set from the model's task"}
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -78,6 +84,13 @@ def peft_config(method: str, args: dict, task: str):
     by_name = {str(getattr(t, "value", t)): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
     if key not in by_name:
         raise UsageError(f"--peft {method}: peft has no such method{did_you_mean(method.lower(), methods())}")
+    if key in REFUSED_METHODS:
+        raise UsageError(f"--peft {method}: {REFUSED_METHODS[key]}")
+    problems = [f"--peft-arg {k}: {AUDIT_SETS[k]}" for k in args if k in AUDIT_SETS]
+    problems += [f"--peft-arg {k}={v!r}: not a finite number" for k, v in args.items()
+                 if isinstance(v, float) and not math.isfinite(v)]
+    if problems:
+        raise UsageError(*problems)
     cls = by_name[key]
     kwargs = dict(args)
     if key in PREPENDING or key == "PREFIX_TUNING":
@@ -101,31 +114,35 @@ def wrap(model: torch.nn.Module, config, *, seed: int = 0) -> torch.nn.Module:
                              f"{_first_line(exc)}") from None
 
 
-def load_adapter(model: torch.nn.Module, directory: str, task: str) -> torch.nn.Module:
+def load_adapter(model: torch.nn.Module, directory: str, task: str, *, allow_download: bool = False,
+                 allow_pickle: bool = False) -> torch.nn.Module:
     """``model`` inside the adapter saved in ``directory``, trainable, loaded without pickle,
-    code or download."""
+    code or download; every weight the adapter has on this model must be in the file."""
     require("peft", "--adapter")
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    path = _adapter_dir(directory)
-    fields = json.loads((path / CONFIG).read_text())
-    kind = str(fields.get("peft_type", ""))
-    by_name = {str(getattr(t, "value", t)): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
-    if kind not in by_name:
-        raise UsageError(f"--adapter {directory}: unknown peft_type {kind!r} in {CONFIG}")
+    path, fields, cls = read_adapter(directory, allow_download=allow_download, allow_pickle=allow_pickle)
+    kind = fields["peft_type"]
     fields.update(inference_mode=False)  # audit it as it trains
     if "prompt_tuning_init" in fields:
         fields["prompt_tuning_init"] = "RANDOM"  # TEXT would load a tokenizer by name; the weights follow
     fields.setdefault("task_type", TASK_TYPES[task])
     try:
-        config = by_name[kind].from_peft_type(**fields) if hasattr(by_name[kind], "from_peft_type") \
-            else by_name[kind](**fields)
+        config = cls.from_peft_type(**fields) if hasattr(cls, "from_peft_type") else cls(**fields)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--adapter {directory}: {CONFIG} does not describe a {kind} adapter: {_first_line(exc)}") from None
     wrapped = wrap(model, config)
-    result = set_peft_model_state_dict(wrapped, load_file(str(path / SAFE_WEIGHTS)))
+    weights = _safetensors(path / SAFE_WEIGHTS)
+    expected = set(get_peft_model_state_dict(wrapped))
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise UsageError(f"--adapter {directory}: {SAFE_WEIGHTS} lacks {len(missing)} of the adapter's "
+                         f"{len(expected)} weights on this model, e.g. {missing[0]}")
+    try:
+        result = set_peft_model_state_dict(wrapped, weights)
+    except (RuntimeError, ValueError, KeyError) as exc:  # a tensor whose shape fits no parameter
+        raise UsageError(f"--adapter {directory}: weights that do not fit the adapter on this model: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
     # prompt learning's "prompt_embeddings" is loaded apart from the state dict, so never unexpected
     unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if k != "prompt_embeddings"]
     if unexpected:
@@ -134,8 +151,75 @@ def load_adapter(model: torch.nn.Module, directory: str, task: str) -> torch.nn.
     return wrapped
 
 
+def read_adapter(directory: str, *, allow_download: bool = False, allow_pickle: bool = False):
+    """(folder, config fields, peft config class) of a saved adapter, checked before any model
+    is built: its config JSON of a known peft_type that names nothing peft would load itself
+    beyond the rules, and a readable safetensors file."""
+    require("peft", "--adapter")
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = _adapter_dir(directory)
+    try:
+        fields = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--adapter {directory}: cannot read {CONFIG}: {_first_line(exc)}") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"--adapter {directory}: {CONFIG} is not a JSON object")
+    kind = str(fields.get("peft_type", ""))
+    by_name = {str(getattr(t, "value", t)): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if kind not in by_name:
+        raise UsageError(f"--adapter {directory}: unknown peft_type {kind!r} in {CONFIG}")
+    problems = [f"--adapter {directory}: {p}" for p in
+                _loaded_by_peft(path, fields, allow_download=allow_download, allow_pickle=allow_pickle)]
+    if problems:
+        raise UsageError(*problems)
+    weights = _safetensors(path / SAFE_WEIGHTS)
+    if not weights:
+        raise UsageError(f"--adapter {directory}: {SAFE_WEIGHTS} holds no tensors")
+    return path, fields, by_name[kind]
+
+
+def _loaded_by_peft(path: Path, fields: dict, *, allow_download: bool, allow_pickle: bool) -> list[str]:
+    """What an adapter config makes peft load itself (X-LoRA's ``adapters``: hub ids or folders),
+    against lossaudit's rules: no download without --allow-download, nothing outside the adapter
+    folder, no pickle without --allow-pickle."""
+    refs = fields.get("adapters")
+    if refs is None:
+        return []
+    if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
+        return [f"{CONFIG}: 'adapters' must map names to adapter folders"]
+    problems, root = [], path.resolve()
+    for name, ref in refs.items():
+        local = Path(ref)  # as peft reads it: from the working directory, else a hub id
+        if not local.exists():
+            if not allow_download:
+                problems.append(f"{CONFIG} names adapter {name!r} at {ref!r}, not a folder here: peft would "
+                                "download it; pass --allow-download to let it")
+            continue
+        if root != local.resolve() and root not in local.resolve().parents:
+            problems.append(f"{CONFIG} names adapter {name!r} at {ref!r}, outside the adapter folder")
+        elif not (local / SAFE_WEIGHTS).is_file() and not allow_pickle:
+            problems.append(f"{CONFIG} names adapter {name!r} at {ref!r}, which has no {SAFE_WEIGHTS} "
+                            "(a pickle would be loaded): pass --allow-pickle to let it")
+    return problems
+
+
+def _safetensors(file: Path) -> dict:
+    """The tensors of ``file``, or a UsageError naming it (empty, cut, garbled, misshapen)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError is no OSError; anything a broken file raises is one
+        if isinstance(exc, (MemoryError, KeyboardInterrupt)):
+            raise
+        raise UsageError(f"{file}: not a readable safetensors file: {_first_line(exc)}") from None
+
+
 def _adapter_dir(directory: str) -> Path:
     path = Path(directory)
+    if not path.is_dir():
+        raise UsageError(f"--adapter {directory}: not a folder")
     if not (path / CONFIG).is_file():
         raise UsageError(f"--adapter {directory}: no {CONFIG} (a folder written by PeftModel.save_pretrained)")
     if not (path / SAFE_WEIGHTS).is_file():
@@ -152,7 +236,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def wrap_loaded(loaded, *, adapter: str | None = None, method: str | None = None, args: dict | None = None,
-                seed: int = 0):
+                seed: int = 0, allow_download: bool = False, allow_pickle: bool = False):
     """``loaded`` (a models.LoadedModel) with its model inside the adapter ``--adapter`` or
     ``--peft`` names; unchanged when neither is given, and both at once is a usage error."""
     if adapter and method:
@@ -160,7 +244,8 @@ def wrap_loaded(loaded, *, adapter: str | None = None, method: str | None = None
     if not (adapter or method):
         return loaded
     if adapter:
-        model = load_adapter(loaded.model, adapter, loaded.task)
+        model = load_adapter(loaded.model, adapter, loaded.task, allow_download=allow_download,
+                             allow_pickle=allow_pickle)
     else:
         model = wrap(loaded.model, peft_config(method, args or {}, loaded.task), seed=seed)
     return dataclasses.replace(loaded, model=model)

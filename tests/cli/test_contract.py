@@ -514,3 +514,350 @@ def test_a_failing_custom_reduction_keeps_the_built_in_cases_of_its_layout(tmp_p
     cases = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
     by_reduction = {c["reduction"]: c["verdict"] for c in cases}
     assert by_reduction == {"exits_mod:raises": "error", "num_items": "match"}
+
+
+# --- the new surfaces: steps, trainer classes, adapters, PEFT, launchers (issue 26) ------------------
+
+HOSTILE = '''import os
+import sys
+
+import torch
+import transformers
+
+from lossaudit.core.errors import DivergenceError, UsageError
+
+
+def _targets(mb):
+    return int((mb["labels"][:, 1:] != -100).sum())
+
+
+def sgd(model, microbatches):
+    """A right step that then applies its update, as real loops do."""
+    total = sum(_targets(mb) for mb in microbatches)
+    loss = 0.0
+    for mb in microbatches:
+        logits = model(**{k: v for k, v in mb.items() if k != "labels"}).logits[:, :-1].float()
+        part = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb["labels"][:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum") / total
+        part.backward()
+        loss += float(part.detach())
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    return loss
+
+
+def chdir(model, microbatches):
+    os.chdir("/")
+    return sgd(model, microbatches)
+
+
+def exit0(model, microbatches):
+    os._exit(0)
+
+
+def exit7(model, microbatches):
+    os._exit(7)
+
+
+def sys_exit(model, microbatches):
+    sys.exit(0)
+
+
+def usage(model, microbatches):
+    raise UsageError("mine, not lossaudit's")
+
+
+def divergence(model, microbatches):
+    raise DivergenceError("mine, not lossaudit's")
+
+
+def factory(model):
+    os._exit(0)
+
+
+def words(step):
+    return ["heavy"] * step.k
+
+
+class ExitingTrainer(transformers.Trainer):
+    def __init__(self, *args, **kwargs):
+        os._exit(0)
+'''
+EXITS_ON_IMPORT = "import os\n\nos._exit(0)\n\n\ndef step(model, microbatches):\n    return 0.0\n"
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """(cwd, environment) with the hostile modules importable."""
+    (tmp_path / "hostile.py").write_text(HOSTILE)
+    (tmp_path / "exits_on_import.py").write_text(EXITS_ON_IMPORT)
+    return tmp_path, {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+
+
+def has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+# item 5: a hard exit in user code is never clean, whatever its status; the line says so
+HARD_EXITS = [
+    (("--path", "step", "--step", "hostile:exit0"), "without an answer (exit status 0)"),
+    (("--path", "step", "--step", "hostile:exit7"), "without an answer (exit status 7)"),
+    (("--path", "step", "--step", "exits_on_import:step"), "without an answer (exit status 0)"),
+    (("--path", "step", "--step", "hostile:sys_exit"), "called sys.exit(0)"),
+    (("--path", "trainer", "--trainer-class", "hostile:ExitingTrainer"), "without an answer (exit status 0)"),
+    pytest.param(("--path", "lightning", "--lightning-module", "hostile:factory"), "without an answer",
+                 marks=pytest.mark.skipif(not has("lightning"), reason="needs lightning")),
+]
+
+
+def ids(table) -> list[str]:
+    return [" ".join(map(str, (row.values if hasattr(row, "values") else row)[0])) for row in table]
+
+
+@pytest.mark.parametrize("args, needle", HARD_EXITS, ids=ids(HARD_EXITS))
+def test_user_code_that_hard_exits_is_exit_3_and_keeps_the_old_report(hostile, prior, args, needle):
+    cwd, extra = hostile
+    before = snapshot(prior)
+    result = run("check", "llama", *SMALL, *args, "--out", prior, "--overwrite", cwd=cwd, extra_env=extra)
+    assert_contract(result, 3, needle)
+    assert snapshot(prior) == before
+
+
+@pytest.mark.parametrize("fn", ["usage", "divergence"])
+def test_lossaudits_own_errors_raised_by_user_code_are_its_error_cases(hostile, fn):
+    """A UsageError or DivergenceError from the step is the step's failure (error cases, exit 1),
+    not lossaudit's verdict on the command line (2) or on the audit."""
+    cwd, extra = hostile
+    result = run("check", "llama", *TINY[:-6], "--path", "step", "--step", f"hostile:{fn}", "--paddings", "right",
+                 "--groupings", "contiguous", "--out", cwd / "r", cwd=cwd, extra_env=extra)
+    assert result.returncode == 1, result.stderr[-3000:]
+    cases = json.loads((cwd / "r" / "report.json").read_text())["cases"]
+    assert cases and all(c["verdict"] == "error" and "mine, not lossaudit's" in c["detail"] for c in cases)
+
+
+# item 2: a step that applies its update leaves every later layout and path the model it found
+def test_a_step_that_updates_the_model_leaves_later_layouts_and_the_trainer_as_they_were(hostile):
+    cwd, extra = hostile
+    result = run("check", "llama", "--batch-size", "4", "--max-length", "8", "--microbatches", "1,2", "--paddings",
+                 "right", "--groupings", "contiguous", "--path", "step,trainer", "--step", "hostile:sgd",
+                 "--out", cwd / "r", cwd=cwd, extra_env=extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cases = json.loads((cwd / "r" / "report.json").read_text())["cases"]
+    assert {c["path"] for c in cases} == {"step", "trainer"} and len(cases) >= 4
+    assert all(c["verdict"] == "match" for c in cases), [(c["path"], c["detail"]) for c in cases]
+
+
+# item 9: the report goes where --out said when the run started, and its lock goes too
+def test_a_step_that_changes_directory_writes_the_report_where_out_said(hostile):
+    cwd, extra = hostile
+    result = run("check", "llama", *TINY[:-6], "--paddings", "right", "--groupings", "contiguous", "--path", "step",
+                 "--step", "hostile:chdir", "--out", "r", cwd=cwd, extra_env=extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((cwd / "r" / "report.json").read_text())["cases"]
+    assert not [p.name for p in cwd.iterdir() if p.name.endswith(".lock")]
+
+
+# item 6: a user's reduction whose weights are not numbers is its error case, the others stay
+def test_a_reduction_whose_weights_are_not_numbers_is_an_error_case(hostile):
+    cwd, extra = hostile
+    result = run("check", "llama", *TINY, "--reductions", "hostile:words,num_items", "--out", cwd / "r",
+                 cwd=cwd, extra_env=extra)
+    assert result.returncode == 1, result.stderr[-3000:]
+    cases = {c["reduction"]: c for c in json.loads((cwd / "r" / "report.json").read_text())["cases"]}
+    assert cases["hostile:words"]["verdict"] == "error" and "str" in cases["hostile:words"]["detail"]
+    assert cases["num_items"]["verdict"] == "match"
+
+
+# items 6, 7 and 10: the stack options refused before any model is built, each with exit 2
+STACK_USAGE = [
+    (("--max-memory", "1e308"), "--max-memory"),
+    (("--peft", "lora", "--peft-arg", "inference_mode=true"), "--peft-arg inference_mode"),
+    (("--peft", "lora", "--peft-arg", "lora_alpha=nan"), "lora_alpha=nan"),
+    (("--peft", "xlora"), "--peft xlora"),
+    (("--peft", "no_such_method"), "--peft no_such_method"),
+    (("--step", "hostile:sgd", "--world-size", "2"), "--world-size 2"),
+    (("--trainer-class", "hostile:ExitingTrainer", "--world-size", "2"), "--world-size 2"),
+    (("--step", "hostile:sgd", "--path", "reduction"), "--step: drives --path step"),
+    (("--trainer-class", "hostile:ExitingTrainer", "--path", "reduction"), "--trainer-class: drives --path trainer"),
+    (("--lightning-module", "hostile:factory", "--path", "reduction"), "--lightning-module: drives --path lightning"),
+    (("--step", "no_such_module:f"), "step function 'no_such_module:f'"),
+    (("--step", "hostile:nothing"), "hostile:nothing"),
+    (("--trainer-class", "hostile:sgd"), "not a subclass of transformers.Trainer"),
+    (("--adapter", "no/such/folder"), "--adapter no/such/folder"),
+    pytest.param(("--path", "trainer", "--trainer-class", "trl:SFTTrainer", "--trainer-arg", "packing=banana"),
+                 "packing=banana", marks=pytest.mark.skipif(not has("trl"), reason="needs trl")),
+]
+
+
+@pytest.mark.parametrize("args, needle", STACK_USAGE, ids=ids(STACK_USAGE))
+def test_stack_options_are_refused_before_the_model_is_built(hostile, prior, args, needle):
+    cwd, extra = hostile
+    before = snapshot(cwd)
+    started = time.monotonic()
+    assert_contract(run("check", "llama", *SMALL, *args, "--out", prior, "--overwrite", cwd=cwd, extra_env=extra),
+                    2, needle)
+    assert_untouched(cwd, before)
+    assert time.monotonic() - started < 60
+
+
+def test_every_stack_problem_is_named_at_once(hostile, prior):
+    cwd, extra = hostile
+    line = assert_contract(run("check", "llama", *SMALL, "--path", "reduction", "--step", "no_such_module:f",
+                               "--trainer-class", "hostile:sgd", "--peft", "lora", "--peft-arg", "lora_alpha=inf",
+                               "--max-memory", "1e308", "--out", prior, "--overwrite", cwd=cwd, extra_env=extra), 2)
+    for needle in ("--step: drives", "no_such_module", "--trainer-class: drives", "not a subclass",
+                   "lora_alpha=inf", "--max-memory"):
+        assert needle in line, (needle, line)
+
+
+# item 8: a launcher's environment that cannot be a group is bad input
+LAUNCH = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+BAD_LAUNCHES = [({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5"), ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1"),
+                ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc'"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+                ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000")]
+
+
+@pytest.mark.parametrize("launch, needle", BAD_LAUNCHES, ids=[n for _, n in BAD_LAUNCHES])
+def test_a_launcher_environment_that_is_no_group_is_refused(tmp_path, prior, launch, needle):
+    before = snapshot(tmp_path)
+    assert_contract(run("check", "llama", *TINY, "--out", prior, "--overwrite", extra_env={**LAUNCH, **launch}),
+                    2, needle)
+    assert_untouched(tmp_path, before)
+
+
+# items 1, 4 and 10: adapters on disk
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter of the tiny llama, saved by peft, and its safetensors' tensors."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from lossaudit.models.loading import load_model
+
+    folder = tmp_path_factory.mktemp("adapter") / "lora"
+    model = get_peft_model(load_model("llama").model, LoraConfig(task_type="CAUSAL_LM", r=2,
+                                                                 target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(folder)
+    return folder, load_file(folder / "adapter_model.safetensors")
+
+
+def adapter_variant(adapter, where: Path, name: str, weights: bytes | dict | None = None, config: str | None = None):
+    from safetensors.torch import save_file
+
+    good, _ = adapter
+    folder = where / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(config if config is not None else
+                                                (good / "adapter_config.json").read_text())
+    if isinstance(weights, dict):
+        save_file(weights, folder / "adapter_model.safetensors")
+    else:
+        (folder / "adapter_model.safetensors").write_bytes(
+            weights if weights is not None else (good / "adapter_model.safetensors").read_bytes())
+    return folder
+
+
+def broken_adapters(adapter) -> dict:
+    good, tensors = adapter
+    raw = (good / "adapter_model.safetensors").read_bytes()
+    keys = sorted(tensors)
+    first = keys[0]
+    return {
+        "empty": (dict(weights=b""), "adapter_model.safetensors"),
+        "cut": (dict(weights=raw[: len(raw) // 2]), "adapter_model.safetensors"),
+        "garbled": (dict(weights=struct.pack("<Q", 5) + b"{nope" + raw[64:]), "adapter_model.safetensors"),
+        "misshapen": (dict(weights={**tensors, first: tensors[first][:1].contiguous()}), "do not fit"),
+        "no_tensors": (dict(weights={}), "holds no tensors"),
+        "half_the_tensors": (dict(weights={k: tensors[k] for k in keys[: len(keys) // 2]}),
+                             f"lacks {len(keys) - len(keys) // 2} of the adapter's {len(keys)} weights"),
+        "config_not_json": (dict(config="{not json"), "adapter_config.json"),
+        "config_not_an_object": (dict(config="[1, 2]"), "not a JSON object"),
+    }
+
+
+BROKEN_ADAPTERS = ["empty", "cut", "garbled", "misshapen", "no_tensors", "half_the_tensors", "config_not_json",
+                   "config_not_an_object"]
+
+
+@pytest.mark.parametrize("variant", BROKEN_ADAPTERS)
+def test_a_broken_adapter_is_refused_in_one_line(adapter, tmp_path, prior, variant):
+    files, needle = broken_adapters(adapter)[variant]
+    folder = adapter_variant(adapter, tmp_path, variant, **files)
+    before = snapshot(tmp_path)
+    assert_contract(run("check", "llama", *TINY, "--adapter", folder, "--out", prior, "--overwrite"), 2, needle)
+    assert_untouched(tmp_path, before)
+
+
+def test_an_adapter_config_linked_to_a_system_file_is_refused(adapter, tmp_path, prior):
+    folder = adapter_variant(adapter, tmp_path, "linked")
+    (folder / "adapter_config.json").unlink()
+    (folder / "adapter_config.json").symlink_to("/etc/passwd")
+    assert_contract(run("check", "llama", *TINY, "--adapter", folder, "--out", prior, "--overwrite"), 2,
+                    "adapter_config.json")
+
+
+class Hub:
+    """A stand-in for the hub (HF_ENDPOINT) that records every request it gets."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        seen = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                seen.append(f"{self.command} {self.path}")
+                self.send_response(404)
+                self.end_headers()
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def xlora_config(adapters: dict) -> str:
+    return json.dumps({"peft_type": "XLORA", "task_type": "CAUSAL_LM", "hidden_size": 64, "xlora_depth": 1,
+                       "adapters": adapters})
+
+
+def test_an_xlora_adapter_naming_a_hub_id_downloads_nothing(adapter, tmp_path, prior):
+    folder = adapter_variant(adapter, tmp_path, "xlora", config=xlora_config({"evil": "someorg/evil-adapter"}))
+    with Hub() as hub:
+        result = run("check", "llama", *TINY, "--adapter", folder, "--out", prior, "--overwrite", cwd=tmp_path,
+                     extra_env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+    assert_contract(result, 2, "someorg/evil-adapter", "--allow-download")
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("where, needle", [("outside", "outside the adapter folder"), ("inside", "--allow-pickle")])
+def test_an_xlora_adapter_naming_a_pickle_folder_is_refused(adapter, tmp_path, prior, where, needle):
+    import torch
+
+    folder = adapter_variant(adapter, tmp_path, "xlora", config="{}")
+    pickled = (tmp_path / "elsewhere") if where == "outside" else (folder / "pickled")
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((adapter[0] / "adapter_config.json").read_text())
+    torch.save(dict(adapter[1]), pickled / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text(xlora_config({"other": str(pickled)}))
+    assert_contract(run("check", "llama", *TINY, "--adapter", folder, "--out", prior, "--overwrite", cwd=tmp_path),
+                    2, needle)
+
+
+@pytest.mark.parametrize("stack", ["adapter", "peft"])
+def test_adapter_and_peft_runs_print_no_library_warnings(adapter, tmp_path, stack):
+    args = ("--adapter", adapter[0]) if stack == "adapter" else ("--peft", "lora")
+    result = run("check", "llama", *TINY, *args, "--out", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip() == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
 import re
 import sys
 import tempfile
@@ -149,15 +150,21 @@ def claimed_out(args: argparse.Namespace, config, overwrite: bool) -> Iterator[P
 
     if args.out is not None:
         check_out(args.out, overwrite, whole=True)
-        with claim(iter([args.out]), skip_busy=False, taken=_held_report(overwrite)) as out:
+        with claim(iter([absolute(args.out)]), skip_busy=False, taken=_held_report(overwrite)) as out:
             yield out
         return
     task = resolve_task(config.model, task=config.task, allow_pickle=config.allow_pickle,
                         trust_remote_code=config.trust_remote_code, allow_download=config.allow_download)
     first = default_out(config.model, task)
     check_out(first, False, whole=True)
-    with claim(default_outs(config.model, task), skip_busy=True, taken=_held_report(False)) as out:
+    with claim(map(absolute, default_outs(config.model, task)), skip_busy=True, taken=_held_report(False)) as out:
         yield out
+
+
+def absolute(out: Path) -> Path:
+    """``out`` from the working directory the run started in: code under audit may change it
+    (``os.chdir`` in a step), the report and its lock stay where the user asked."""
+    return Path(os.path.abspath(out))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,86 @@
+"""The user's stack options checked before any model is built, every problem at once (issue 26):
+``--step``, ``--lightning-module`` and ``--trainer-class`` import and are what they must be (the
+class's arguments class takes the ``--trainer-arg`` values, of the right types), ``--peft`` names
+a method peft builds with the ``--peft-arg`` values, ``--adapter`` is a readable adapter folder
+that names nothing beyond the download and pickle rules; an option whose path is not selected,
+and combinations that can never run (a one-process path on several ranks), are refused.
+
+``CheckConfig.problems`` calls ``stack_problems``; a missing optional package is an
+EnvironmentProblem (exit 3, naming the pip command) and ends the checks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..core.errors import UsageError
+from ..core.registry import load_callable
+from ..core.tokens import TASKS
+from . import require
+from .peft import peft_config, read_adapter
+from .trl import arguments_class, check_arguments, resolve_trainer_class
+
+# (flag, config field, the path it drives); ONE_PROCESS: the flags whose path runs in one process only
+PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
+                ("--lightning-module", "lightning_module", "lightning"))
+ONE_PROCESS = ("--step", "--trainer-class")
+
+
+def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -> list[str]:
+    """Every problem of ``config``'s stack options; ``value_problems(pairs, args_cls)``: the
+    --trainer-arg values an arguments class refuses by type (config.py reads them)."""
+    problems = []
+    for flag, name, path in PATH_OPTIONS:
+        value = getattr(config, name)
+        if not value:
+            continue
+        if config.paths is not None and path not in config.paths:
+            problems.append(f"{flag}: drives --path {path}, which is not selected (--path {','.join(config.paths)}): "
+                            f"add --path {path}")
+        if flag in ONE_PROCESS and isinstance(config.world_size, int) and config.world_size > 1:
+            problems.append(f"{flag}: runs in one process; --world-size {config.world_size} cannot run it")
+    problems += _loadable(config, value_problems)
+    problems += _adapter(config)
+    return problems
+
+
+def _loadable(config, value_problems) -> list[str]:
+    problems = []
+    for flag, spec, kind in (("--step", config.step, "step function"),
+                             ("--lightning-module", config.lightning_module, "Lightning module factory")):
+        if isinstance(spec, str) and spec.count(":") == 1:
+            if flag == "--lightning-module":
+                require("lightning", flag)
+            problems += _problems(load_callable, spec, kind)
+    if config.trainer_class and (not isinstance(config.trainer_class, str) or config.trainer_class.count(":") == 1):
+        require("accelerate", "--trainer-class")  # the trainer path's (transformers.Trainer imports it)
+        problems += _trainer_class_problems(config, value_problems)
+    if config.peft:
+        task = config.task if config.task in TASKS else TASKS[0]  # the model's, when known, is tried again later
+        problems += _problems(peft_config, config.peft, config.peft_values, task)
+    return problems
+
+
+def _trainer_class_problems(config, value_problems) -> list[str]:
+    try:
+        cls = resolve_trainer_class(config.trainer_class)
+    except UsageError as exc:
+        return exc.problems
+    user = config.trainer_values
+    problems = value_problems(config.trainer_args, arguments_class(cls))
+    return problems or _problems(check_arguments, cls, user)
+
+
+def _adapter(config) -> list[str]:
+    if not config.adapter or not isinstance(config.adapter, str) or not config.adapter.strip():
+        return []
+    return _problems(read_adapter, config.adapter, allow_download=config.allow_download,
+                     allow_pickle=config.allow_pickle)
+
+
+def _problems(fn, *args, **kwargs) -> list[str]:
+    try:
+        fn(*args, **kwargs)
+    except UsageError as exc:
+        return exc.problems
+    return []
