@@ -210,3 +210,14 @@ def dpo_rows_step(model, microbatches):
     """Planted bug: the pair losses over the window's rows (chosen and rejected counted apart)."""
     rows = sum(len(b["ref_logps"]) for b in microbatches)
     return _dpo(model, microbatches, lambda losses, mbs: losses.sum() / rows)
+
+
+def miscount_step(model, microbatches):
+    """Planted bug: the token sum over the step's target count plus 2 (a miscount, not an objective)."""
+    total = sum(_targets(b) for b in microbatches) + 2
+    loss = 0.0
+    for batch in microbatches:
+        part = _token_sum(model, batch) / total
+        part.backward()
+        loss += float(part.detach())
+    return loss

@@ -120,7 +120,9 @@ def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol
 
 
 def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, facts: "LayoutFacts | None",
-            *, objective: Objective = Objective()) -> str:
+            *, objective: Objective = Objective(), at_one: "Measured | None" = None) -> str:
+    """The cause of a finding. ``objective``: the run's declared one; ``at_one``: the same path's
+    case on the whole window in one microbatch (k=1), where the run has one."""
     label = m.label
     if label.calibrates:
         return PADDING_CAUSE
@@ -130,6 +132,12 @@ def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, f
         return "; ".join(x for x in (f"{label.reduction}: {label.cause}" if label.cause else "", fitted) if x)
     if m.aux_target is None:
         named = objective_cause(m, tol, objective)
+        if named and objective.token_mean:
+            # one sequence per microbatch: a mean of microbatch means is a sequence mean too; an
+            # accumulation bug, unless the path is that objective on the whole window already
+            cause = ce_cause(m, m.loss, reference, batch, tol, facts)
+            if cause.startswith("loss and gradient equal") and not (at_one and objective_cause(at_one, tol, objective)):
+                return f"{cause} (on this layout the same numbers as {named.split(' (')[0].removeprefix('loss and gradient equal ')})"
         if named:
             return named
         if objective.pairwise:
@@ -186,6 +194,9 @@ def sum_over_cause(m: "Measured", reference: Reference, tol: Tolerance, declared
         return ""
     if isinstance(declared.aggregation, SumOver) and near == declared.aggregation.n:
         return ""
+    if abs(near - n) <= 0.1 * n:  # near the step's own count: as likely a miscount as a constant
+        return (f"loss and gradient equal the token sum over {near}, not over the step's {n} target tokens: "
+                f"a miscount of the tokens, or a sum over a constant {near}")
     return (f"loss and gradient equal a sum over a constant {near} (the token sum / {near}, {n}/{near} = "
             f"{n / near:.4g}x the token mean): {_another(declared)}; if that is what the step means, declare "
             f"it: --objective sum-over:{near}")
@@ -205,7 +216,7 @@ def pair_cause(m: "Measured", reference: Reference, tol: Tolerance) -> str:
     g = m.grads
     if g is None or not (math.isfinite(g.cosine) and _aligned(g, tol)):
         return ""
-    for text, w in found:
+    for text, w in ((text, w) for text, w in found if abs(w - 1.0) > 1e-9):  # one pair: the sum is the mean
         scale_fits = abs(g.scale - w) <= max(3 * tol.tolerances["scale"], 1e-3) * max(1.0, w)
         loss_fits = abs(m.loss - w * reference.loss) <= max(10 * tol.loss_noise, 1e-4, tol.rtol) * w * abs(reference.loss)
         if scale_fits and loss_fits:

@@ -96,6 +96,7 @@ class Judge:
         self.facts: dict[Layout, LayoutFacts] = {}
         self.norms: dict = {}  # the reference tensors' squared norms, computed once a run
         self._others: list[tuple[Objective, Reference, dict]] | None = None  # other_objectives()
+        self.at_one: dict[int, Measured] = {}  # id(label) -> the path's k=1 case in one process (causes)
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -133,18 +134,22 @@ class Judge:
                               norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
-        return Measured(
+        m = Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
             grads=grads, weights=None if aux or not self.ctx.objective.token_mean else outcome.weights,
             note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
             alternatives=[] if outcome.target is not None else self._alternatives(outcome, grads), cause=outcome.cause)
+        if layout.microbatches == 1 and layout.world_size == 1:
+            self.at_one.setdefault(id(label), m)
+        return m
 
     def _alternatives(self, outcome: Outcome, grads: GradDiff) -> list[Alternative]:
         """A step's gradient (logit paths carry microbatch weights instead) that is beyond the
-        dtype's floor, against each objective the run does not declare; the gradient stream must
-        be readable twice (a list or a dict's items, not an iterator)."""
-        floor = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[0]
-        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > floor:
+        dtype's cap (a finding whatever the noise: only then is another reference computed and
+        held), against each objective the run does not declare; the gradient stream must be
+        readable twice (a list or a dict's items, not an iterator)."""
+        cap = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[1]
+        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > cap:
             return []
         return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
                                                                      factor=outcome.gradient_factor, norms=norms))
@@ -194,8 +199,9 @@ class Judge:
         only_loss = ""
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
-        cause = m.cause if m.cause is not None else causes.explain(m, self.reference, self.ctx.batch, tol,
-                                                                   self.facts.get(m.layout), objective=self.ctx.objective)
+        cause = m.cause if m.cause is not None else causes.explain(
+            m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout), objective=self.ctx.objective,
+            at_one=self.at_one.get(id(m.label)))
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
 

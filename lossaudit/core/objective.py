@@ -6,8 +6,11 @@ The per-token loss is cross entropy, with label smoothing when the user trains w
 reductions smooth too, so a path is judged on its reduction only, never on the objective.
 
 The aggregation is the token mean unless a step declares another (``--objective``,
-``lossaudit.check(objective=...)``) or a trainer class declares its own (DPO's pair mean). The
-interface other modules use:
+``lossaudit.check(objective=...)``) or a trainer class declares its own: ``stacks/trl.DECLARED``
+maps a class name (anywhere in the MRO) to ``fn(trainer_args) -> Aggregation`` (DPO's pair mean,
+``stacks/dpo.py``), and ``audit/harness.declared_objective`` puts it in the run's context
+(``ctx.objective``, what the reference, the judge and the causes read). The interface other
+modules use:
 
 - ``Objective.token_losses(logits, labels, task)``: float64 per-target losses, (B, T');
 - ``Objective.window_loss(losses, mask, pairs=())``: the declared scalar of a whole window (the

@@ -5,7 +5,6 @@ as the token-mean reduction does a token run's (``audit/harness.calibration``)."
 
 from __future__ import annotations
 
-
 from ..core.objective import Objective, pair_losses
 from ..core.pairs import microbatch_pairs, reference_logps
 from .base import Contribution, Label, LogitPath

@@ -89,8 +89,8 @@ def declared_aggregation(cls: type, user_args: dict):
 
 def arguments_class(cls: type) -> type:
     """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
-    SFTTrainer), or its nearest base class's (a user's subclass of GRPOTrainer takes GRPOConfig),
-    else TrainingArguments."""
+    SFTTrainer), for the class or the nearest base that has one (a user's subclass of
+    DPOTrainer gets DPOConfig, of GRPOTrainer GRPOConfig), else TrainingArguments."""
     from transformers import TrainingArguments
 
     for base in cls.__mro__:

@@ -93,3 +93,24 @@ def test_the_cli_declares_it_and_the_report_shows_it(tmp_path):
     assert "objective: a mean of per-sequence token means (sequence-mean)" in result.stdout
     assert "a mean of per-sequence token means (sequence-mean) of token cross entropy in float64" in \
         (tmp_path / "r" / "report.md").read_text()
+
+
+def test_one_sequence_per_microbatch_a_mean_of_means_stays_an_accumulation_bug():
+    """At k = B a mean of microbatch means equals the sequence mean: the path that matches at k=1
+    is named the accumulation bug (the same numbers said), the sequence-mean step the objective."""
+    bug = audit(stack_modules.mean_of_means_step, ks=(1, 8))
+    assert list(bug.cases["verdict"]) == ["match", "diverge"]
+    detail = bug.cases["detail"][1]
+    assert detail.startswith("loss and gradient equal each microbatch's token mean divided by k"), detail
+    assert "on this layout the same numbers as a mean of per-sequence token means" in detail
+    objective = audit(stack_modules.sequence_mean_step, ks=(1, 8))
+    for detail in objective.cases["detail"]:
+        assert detail.startswith("loss and gradient equal a mean of per-sequence token means"), detail
+
+
+def test_a_sum_over_a_count_near_the_steps_own_is_called_a_miscount_first():
+    report = audit(stack_modules.miscount_step, ks=(1,))
+    n = int(report.batch["target_tokens"])
+    detail = report.cases["detail"][0]
+    assert f"the token sum over {n + 2}, not over the step's {n} target tokens: a miscount" in detail, detail
+    assert "different objective" not in detail

@@ -107,6 +107,16 @@ def test_other_objectives_are_refused_naming_them(name):
         resolve_trainer_class(f"trl:{name}")
 
 
+def test_dpo_declares_its_pair_mean_instead_of_being_refused():
+    """issue 22: audited against the objective it declares (tests/stacks/test_stacks_dpo.py)."""
+    from lossaudit.core.aggregation import PairMean
+    from lossaudit.stacks.trl import declared_aggregation
+
+    cls = resolve_trainer_class("trl:DPOTrainer")
+    assert declared_aggregation(cls, {"beta": 0.3}) == PairMean(0.3)
+    assert declared_aggregation(resolve_trainer_class(SFT), {}) is None
+
+
 def test_not_a_trainer_is_refused_and_the_config_class_is_found():
     with pytest.raises(UsageError, match="not a subclass of transformers.Trainer"):
         resolve_trainer_class("collections:OrderedDict")
