@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..core.aggregation import aggregation_check, parse_aggregation
+from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-TASKS = ("causal-lm", "seq2seq", "token-classification", "sequence-classification")
 SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seeds are below 2**32
 
 Parse = Callable[[str], object]
@@ -231,6 +231,9 @@ OPTIONS: tuple[Option, ...] = (
            "--lightning-module", check=not_blank, metavar="MODULE:FACTORY"),
     Option("trainer_class", "object", None, "a transformers.Trainer subclass for --path trainer, e.g. "
            "trl:SFTTrainer", "--trainer-class", check=not_blank, metavar="MODULE:CLASS"),
+    Option("axolotl_config", "str | None", None, "an axolotl config: --path trainer runs the trainer axolotl builds "
+           "from it (its validation, model loader, LoRA, trainer builder) on the audit's batch and step",
+           "--axolotl-config", check=not_blank, metavar="FILE.yml"),
     Option("adapter", "str | None", None, "a PEFT adapter folder (save_pretrained) to audit on MODEL",
            "--adapter", check=not_blank, metavar="DIR"),
     Option("peft", "str | None", None, "a fresh PEFT adapter of this method on MODEL: lora, prompt_tuning, ...",
