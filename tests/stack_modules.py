@@ -101,7 +101,123 @@ def _sft():
     return OwnCountSFTTrainer
 
 
-def __getattr__(name):  # the class needs trl, imported only when a test asks for it
+def _dpo_summed():
+    from trl import DPOTrainer
+
+    class SummedDPOTrainer(DPOTrainer):
+        """Planted bug: claims its loss is already scaled for gradient accumulation, so the Trainer
+        no longer divides each microbatch's pair mean by k (a k-fold step)."""
+
+        loss_is_scaled_for_ga = True
+
+    return SummedDPOTrainer
+
+
+def __getattr__(name):  # the classes need trl, imported only when a test asks for them
     if name == "OwnCountSFTTrainer":
         return _sft()
+    if name == "SummedDPOTrainer":
+        return _dpo_summed()
     raise AttributeError(name)
+
+
+# --- steps that declare an objective other than the token mean (issue 22) ----------------------
+
+def _sequence_sums(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's token sum (B,) and target count (B,) on one microbatch."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                               reduction="none")
+    return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def sequence_mean_step(model, microbatches):
+    """A mean of per-sequence token means over the window (verl's seq-mean-token-mean): each
+    sequence's token mean, over the window's sequences that have a target."""
+    sequences = sum(int(((b["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1) > 0).sum()) for b in microbatches)
+    loss = 0.0
+    for batch in microbatches:
+        sums, counts = _sequence_sums(model, batch)
+        part = (sums / counts.clamp(min=1)).sum() / sequences
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+SUM_OVER = 192
+
+
+def sum_over_step(model, microbatches):
+    """The token sum over a constant 192 (Dr. GRPO's sequences x max completion length)."""
+    loss = 0.0
+    for batch in microbatches:
+        part = _token_sum(model, batch) / SUM_OVER
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+def microbatch_sequence_mean_step(model, microbatches):
+    """Planted bug under a declared sequence mean: each microbatch's mean of sequence means, the
+    microbatches' means averaged (right only when every microbatch holds as many sequences)."""
+    loss = 0.0
+    for batch in microbatches:
+        sums, counts = _sequence_sums(model, batch)
+        has = counts > 0
+        part = (sums / counts.clamp(min=1))[has].mean() / len(microbatches)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+# --- DPO-style steps under a declared pair mean (issue 22) ---------------------------------------
+# each microbatch dict holds its chosen rows, then its rejected rows, and ref_logps (the frozen
+# reference model's completion log-probabilities, constants)
+
+DPO_BETA = 0.1
+
+
+def _pair_losses(model, batch: dict) -> torch.Tensor:
+    """DPO's sigmoid loss per pair of one microbatch, (P_m,)."""
+    sums, _ = _sequence_sums(model, {k: v for k, v in batch.items() if k != "ref_logps"})
+    ratios = -sums - batch["ref_logps"]  # log pi - log ref, per row
+    chosen, rejected = ratios.chunk(2)
+    return -torch.nn.functional.logsigmoid(DPO_BETA * (chosen - rejected))
+
+
+def _dpo(model, microbatches, normalise) -> float:
+    loss = 0.0
+    for batch in microbatches:
+        part = normalise(_pair_losses(model, batch), microbatches)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
+def dpo_step(model, microbatches):
+    """Right: each microbatch's pair losses summed, over the window's pair count."""
+    pairs = sum(len(b["ref_logps"]) // 2 for b in microbatches)
+    return _dpo(model, microbatches, lambda losses, mbs: losses.sum() / pairs)
+
+
+def dpo_summed_means_step(model, microbatches):
+    """Planted bug: each microbatch's pair mean, summed over the k microbatches (no 1/k)."""
+    return _dpo(model, microbatches, lambda losses, mbs: losses.mean())
+
+
+def dpo_rows_step(model, microbatches):
+    """Planted bug: the pair losses over the window's rows (chosen and rejected counted apart)."""
+    rows = sum(len(b["ref_logps"]) for b in microbatches)
+    return _dpo(model, microbatches, lambda losses, mbs: losses.sum() / rows)
+
+
+def miscount_step(model, microbatches):
+    """Planted bug: the token sum over the step's target count plus 2 (a miscount, not an objective)."""
+    total = sum(_targets(b) for b in microbatches) + 2
+    loss = 0.0
+    for batch in microbatches:
+        part = _token_sum(model, batch) / total
+        part.backward()
+        loss += float(part.detach())
+    return loss

@@ -14,7 +14,9 @@ import math
 from typing import TYPE_CHECKING
 
 from ..core.batch import Batch
+from ..core.aggregation import SumOver
 from ..core.moe import carried_aux
+from ..core.objective import Objective
 from ..core.reference import Reference
 from ..core.tokens import count_unshifted
 from .tolerance import Tolerance
@@ -137,15 +139,35 @@ def ce_cause(m: "Measured", loss: float, reference: Reference, batch: Batch, tol
     return measured(m, loss, reference, tol)
 
 
-def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, facts: "LayoutFacts | None") -> str:
+def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, facts: "LayoutFacts | None",
+            *, objective: Objective = Objective(), at_one: "Measured | None" = None) -> str:
+    """The cause of a finding. ``objective``: the run's declared one; ``at_one``: the same path's
+    case on the whole window in one microbatch (k=1), where the run has one."""
     label = m.label
     if label.calibrates:
         return PADDING_CAUSE
     if label.expected:  # known to differ: say why, and what it measured like
-        fitted = ce_cause(m, m.loss, reference, batch, tol, facts) if m.aux_target is None else ""
+        fitted = ce_cause(m, m.loss, reference, batch, tol, facts) \
+            if m.aux_target is None and objective.token_mean else ""
         return "; ".join(x for x in (f"{label.reduction}: {label.cause}" if label.cause else "", fitted) if x)
     if m.aux_target is None:
-        return ce_cause(m, m.loss, reference, batch, tol, facts)
+        named = objective_cause(m, tol, objective)
+        if named and objective.token_mean:
+            # one sequence per microbatch: a mean of microbatch means is a sequence mean too; an
+            # accumulation bug, unless the path is that objective on the whole window already
+            cause = ce_cause(m, m.loss, reference, batch, tol, facts)
+            if cause.startswith("loss and gradient equal") and not (at_one and objective_cause(at_one, tol, objective)):
+                return f"{cause} (on this layout the same numbers as {named.split(' (')[0].removeprefix('loss and gradient equal ')})"
+        if named:
+            return named
+        if objective.pairwise:
+            return pair_cause(m, reference, tol) or measured(m, m.loss, reference, tol)
+        if not objective.token_mean:  # the accumulation candidates are weights x the token mean's
+            return sum_over_cause(m, reference, tol, objective) or measured(m, m.loss, reference, tol)
+        cause = ce_cause(m, m.loss, reference, batch, tol, facts)
+        if cause.startswith("loss and gradient equal"):
+            return cause
+        return sum_over_cause(m, reference, tol, objective) or cause
     carried, _ = carried_aux(m.loss, m.aux, reference.loss, m.aux_target.coef)
     ce = m.loss - m.aux_target.coef * carried
     if abs(ce - reference.loss) <= tol.rtol * abs(reference.loss):
@@ -153,6 +175,73 @@ def explain(m: "Measured", reference: Reference, batch: Batch, tol: Tolerance, f
     else:
         ce_part = "cross entropy: " + ce_cause(m, ce, reference, batch, tol, facts, gradient=False)
     return "; ".join(x for x in (aux_cause(m, carried), ce_part) if x)
+
+
+def _another(declared: Objective) -> str:
+    return (f"a different objective over the whole window, not an accumulation bug; the run declares "
+            f"{declared.aggregation.describe()} ({declared.aggregation.spec})")
+
+
+def objective_cause(m: "Measured", tol: Tolerance, declared: Objective) -> str:
+    """The objective a step computes instead of the declared one, where its loss and gradient
+    match that objective's own float64 reference within the run's tolerance (judge.Alternative)."""
+    for alt in m.alternatives:
+        if not tol.exceeded(alt.deviation(m.loss)):
+            a = alt.objective.aggregation
+            return (f"loss and gradient equal {a.describe()} ({a.spec}): {_another(declared)}; "
+                    f"if {a.spec} is what the step means, declare it: --objective {a.spec}")
+    return ""
+
+
+def sum_over_cause(m: "Measured", reference: Reference, tol: Tolerance, declared: Objective) -> str:
+    """A token sum over a constant: the gradient points along the token mean's, at a scale s with
+    loss = s x the token-mean loss; the constant is N = target tokens / s, named when it is a whole
+    number within the scale's tolerance (and not the declared one)."""
+    if declared.token_mean:
+        grads, token_loss = m.grads, reference.loss
+    else:
+        token = next((a for a in m.alternatives if a.objective.token_mean), None)
+        grads, token_loss = (token.grads, token.loss) if token else (None, math.nan)
+    n = sum(m.counts)
+    if grads is None or not (math.isfinite(grads.cosine) and grads.scale > 0 and _aligned(grads, tol)):
+        return ""
+    constant = n / grads.scale
+    near = round(constant)
+    slack = max(3 * tol.tolerances["scale"], 1e-4) * constant
+    if near < 1 or abs(constant - near) > max(slack, 1e-6) or near == n or slack >= 0.5:
+        return ""  # not a whole number, the token mean itself, or too coarse to name one
+    if abs(m.loss - grads.scale * token_loss) > max(10 * tol.loss_noise, 1e-4, tol.rtol) * abs(token_loss):
+        return ""
+    if isinstance(declared.aggregation, SumOver) and near == declared.aggregation.n:
+        return ""
+    if abs(near - n) <= 0.1 * n:  # near the step's own count: as likely a miscount as a constant
+        return (f"loss and gradient equal the token sum over {near}, not over the step's {n} target tokens: "
+                f"a miscount of the tokens, or a sum over a constant {near}")
+    return (f"loss and gradient equal a sum over a constant {near} (the token sum / {near}, {n}/{near} = "
+            f"{n / near:.4g}x the token mean): {_another(declared)}; if that is what the step means, declare "
+            f"it: --objective sum-over:{near}")
+
+
+def pair_cause(m: "Measured", reference: Reference, tol: Tolerance) -> str:
+    """A normalisation bug of a pair mean: a uniform rescale of the step (the gradient along the
+    reference, at the candidate's scale, and the loss that scale x the reference's)."""
+    sizes = [len(g) // 2 for g in m.layout.groups]  # pairs per microbatch
+    pairs, k = sum(sizes), len(sizes)
+    found = [(f"the pair sum: never divided by the pair count ({pairs}x the pair mean)", float(pairs)),
+             ("the pair losses over the rows, chosen and rejected counted apart: 1/2 of the pair mean", 0.5)]
+    if k > 1 and len(set(sizes)) == 1:
+        found += [(f"each microbatch's pair mean summed over {k} microbatches, not divided by k: {k}x the pair mean",
+                   float(k)),
+                  (f"1/{k} of the pair mean: divided by k on top of the pair count", 1.0 / k)]
+    g = m.grads
+    if g is None or not (math.isfinite(g.cosine) and _aligned(g, tol)):
+        return ""
+    for text, w in ((text, w) for text, w in found if abs(w - 1.0) > 1e-9):  # one pair: the sum is the mean
+        scale_fits = abs(g.scale - w) <= max(3 * tol.tolerances["scale"], 1e-3) * max(1.0, w)
+        loss_fits = abs(m.loss - w * reference.loss) <= max(10 * tol.loss_noise, 1e-4, tol.rtol) * w * abs(reference.loss)
+        if scale_fits and loss_fits:
+            return f"loss and gradient equal {text}"
+    return ""
 
 
 def aux_cause(m: "Measured", carried: float) -> str:

@@ -52,7 +52,7 @@ class _Config:
         problems = self.problems()
         if problems:
             raise UsageError(*problems)
-        object.__setattr__(self, "objective", Objective.from_trainer_args(self.trainer_args))
+        object.__setattr__(self, "objective", Objective.from_trainer_args(self.trainer_args, self.aggregation))
 
     def problems(self) -> list[str]:
         p, bad = _table_problems(self)
@@ -83,6 +83,8 @@ class _Config:
             if not self.trainer_class:  # a trainer class's own arguments class checks them (stacks/trl.py)
                 p += trainer_arg_problems(self.trainer_args)
         p += _stack_problems(self)
+        if ok("aggregation"):
+            p += _aggregation_problems(self)
         if ok("paddings"):
             p += [f"unknown padding {x!r}; choose from {', '.join(PADDINGS)}" for x in self.paddings
                   if x not in PADDINGS]
@@ -143,6 +145,8 @@ def config_from(model: str | None = None, **values) -> "CheckConfig":
         values["model"] = model
     if "path" in values:
         values["paths"] = values.pop("path")
+    if "objective" in values:  # the --objective flag's name (its field is aggregation: objective is derived)
+        values["aggregation"] = values.pop("objective")
     problems, coerced = [], {}
     for key, value in values.items():
         option = BY_NAME.get(key)
@@ -182,6 +186,20 @@ def _stack_problems(config) -> list[str]:
         if isinstance(value, str) and value.count(":") != 1:
             p.append(f"{flag} {value!r}: expected MODULE:NAME")
     return p + stack_problems(config, _trainer_value_problems)
+
+
+def _aggregation_problems(config) -> list[str]:
+    """What --objective can be audited with, told before any model is built."""
+    a = config.aggregation
+    if a is None or not a.pairwise:
+        return []
+    p = []
+    if not (config.step or config.trainer_class):
+        p.append(f"--objective {a.spec}: a pair objective needs your pairwise step (--step MODULE:FUNCTION) "
+                 "or a pairwise trainer (--trainer-class trl:DPOTrainer)")
+    if config.world_size > 1:
+        p.append(f"--objective {a.spec}: pairs are audited in one process (--world-size 1)")
+    return p
 
 
 def _code_problems(config) -> list[str]:

@@ -9,6 +9,7 @@ gradient (judge.py, causes.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,14 +30,19 @@ from .judge import Guard, Judge, Measured, report_fields
 from ..core.layouts import Layout, microbatches, plan_layouts
 from ..models.loading import LoadedModel, load_model
 from ..core.moe import AuxAccumulator
+from ..core.objective import Objective
+from ..core.pairs import MIN_PAIR_LENGTH, make_pair_batch, pair_layouts
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
 from .memory import ResidentMeter, resident_bytes
 from .passes import passes_for, unheld
+from ..paths.grpo import grpo_batch
+from ..paths.pairs import PairMeanPath
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
 from ..core.reference import compute_reference
 from ..core.wrapped import virtual_tokens
 from ..stacks.peft import wrap_loaded
+from ..stacks.trl import declared_aggregation, resolve_trainer_class
 from .tolerance import Tolerance
 from ..report.report import CASE_COLUMNS, Report
 from ..core.tokens import prepend_ignored, target_mask
@@ -44,16 +50,22 @@ from ..core.tokens import prepend_ignored, target_mask
 Progress = Callable[[str], None]
 
 
-def selected_paths(config: CheckConfig, task: str) -> list[str]:
-    """The paths asked for, or by default every one that applies to the task and the config.
+def selected_paths(config: CheckConfig, task: str, objective: Objective | None = None) -> list[str]:
+    """The paths asked for, or by default every one that applies to the task and the config
+    (under a declared objective other than the token mean, those whose code can declare it).
     Decided before any model is built."""
+    objective = objective or config.objective
     if config.paths is None:
         return [name for name in PATHS if task in PATHS.get(name).tasks and not PATHS.get(name).missing()
-                and PATHS.get(name).unavailable(config) is None]
+                and PATHS.get(name).unavailable(config) is None
+                and (objective.token_mean or PATHS.get(name).declares(config, objective))]
     for name in config.paths:
         spec = PATHS.get(name)
         if task not in spec.tasks:
             raise UsageError(f"path {name!r} does not apply to task {task}")
+        if objective.pairwise and not spec.declares(config, objective):
+            raise UsageError(f"--path {name}: computes token cross entropy, not the pair objective "
+                             f"{objective.aggregation.spec}")
         if spec.missing():
             raise EnvironmentProblem(f"path {name!r} needs {', '.join(spec.missing())}: pip install {' '.join(spec.missing())}")
         reason = spec.unavailable(config)
@@ -78,10 +90,10 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
     meter = cpu_meter(loaded.model) if device.type == "cpu" else None
     model = loaded.model.to(device=device, dtype=getattr(torch, config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
-    batch = batch_for(loaded, config.batch_spec)
+    objective = declared_objective(config)
+    batch = grpo_batch(config, loaded) or batch_for(loaded, config.batch_spec, pairs=objective.pairwise)
     params = trainable(model)
-    objective = config.objective
-    reference = compute_reference(model, batch, params, device, label_smoothing=objective.label_smoothing)
+    reference = compute_reference(model, batch, params, device, objective=objective)
     return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective, memory=meter)
 
 
@@ -93,8 +105,28 @@ def cpu_meter(model: torch.nn.Module) -> ResidentMeter:
     return ResidentMeter(start=max(resident_bytes() - held, 0))
 
 
-def batch_for(loaded: LoadedModel, spec: BatchSpec) -> Batch:
-    """The audit's batch for ``loaded``: its vocabulary, special ids, task and labels."""
+def declared_objective(config: CheckConfig) -> Objective:
+    """What the run's paths mean to compute: --objective, or what --trainer-class declares (DPO's
+    pair mean; stacks/trl.DECLARED); given both, they must agree."""
+    if not config.trainer_class:
+        return config.objective
+    declared = declared_aggregation(resolve_trainer_class(config.trainer_class), config.trainer_values)
+    if declared is None:
+        return config.objective
+    if config.aggregation is not None and config.aggregation != declared:
+        raise UsageError(f"--objective {config.aggregation.spec}: --trainer-class {config.trainer_class} "
+                         f"declares {declared.spec} ({declared.describe()})")
+    return dataclasses.replace(config.objective, aggregation=declared)
+
+
+def batch_for(loaded: LoadedModel, spec: BatchSpec, *, pairs: bool = False) -> Batch:
+    """The audit's batch for ``loaded``: its vocabulary, special ids, task and labels; with
+    ``pairs``, ``spec.batch_size`` preference pairs (core/pairs.py)."""
+    if pairs:
+        if loaded.task != "causal-lm" or spec.max_length < MIN_PAIR_LENGTH:
+            raise UsageError(f"a pair objective needs a causal LM and --max-length >= {MIN_PAIR_LENGTH}")
+        return make_pair_batch(spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id,
+                               eos_id=loaded.pad_id if loaded.eos_id is None else loaded.eos_id)
     return make_batch(spec, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, task=loaded.task,
                       num_labels=loaded.num_labels, decoder_start_id=loaded.decoder_start_id, eos_id=loaded.eos_id)
 
@@ -281,10 +313,14 @@ def _forward(ctx, mb, step, with_labels):
     return outputs, ctx.objective.token_losses(outputs.logits, labels, ctx.batch.task), rejected
 
 
-def calibration() -> LogitPath:
-    """lossaudit's own correct reduction, run on every layout (its cases are reported only
-    when the reduction path was asked for)."""
-    return ReductionPath.of(REDUCTIONS.get("num_items"))
+def calibration(objective: Objective = Objective()) -> LogitPath:
+    """lossaudit's own correct reduction of the declared objective, run on every layout (its cases
+    are reported only when the reduction path was asked for)."""
+    if objective.token_mean:
+        return ReductionPath.of(REDUCTIONS.get("num_items"))
+    if objective.pairwise:
+        return PairMeanPath(objective)
+    return ReductionPath(objective.reduction(), calibrates=True)
 
 
 def audit(config: CheckConfig, progress: Progress | None = None, *, loaded: LoadedModel | None = None) -> Report:
@@ -311,7 +347,7 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     """Run ``paths`` (logit and step paths) on every layout, beside the correct reduction."""
     logit_paths = [p for p in paths if isinstance(p, LogitPath)]
     step_paths = [p for p in paths if isinstance(p, StepPath)]
-    hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration()]
+    hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration(ctx.objective)]
     guard = Guard(Judge(ctx))
     runs = passes_for(ctx, logit_paths + hidden)  # more than one where the sums would not fit the memory
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
@@ -333,9 +369,10 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
 
 def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
     config = ctx.config
-    paths = [p for name in selected_paths(config, ctx.batch.task) for p in PATHS.get(name).build(config)]
-    layouts = plan_layouts(ctx.batch, config.ks, paddings=config.paddings, groupings=config.groupings,
-                           world_size=config.world_size)
+    paths = [p for name in selected_paths(config, ctx.batch.task, ctx.objective) for p in PATHS.get(name).build(config)]
+    layouts = pair_layouts(ctx.batch, config.ks, config.paddings) if ctx.objective.pairwise else \
+        plan_layouts(ctx.batch, config.ks, paddings=config.paddings, groupings=config.groupings,
+                     world_size=config.world_size)
     judged = run_paths(ctx, layouts, paths, progress or (lambda _msg: None))
     rows = [report_fields(m, judged.judge, judged.tolerance) for m in judged.measured]
     cases = pd.DataFrame(rows) if rows else pd.DataFrame(columns=CASE_COLUMNS)
@@ -343,7 +380,8 @@ def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
     return Report(
         environment=environment(device=config.device, dtype=config.dtype, seed=config.seed),
         model={"name": config.model, "task": ctx.batch.task, "parameters": sum(p.numel() for p in ctx.model.parameters()),
-               "source": ctx.loaded.source if ctx.loaded else "object", "class": type(ctx.model).__name__},
+               "source": ctx.loaded.source if ctx.loaded else "object", "class": type(ctx.model).__name__,
+               **ctx.objective.fields()},
         cases=cases,
         tolerance=judged.tolerance.to_dict(),
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,

@@ -2,8 +2,8 @@
 is compared with it as its gradient streams by, and, once the run's noise is known, gets a
 verdict and a detail. Error cases are built here and nowhere else, behind one guard.
 
-The target of a case is the float64 token-mean reference of the run's objective (label
-smoothing included), and for a path that trains a MoE model's own loss, the reference plus
+The target of a case is the float64 reference of the run's declared objective (by default the
+token mean; label smoothing included; ``core/objective.py``), and for a path that trains a MoE model's own loss, the reference plus
 coef x the layout's mean router aux loss (moe.py).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from . import causes, precision
@@ -23,7 +23,10 @@ from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
 from .precision import PrecisionReference
-from .tolerance import Tolerance, deviations
+from ..core.aggregation import SequenceMean, TokenMean
+from ..core.objective import Objective
+from ..core.reference import Reference, compute_reference
+from .tolerance import BOUNDS, Tolerance, deviations
 
 
 class UserCodeExit(LossauditError):
@@ -49,6 +52,10 @@ class Measured:
     error: str | None = None
     fault: str | None = None  # the first non-finite tensor the harness saw in this layout
     loss_compared: bool = True  # False: no loss reported (NaN), the gradient alone is judged
+    # a step whose gradient is far from its target, compared with the objectives it does not
+    # declare (causes.objective_cause names the one it computes)
+    alternatives: list["Alternative"] = field(default_factory=list)
+    cause: str | None = None  # the path's own cause (Outcome.cause)
 
     @property
     def loss_rel_err(self) -> float:
@@ -59,9 +66,21 @@ class Measured:
         t = self.aux_target
         ratio = self.aux / t.mean if t is not None and self.aux is not None and t.mean else None
         out = deviations(self.loss_rel_err, self.grads, self.weights, ratio)
-        if not self.loss_compared:
+        if self.label.gradient_only or not self.loss_compared:
             del out["loss"]
         return out
+
+
+@dataclass
+class Alternative:
+    """A case measured against an objective it was not declared to compute."""
+
+    objective: Objective
+    loss: float  # that objective's float64 reference loss
+    grads: GradDiff  # the case's gradient against that objective's reference gradient
+
+    def deviation(self, loss: float) -> dict[str, float]:
+        return deviations(abs(loss - self.loss) / abs(self.loss) if self.loss else abs(loss), self.grads, None)
 
 
 @dataclass
@@ -81,6 +100,7 @@ class Judge:
         self.norm2: float | None = None  # the reference's squared norm, summed (harness.run_layout's norm2)
         self.seen: dict[int, list[Measured]] = {}  # id(label) -> its cases, to find a step's own k=1
         self._precision: PrecisionReference | None | bool = False  # False: not taken yet
+        self._others: list[tuple[Objective, Reference, dict]] | None = None  # other_objectives()
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -113,18 +133,19 @@ class Judge:
         that share their gradient tensors (grads.compare_grads), alive no longer than they are."""
         label, layout = outcome.label, outcome.layout
         loss_target, grads_target, aux = self.target(label, layout)
+        if outcome.target is not None:  # the step's own (a GRPO window's declared gradient)
+            loss_target, grads_target, aux = math.nan, outcome.target, None
         grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
                               norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
-        return self._saw(Measured(
+        m = Measured(
             label, layout, self.ctx.batch.group_targets(layout.groups), loss=outcome.loss, target_loss=loss_target,
-            grads=grads, weights=None if aux else (outcome.weights or self.resolved(outcome)),
-            note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux, fault=fault,
-            loss_compared=outcome.loss_compared))
-
-    def _saw(self, m: Measured) -> Measured:
-        self.seen.setdefault(id(m.label), []).append(m)
+            grads=grads, note=outcome.note, extra=outcome.extra, aux=outcome.aux if aux else None, aux_target=aux,
+            weights=None if aux or not self.ctx.objective.token_mean else (outcome.weights or self.resolved(outcome)),
+            fault=fault, loss_compared=outcome.loss_compared, cause=outcome.cause,
+            alternatives=[] if outcome.target is not None else self._alternatives(outcome, grads))
+        self.seen.setdefault(id(label), []).append(m)
         return m
 
     def resolved(self, outcome: Outcome) -> list[float] | None:
@@ -141,6 +162,29 @@ class Judge:
         if len(facts.shares) != len(outcome.projections) or not norm2 or not all(facts.shares):
             return None
         return [p / (s * norm2) for p, s in zip(outcome.projections, facts.shares)]
+
+    def _alternatives(self, outcome: Outcome, grads: GradDiff) -> list[Alternative]:
+        """A step's gradient (logit paths carry microbatch weights instead) that is beyond the
+        dtype's cap (a finding whatever the noise: only then is another reference computed and
+        held), against each objective the run does not declare; the gradient stream must be
+        readable twice (a list or a dict's items, not an iterator)."""
+        cap = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[1]
+        if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > cap:
+            return []
+        return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
+                                                                     factor=outcome.gradient_factor, norms=norms))
+                for objective, reference, norms in self.other_objectives()]
+
+    def other_objectives(self) -> list[tuple[Objective, Reference, dict]]:
+        """The token aggregations the run does not declare, each with its float64 reference,
+        computed once a run when a step first misses its target."""
+        if self._others is None:
+            declared, ctx = self.ctx.objective, self.ctx
+            self._others = [] if declared.pairwise or ctx.reference is None else [
+                (other, compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other), {})
+                for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean()))
+                if other.aggregation != declared.aggregation]
+        return self._others
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""
@@ -165,7 +209,7 @@ class Judge:
         if self.reference.nonfinite:
             return "error", f"the reference is not finite (NaN/Inf first in {self.reference.nonfinite}): nothing can be compared"
         g = m.grads
-        if (m.loss_compared and not math.isfinite(m.loss)) or (g is not None and g.nonfinite_param):
+        if (m.loss_compared and not m.label.gradient_only and not math.isfinite(m.loss)) or (g is not None and g.nonfinite_param):
             return causes.nonfinite(m, self.reference, self.ctx.batch, tokens)
         info = causes.aux_info(m, self.reference) if m.aux_target is not None else ""
         deviation = m.deviation()
@@ -175,7 +219,7 @@ class Judge:
         only_loss = ""
         if missed == ["loss"]:  # the step trains right; what it reports is wrong
             only_loss = "the gradient matches but the reported loss does not: the loss curve is wrong, not the training"
-        cause = self.cause(m, tol)
+        cause = m.cause if m.cause is not None else self.cause(m, tol)
         return "diverge", "; ".join(x for x in (only_loss, m.note, cause, tokens, tol.describe(deviation), info) if x)
 
     # --- precision (precision.py) ------------------------------------------------------
@@ -226,14 +270,19 @@ class Judge:
         said = self.precision_of(m, tol)
         one = self.single(m)
         if not said or one is m:
-            found = said or causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout))
-            return "; ".join(x for x in (self.bent_at_one(m, one, tol), found) if x)
+            found = said or self.explain(m, tol, one)
+            named = causes.objective_cause(m, tol, self.ctx.objective) if m.aux_target is None else ""
+            return "; ".join(x for x in ("" if named else self.bent_at_one(m, one, tol), found) if x)
         rel = precision.relative(m, one)
         if not tol.exceeded({k: v for k, v in rel.deviation().items() if k in ("scale", "direction", "weights")}):
             return f"{said}; its normalisation matches its own k=1"
         coarse = precision.loss_resolution(tol, self.dtype)
-        found = causes.explain(rel, self.reference, self.ctx.batch, coarse, self.facts.get(m.layout))
+        found = self.explain(rel, coarse, one)
         return f"{said}; against its own k=1 (precision included): {found}"
+
+    def explain(self, m: Measured, tol: Tolerance, one: Measured | None) -> str:
+        return causes.explain(m, self.reference, self.ctx.batch, tol, self.facts.get(m.layout),
+                              objective=self.ctx.objective, at_one=one)
 
 
 class Guard:

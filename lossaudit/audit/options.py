@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
+from ..core.aggregation import aggregation_check, parse_aggregation
 from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -232,6 +233,10 @@ OPTIONS: tuple[Option, ...] = (
     # the user's own training stack (issue 15): MODULE:NAME, or from Python the object itself
     Option("step", "object", None, "MODULE:FUNCTION(model, microbatches): your training step, leaving the step's "
            "gradient in .grad (path step)", "--step", check=not_blank, metavar="MODULE:FUNCTION"),
+    Option("aggregation", "object", None, "what the step means to compute over the optimizer window: token-mean, "
+           "sequence-mean (a mean of per-sequence token means), sum-over:N (the token sum over a constant N) or "
+           "pair-mean[:BETA] (DPO's sigmoid loss, a mean over pairs); default token-mean, or what --trainer-class "
+           "declares", "--objective", parse=parse_aggregation, check=aggregation_check, metavar="OBJECTIVE"),
     Option("lightning_module", "object", None, "MODULE:FACTORY(model) -> your LightningModule (path lightning)",
            "--lightning-module", check=not_blank, metavar="MODULE:FACTORY"),
     Option("trainer_class", "object", None, "a transformers.Trainer subclass for --path trainer, e.g. "

@@ -51,6 +51,7 @@ class Batch:
     samples: tuple[Sample, ...]
     task: str
     pad_id: int
+    pairs: tuple[tuple[int, int], ...] = ()  # preference pairs: (chosen, rejected) sample indices
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,5 +1,6 @@
-"""The reference every case is compared with: the full batch, one microbatch, the token
-mean of the per-token losses, computed here in float64 from the model's logits."""
+"""The reference every case is compared with: the full batch, one microbatch, the declared
+objective (by default the token mean of the per-token losses; ``core/objective.py``), computed
+here in float64 from the model's logits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .forward import forward
 from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
 from .reductions import Reduction, StepTokens, Weight
+from .objective import Objective
 from .tokens import prepend_ignored, target_mask, token_losses
 from .wrapped import virtual_tokens
 
@@ -58,15 +60,19 @@ def weighted_sum(weight: Weight, losses: torch.Tensor) -> torch.Tensor:
     return losses.sum() * weight
 
 
-def compute_reference(model, batch: Batch, params: Params, device: torch.device, *, label_smoothing: float = 0.0) -> Reference:
+def compute_reference(model, batch: Batch, params: Params, device: torch.device, *, label_smoothing: float = 0.0,
+                      objective: Objective | None = None) -> Reference:
+    """The full batch's reference of ``objective`` (default: the token mean, smoothed by
+    ``label_smoothing``)."""
+    objective = objective or Objective(label_smoothing)
     mb = full_batch(batch)
     outputs, _ = forward(model, mb, device)
     prefix = virtual_tokens(model)  # what a prompt-tuned model scores: its virtual positions too
     labels = prepend_ignored(mb.labels, prefix)
-    losses = token_losses(outputs.logits, labels.to(device), batch.task, label_smoothing=label_smoothing)
+    losses = objective.token_losses(outputs.logits, labels.to(device), batch.task)
     mask = target_mask(labels, batch.task)
     count = int(mask.sum())
-    loss = losses.sum() / count
+    loss = objective.window_loss(losses, mask.to(losses.device), batch.pairs)
     aux = reference_aux(outputs, mb.attention_mask, aux_spec(model), params)  # before the graph is freed
     grads = grads_of(loss, params, retain_graph=False)
     nonfinite = _first_nonfinite(outputs.logits, loss, params, grads)

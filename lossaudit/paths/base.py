@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -69,6 +69,7 @@ class Label:
     calibrates: bool = False  # lossaudit's own correct reduction: its error is the run's noise floor
     formula: Reduction | None = None  # the known reduction it computes (predicts its loss, and NaN)
     cause: str = ""  # for an expected label: why it differs (the reduction's doc)
+    gradient_only: bool = False  # its loss is not comparable (GRPO at ratio 1): judged on its gradient alone
 
 
 @dataclass
@@ -87,6 +88,10 @@ class Outcome:
     scale: float | None = None  # the gradient's scale from exact per-microbatch products (a 16-bit sum's own is rounded)
     projections: list[float] | None = None  # step paths: each microbatch's backward . the reference (core/backwards.py)
     loss_compared: bool = True  # False: the code under audit reported no loss (NaN); judged on its gradient alone
+    # a step with a target of its own (a GRPO optimizer step: its window's declared gradient),
+    # and, where the path knows what the step computed, its cause (None: causes.py names one)
+    target: "Mapping[str, torch.Tensor] | None" = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,9 @@ class PathSpec:
     requires: tuple[str, ...] = ()  # optional packages the path imports (left out by default without them)
     # why the path cannot run under ``config`` (None: it can); default runs leave it out
     unavailable: Callable[["CheckConfig"], str | None] = lambda config: None
+    # whether its code can compute an objective the run declares (--objective, a trainer class's):
+    # under one other than the token mean, default runs leave out the paths that cannot
+    declares: Callable[["CheckConfig", Objective], bool] = lambda config, objective: False
 
     def missing(self) -> list[str]:
         return [name for name in self.requires if importlib.util.find_spec(name) is None]

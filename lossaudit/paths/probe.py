@@ -67,3 +67,25 @@ class UpdateProbe:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+class StepUpdates(UpdateProbe):
+    """Every optimizer step's update, each read as ``UpdateProbe`` reads one, with the weights put
+    back right after each step: a loop of several steps (GRPO's generation batch) runs every step
+    on the weights it started with, and ``updates`` holds one gradient per step, in order."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.updates: list[list[tuple[str, torch.Tensor]]] = []
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        super().watch(optimizer)
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            stepped = [p.data for _, p in self.params]
+            for (_, p), w in zip(self.params, self._parked):
+                p.data = w
+            self._parked = None
+        self.updates.append([(n, u.neg_()) for (n, _), u in zip(self.params, stepped)])

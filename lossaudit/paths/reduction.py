@@ -5,10 +5,12 @@ their own weighted sum."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import torch
 
+from ..core.objective import Objective
 from ..core.reductions import Reduction, mean_of_means, num_items, resolve_reduction, token_sum
 from ..core.reference import weighted_sum
 from ..core.tokens import TASKS
@@ -24,8 +26,12 @@ class ReductionPath(LogitPath):
         self.own_backward = reduction.weights not in (num_items, token_sum, mean_of_means)
 
     @classmethod
-    def of(cls, reduction: Reduction) -> "ReductionPath":
-        """The path for ``reduction``; the built-in num_items is the run's correct reduction."""
+    def of(cls, reduction: Reduction, objective: Objective = Objective()) -> "ReductionPath":
+        """The path for ``reduction``; the built-in num_items is the run's correct reduction of the
+        token mean. Under another declared objective every reduction is shown, never a finding
+        (the harness's own reduction of the declared objective calibrates: harness.calibration)."""
+        if not objective.token_mean:
+            return cls(dataclasses.replace(reduction, expected=True))
         return cls(reduction, calibrates=reduction.name == "num_items" and not reduction.expected and ":" not in reduction.name)
 
     def start(self, ctx, layout, step):
@@ -60,6 +66,8 @@ def weights_of(reduction: Reduction, step) -> list:
 
 PATHS.register(
     "reduction",
-    PathSpec("reduction", lambda config: [ReductionPath.of(resolve_reduction(n)) for n in config.reductions], TASKS,
-             "lossaudit's own reductions of the model's logits"),
+    PathSpec("reduction", lambda config: [ReductionPath.of(resolve_reduction(n), config.objective)
+                                          for n in config.reductions], TASKS,
+             "lossaudit's own reductions of the model's logits",
+             declares=lambda config, objective: not objective.pairwise),
 )

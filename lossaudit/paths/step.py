@@ -1,15 +1,19 @@
 """The ``step`` path: the user's own training step, ``--step MODULE:FUNCTION``.
 ``FUNCTION(model, microbatches)`` runs forward and backward over the layout's microbatches (dicts
-of model inputs with ``labels``) and returns the step's loss; the gradient it leaves in
+of model inputs with ``labels``; under a pair objective each microbatch's chosen rows first, then
+its rejected ones, with ``ref_logps``) and returns the step's loss; the gradient it leaves in
 ``.grad`` is read (``stacks/step.py``)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..core.backwards import Backwards
 from ..core.layouts import Layout, microbatches
+from ..core.pairs import reference_logps
 from ..core.registry import load_callable
 from ..stacks import StackStep
 from ..stacks.ranks import StepJob, combine, run_rank
@@ -49,7 +53,8 @@ class StepFunctionPath(StepPath):
             watched.append(Backwards(ctx.model, ctx.params, reference, [d["input_ids"] for d in dicts]))
             return watched[0]
 
-        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device, watch=watch)
+        step = run_step_function(ctx.model, microbatches(ctx.batch, layout), self.fn, ctx.device,
+                                 pair_extras(ctx, layout) if ctx.objective.pairwise else None, watch=watch)
         projections, unresolved = watched[0].resolve(layout.microbatches, [g for _, g in step.gradient])
         return [self._outcome(layout, step, projections, unresolved)]
 
@@ -78,8 +83,18 @@ class StepFunctionPath(StepPath):
                        loss_compared=not math.isnan(step.loss), projections=projections)
 
 
+def pair_extras(ctx, layout: Layout) -> list[dict]:
+    """A pairwise step's microbatches (chosen rows, then rejected) also carry ``ref_logps`` (B_m,):
+    the frozen reference model's completion log-probabilities, constants, float32 (float64 for a
+    float64 model): a 16-bit sum of a completion's log-probabilities would round the constant."""
+    dtype = torch.promote_types(next(ctx.model.parameters()).dtype, torch.float32)
+    return [{"ref_logps": reference_logps(ctx.reference.sequence_losses, group).to(ctx.device, dtype)}
+            for group in layout.groups]
+
+
 PATHS.register(
     "step",
     PathSpec("step", StepFunctionPath.build, TASKS, "your training step: --step MODULE:FUNCTION(model, microbatches)",
-             unavailable=lambda config: None if config.step else "needs --step MODULE:FUNCTION"),
+             unavailable=lambda config: None if config.step else "needs --step MODULE:FUNCTION",
+             declares=lambda config, objective: True),
 )

@@ -26,7 +26,9 @@ from ..core.grads import trainable
 from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
+from .grpo import GRPOPath
 from .loss_fn import resolve_loss_fn
+from ..stacks.grpo import grpo_problems, is_grpo
 from ..stacks.axolotl import checked as checked_axolotl
 from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
@@ -113,6 +115,11 @@ class TrainerPath(StepPath):
             if problem:
                 raise UsageError(problem)
             check_arguments(trainer_class, user_args)
+            if is_grpo(trainer_class):  # judged per optimizer step against its loss type's declaration
+                problems = grpo_problems(user_args, config.aggregation)
+                if problems:
+                    raise UsageError(*problems)
+                return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
         return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
@@ -173,8 +180,9 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
-        return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=_note(ranks, layout, counts),
-                       extra=extra)
+        # num_items_in_batch counts tokens: no part of a pair objective (DPO divides by the pairs)
+        note = "" if ctx.objective.pairwise else _note(ranks, layout, counts)
+        return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=note, extra=extra)
 
 
 def _note(ranks: list[StepResult], layout: Layout, counts: list[int]) -> str:
@@ -222,5 +230,6 @@ def _per_rank_note(ranks: list[StepResult], layout: Layout, counts: list[int]) -
 PATHS.register(
     "trainer",
     PathSpec("trainer", TrainerPath.build, TASKS, "one real transformers.Trainer optimizer step (SGD, lr 1) per layout",
-             requires=("accelerate",)),  # transformers.Trainer imports it
+             requires=("accelerate",),  # transformers.Trainer imports it
+             declares=lambda config, objective: bool(config.trainer_class)),
 )

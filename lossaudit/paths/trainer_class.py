@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from ..core.layouts import Layout
-from ..stacks import require
+from ..stacks import dpo, require
 from ..stacks.frameworks import collator
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
@@ -50,7 +50,10 @@ def _takes(cls: type) -> set[str]:
 def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     from datasets import Dataset
 
+    pairwise = dpo.trains_pairs(cls)  # DPO: rows of pairs, batches counted in pairs, a frozen reference model
     settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
+    if pairwise:
+        settings = dpo.pair_settings(settings)
     args = arguments(cls, settings, user_args)
     optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
@@ -64,11 +67,14 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
         if name in takes:
             kwargs[name] = words
             break
-    given_collator = collator(cls, words)  # None: the class builds its own
+    given_collator = None if pairwise else collator(cls, words)  # None: the class builds its own
     if given_collator is not None:
         kwargs["data_collator"] = given_collator
-    data = rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
-                labels=given_collator is not None)
+    data = dpo.dataset_rows(ctx, layout) if pairwise else \
+        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
+             labels=given_collator is not None)
+    if pairwise:
+        kwargs.update(dpo.trainer_kwargs(ctx.model))
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)

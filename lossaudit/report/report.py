@@ -141,10 +141,18 @@ def describe(report: Report) -> tuple[str, str, str]:
         f"lossaudit report: {model.get('name')} ({model.get('task')})",
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
         f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
-        f"Reference: full batch, token mean in float64, loss {report.batch.get('reference_loss', float('nan')):.6g} "
+        f"Reference: full batch, {_aggregation(model)} in float64, "
+        f"loss {report.batch.get('reference_loss', float('nan')):.6g} "
         f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
         f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
     )
+
+
+def _aggregation(model: dict) -> str:
+    """The declared aggregation in the reference sentence (a report without one: the token mean)."""
+    if model.get("aggregation", "token-mean") == "token-mean":
+        return "token mean"
+    return f"{model.get('aggregation_doc')} ({model.get('aggregation')}) of {model.get('objective')}"
 
 
 MAX_REPORT_BYTES = 256 << 20  # a report of a thousand cases is about 1 MiB

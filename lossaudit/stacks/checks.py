@@ -17,6 +17,7 @@ from ..core.errors import UsageError
 from ..core.registry import load_callable
 from ..core.tokens import TASKS
 from . import require
+from .grpo import grpo_problems, is_grpo
 from .peft import peft_config, read_adapter
 from .axolotl import checked as checked_axolotl
 from .frameworks import required_problem, rows_problem
@@ -93,6 +94,8 @@ def _trainer_class_problems(config, value_problems) -> list[str]:
         return [problem]
     user = config.trainer_values
     problems = value_problems(config.trainer_args, args_cls)
+    if not problems and is_grpo(cls):  # what a GRPO audit refuses (stacks/grpo.py)
+        problems = grpo_problems(user, config.aggregation)
     return problems or _problems(check_arguments, cls, user)
 
 

@@ -24,13 +24,17 @@ def batch_dicts(model: torch.nn.Module, microbatches: list[Microbatch], device: 
 
 
 def run_step_function(model: torch.nn.Module, microbatches: list[Microbatch], fn: StepFn,
-                      device: torch.device, *, watch: Callable[[list[dict]], ContextManager] | None = None) -> StackStep:
-    """One call of the user's step; ``.grad`` is cleared again afterwards. ``watch``: a context
-    made from the step's microbatch dicts, entered around the call (core/backwards.py)."""
+                      device: torch.device, extras: list[dict] | None = None, *,
+                      watch: Callable[[list[dict]], ContextManager] | None = None) -> StackStep:
+    """One call of the user's step; ``.grad`` is cleared again afterwards. ``extras``: more keys
+    for each microbatch's dict (a pair objective's ``ref_logps``); ``watch``: a context made from
+    the step's microbatch dicts, entered around the call (core/backwards.py)."""
     params = trainable(model)
     for _, p in params:
         p.grad = None
     dicts = batch_dicts(model, microbatches, device)
+    for d, extra in zip(dicts, extras or ()):
+        d.update(extra)
     try:
         with (watch or (lambda _: contextlib.nullcontext()))(dicts):
             returned = fn(model, dicts)

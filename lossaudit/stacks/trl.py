@@ -12,7 +12,9 @@ user's ``--trainer-arg``. The update is read exactly by ``paths.probe.UpdateProb
 stock Trainer path's ``StepResult``. The class's
 collator pads its own way (TRL: right, or one flattened row when padding-free).
 
-Trainers whose objective is not a token mean of cross entropy are refused (exit 2).
+Trainers whose objective is not a token mean of cross entropy are refused (exit 2), except those
+that declare the objective they compute (``DECLARED``: DPO's pair mean, ``stacks/dpo.py``), and GRPO's
+(``GRPOTrainer``: judged per optimizer step against its loss type's declaration, ``paths/grpo.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..models.compat import AUDIT_OWNED, installed_name
 from ..core.errors import UsageError
 from ..core.layouts import Layout
 from ..core.registry import load_callable
-from . import EXTRAS, require
+from . import EXTRAS, dpo, require
 from .frameworks import arguments_class  # noqa: F401  (found from the class itself)
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
@@ -40,13 +42,15 @@ OTHER_OBJECTIVES = {
     "BCOTrainer": "a binary-classifier preference loss (BCO)",
     "NashMDTrainer": "a Nash mirror-descent preference objective",
     "XPOTrainer": "an exploratory preference objective (XPO)",
-    "GRPOTrainer": "a group-relative policy-gradient reward objective (GRPO)",
     "RLOOTrainer": "a REINFORCE leave-one-out reward objective (RLOO)",
     "PPOTrainer": "a PPO reward objective",
     "RewardTrainer": "a pairwise ranking loss of a reward model",
     "PRMTrainer": "a process-reward classification loss",
     "GKDTrainer": "a generalized distillation divergence (GKD)",
 }
+# Trainer classes audited against the objective they declare (issue 22): name (anywhere in the
+# class's MRO) -> the Aggregation it computes under the user's --trainer-arg values
+DECLARED = {dpo.TRAINER: dpo.declared_aggregation}
 # what the audit sets besides the stock Trainer path's settings, unless --trainer-arg says otherwise
 # (TRL's configs default to bf16 autocast and gradient checkpointing)
 CLASS_DEFAULTS = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
@@ -67,10 +71,20 @@ def resolve_trainer_class(spec) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise UsageError(f"--trainer-class {spec}: not a subclass of transformers.Trainer")
     for base in cls.__mro__:
+        if base.__name__ in DECLARED:  # audited against the objective it declares (declared_aggregation)
+            break
         if base.__name__ in OTHER_OBJECTIVES:
             raise UsageError(f"--trainer-class {spec}: {base.__name__} trains {OTHER_OBJECTIVES[base.__name__]}, "
                              "not a token mean of cross entropy; lossaudit audits token-mean objectives only")
     return cls
+
+
+def declared_aggregation(cls: type, user_args: dict):
+    """The aggregation a trainer class declares (an ``Aggregation``), or None: a token mean."""
+    for base in cls.__mro__:
+        if base.__name__ in DECLARED:
+            return DECLARED[base.__name__](user_args)
+    return None
 
 
 def arguments(cls: type, settings: dict, user: dict):
@@ -105,11 +119,12 @@ def tokenizer(vocab_size: int, pad_id: int, eos_id: int | None):
 
 @lru_cache(maxsize=8)
 def _tokenizer(vocab_size: int, pad_id: int, eos_id: int):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<{i}>": i for i in range(vocab_size)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"<{pad_id}>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text rows (DPO's): "<5> <9>" is [5, 9]
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=f"<{pad_id}>", eos_token=f"<{eos_id}>",
                                    unk_token=f"<{pad_id}>")
 

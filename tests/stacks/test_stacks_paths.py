@@ -110,9 +110,9 @@ def test_a_trainer_class_with_another_objective_exits_2(capsys, tmp_path):
     needs("trl")
     from lossaudit.cli.app import main
 
-    code = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:DPOTrainer", "--microbatches", "2",
-                 "--out", str(tmp_path / "r")])
-    assert code == 2 and "DPOTrainer trains a preference loss" in capsys.readouterr().err
+    code = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:RewardTrainer", "--microbatches", "2",
+                 "--out", str(tmp_path / "r")])  # DPOTrainer declares its pair mean (issue 22): audited
+    assert code == 2 and "RewardTrainer trains a pairwise ranking loss" in capsys.readouterr().err
 
 
 @pytest.mark.lossaudit("llama", path="step", step=stack_modules.token_mean_step, **ONE)

@@ -102,10 +102,20 @@ def test_a_planted_bug_in_a_subclass_is_found(ctx):
     assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
 
 
-@pytest.mark.parametrize("name", ["DPOTrainer", "RewardTrainer"] + (["GRPOTrainer"] if hasattr(trl, "GRPOTrainer") else []))
+@pytest.mark.parametrize("name", ["RewardTrainer"])  # DPO and GRPO are audited: test_stacks_dpo.py, test_grpo.py
 def test_other_objectives_are_refused_naming_them(name):
     with pytest.raises(UsageError, match=f"{name} trains .*not a token mean"):
         resolve_trainer_class(f"trl:{name}")
+
+
+def test_dpo_declares_its_pair_mean_instead_of_being_refused():
+    """issue 22: audited against the objective it declares (tests/stacks/test_stacks_dpo.py)."""
+    from lossaudit.core.aggregation import PairMean
+    from lossaudit.stacks.trl import declared_aggregation
+
+    cls = resolve_trainer_class("trl:DPOTrainer")
+    assert declared_aggregation(cls, {"beta": 0.3}) == PairMean(0.3)
+    assert declared_aggregation(resolve_trainer_class(SFT), {}) is None
 
 
 def test_not_a_trainer_is_refused_and_the_config_class_is_found():

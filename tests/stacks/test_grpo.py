@@ -1,0 +1,240 @@
+"""--trainer-class trl:GRPOTrainer: TRL's real GRPOTrainer on rollouts drawn from the seed, every
+optimizer step of a generation batch judged against its loss type's own declaration (float64,
+paths/grpo.py), at steps_per_generation equal to and twice the accumulation steps."""
+
+import pytest
+
+from stacks_common import needs
+
+needs("trl")
+
+import trl  # noqa: E402
+
+from lossaudit.audit.config import CheckConfig  # noqa: E402
+from lossaudit.audit.tolerance import Tolerance  # noqa: E402
+from lossaudit.core.grads import compare_grads, trainable  # noqa: E402
+from lossaudit.paths.base import AuditContext  # noqa: E402
+from lossaudit.paths.grpo import DECLARATIONS, declared_weights, judge_steps, reference_gradient  # noqa: E402
+from lossaudit.paths.grpo_step import generations, plan, run_grpo, settings_for  # noqa: E402
+from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
+
+from stacks_common import CPU, tiny_llama  # noqa: E402
+
+from packaging.version import Version  # noqa: E402
+
+GRPO = getattr(trl, "GRPOTrainer", None)
+# trl#5619: before 1.9.1 a token-mean loss type divided every window by the whole generation
+# batch's tokens; since, by the generation batch's average tokens per window
+WHOLE_GENERATION = Version(trl.__version__) < Version("1.9.1")
+K, PER_DEVICE = 2, 4  # two accumulation steps of four completions
+TOLERANCE = Tolerance.measure("float32", [])
+INSTALLED = {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}  # trl 1.16.0's loss types
+
+
+def loss_types() -> list[str]:
+    """The loss types the installed GRPOConfig names in its help (those lossaudit declares)."""
+    import dataclasses
+
+    help_text = next(f for f in dataclasses.fields(trl.GRPOConfig) if f.name == "loss_type").metadata["help"]
+    return sorted(t for t in DECLARATIONS if f"'{t}'" in help_text)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_llama()
+
+
+def grpo_run(loaded, loss_type: str, spg: int, k: int = K, cls=None, seed=0, **extra):
+    user = {"loss_type": loss_type, "steps_per_generation": spg, **extra}
+    if loss_type == "luspo":
+        user["importance_sampling_level"] = "sequence"
+    user["num_generations"] = generations(user, [PER_DEVICE * spg])
+    shape = plan(k, PER_DEVICE, user, user["num_generations"])
+    rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
+                             vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
+                             max_completion=12, seed=seed)
+    ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), CPU, CheckConfig(model="llama"),
+                       loaded)
+    run = run_grpo(ctx, cls or GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape.steps), user)
+    return ctx, rollouts, run
+
+
+def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
+    assert set(loss_types()) == INSTALLED or GRPO is None
+
+
+@pytest.mark.skipif(GRPO is None, reason="no GRPOTrainer")
+@pytest.mark.parametrize("spg", [K, 2 * K], ids=["spg=k", "spg=2k"])
+@pytest.mark.parametrize("loss_type", sorted(INSTALLED))
+def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type, spg):
+    """Measured (trl 1.16.0, transformers 5.25.0, CPU): every loss type reaches its declaration on
+    every step, but the token-mean ones at steps_per_generation = 2k, whose two windows are divided
+    by the generation batch's average tokens per window (1.097x and 0.903x here: windows of 62 and 51
+    of its 113 tokens). trl 1.9.0 (tox -e trl190) divides them by all 113 (0.549x and 0.451x)."""
+    if loss_type not in loss_types():
+        pytest.skip(f"trl {trl.__version__} has no loss_type={loss_type}")
+    ctx, rollouts, run = grpo_run(loaded, loss_type, spg)
+    assert len(run.steps) == spg // K  # every step of the generation batch was read
+    assert all(len(step.microbatches) == K and all(len(mb) == PER_DEVICE for mb in step.microbatches)
+               for step in run.steps)
+    assert sorted(run.steps[0].sequences + (run.steps[1].sequences if spg > K else [])) == list(range(K * PER_DEVICE * spg // K))
+    cases = judge_steps(ctx, rollouts, run, TOLERANCE)
+    window_bug = DECLARATIONS[loss_type].token_mean and spg > K
+    for case in cases:
+        if not window_bug:
+            assert case.diff.rel_err < 1e-5 and not case.cause, (loss_type, case.step, case.diff)
+            continue
+        # divided by the generation batch's average tokens per window (or all its tokens): its own tokens / that
+        generation = sum(sum(c.tokens) for c in cases)
+        divisor = generation if WHOLE_GENERATION else generation * K / spg
+        expected_scale = sum(case.tokens) / divisor
+        assert case.diff.scale == pytest.approx(expected_scale, rel=1e-5)
+        assert abs(expected_scale - 1) > 0.05
+        named = "whole generation batch's target tokens" if WHOLE_GENERATION else "average target tokens per window"
+        assert named in case.cause and f"{case.diff.scale:.4g}x" in case.cause
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_a_window_over_two_generation_batches_is_a_mean_of_their_token_means(loaded):
+    """k = 4 over generation batches of 2 microbatches (trl >= 1.9.1): each generation batch's
+    microbatches are divided by its tokens x 2, a mean of the two generation batches' token means."""
+    if WHOLE_GENERATION:
+        pytest.skip("before 1.9.1 each microbatch is divided by its generation batch's tokens: twice the mean")
+    ctx, rollouts, run = grpo_run(loaded, "dapo", 2, k=4)
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    lengths = rollouts.completion_lengths()
+    generation_tokens = [sum(case.tokens[:2]), sum(case.tokens[2:])]
+    assert generation_tokens[0] != generation_tokens[1] and sorted(run.steps[0].num_items) == sorted([*generation_tokens] * 2)
+    mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
+                                       [1.0 / (2 * generation_tokens[m // 2]) for m, mb in enumerate(case.microbatches)
+                                        for _ in mb], run.config)
+    assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
+    assert case.diff.rel_err > 1e-3 and "a mean of the window's 2 generation batches' token means" in case.cause
+    assert len(lengths) >= sum(len(mb) for mb in case.microbatches)
+
+
+def test_a_step_judged_against_another_declaration_diverges(loaded):
+    """The declarations are not interchangeable: dapo's exact steps miss grpo's declaration."""
+    import copy
+    import dataclasses
+
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K)
+    config = copy.copy(run.config)
+    config.loss_type = "grpo"
+    as_grpo = dataclasses.replace(run, config=config)
+    (case,) = judge_steps(ctx, rollouts, as_grpo, TOLERANCE)
+    assert case.diff.rel_err > 0.05 and "a mean of per-sequence token means" in case.cause
+
+
+def own_tokens_trainer():
+    class OwnTokensGRPOTrainer(GRPO):
+        """Planted bug: dapo with each microbatch's token sum over its own tokens x k (num_items_in_batch
+        replaced by the microbatch's count): a mean of microbatch token means, declared a window mean."""
+
+        def _compute_loss(self, model, inputs):
+            own = inputs["completion_mask"].sum() * self.args.steps_per_generation
+            return super()._compute_loss(model, {**inputs, "num_items_in_batch": own})
+
+    return OwnTokensGRPOTrainer
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=own_tokens_trainer(), seed=1)
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    assert len(set(case.tokens)) == K  # microbatches of different token counts: a mean of means differs
+    assert TOLERANCE.exceeded({"grad": case.diff.rel_err}) and case.diff.rel_err > 1e-3
+    # the candidates of WINDOW_CAUSES do not fit it: the detail says what was measured, names nothing
+    assert "average target tokens per window" not in case.cause and "x the token mean over the optimizer window" in case.cause
+    mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
+                                       [1.0 / (K * n) for n, mb in zip(case.tokens, case.microbatches) for _ in mb],
+                                       run.config)
+    assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
+    assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
+
+
+def cli(*args):
+    """lossaudit's CLI in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from lossaudit.cli.app import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:GRPOTrainer", *args])
+    return status, err.getvalue()
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_the_cli_reports_every_step_of_a_generation_batch_with_its_cause(tmp_path):
+    import json
+
+    status, _ = cli("--trainer-arg", "steps_per_generation=4", "--microbatches", "2", "--out", str(tmp_path / "r"))
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    cases = report["cases"]
+    assert status == 1 and [c["optimizer_step"] for c in cases] == [1, 2]
+    assert all(c["verdict"] == "diverge" and not c["expected"] and c["aggregation"] == "token-mean" for c in cases)
+    assert all(c["reduction"] == "GRPOTrainer:dapo" and c["steps_per_generation"] == 4 for c in cases)
+    named = "whole generation batch's target tokens" if WHOLE_GENERATION else "average target tokens per window"
+    assert all(named in c["detail"] for c in cases)
+    assert sum(len(c["tokens"]) for c in cases) == 4  # the generation batch's four microbatches, two per step
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--trainer-arg", "entropy_coef=0.1"), "entropy_coef=0.1: it adds an entropy bonus"),
+    (("--trainer-arg", "top_entropy_quantile=0.2"), "masks tokens by their entropy"),
+    (("--trainer-arg", "loss_type=nope"), "loss_type=nope: lossaudit does not know what it declares"),
+    (("--objective", "sequence-mean"), "declares its aggregation by its loss_type"),
+])
+def test_settings_the_reference_does_not_model_are_usage_errors(tmp_path, args, needle):
+    status, err = cli(*args, "--microbatches", "2", "--out", str(tmp_path / "r"))
+    assert status == 2 and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def env_cache(request, tmp_path_factory):
+    """Isolated environments kept between runs (as tests/releases/test_upgrade.py keeps them)."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
+        return Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
+
+
+@pytest.mark.heavy
+def test_trl_1_9_0_divides_each_window_by_the_whole_generation_batch(env_cache, tmp_path):
+    """trl#5619, in an isolated environment (this one with trl==1.9.0; its GRPO module imports
+    requests): with steps_per_generation 4 over 2 accumulation steps each window is divided by
+    the whole generation batch's tokens, so the two steps' scales are their shares of it (sum 1);
+    at steps_per_generation = k it is exact. ~4 minutes to build the environment the first time."""
+    import json
+    import subprocess
+
+    from lossaudit.releases.environments import Spec, ensure, isolated_environ
+
+    env = ensure(Spec.make({"trl": "1.9.0", "requests": "2.32.3"}), env_cache)
+
+    def check(out, *args):
+        command = [str(env.python), "-m", "lossaudit", "check", "llama", "--path", "trainer", "--trainer-class",
+                   "trl:GRPOTrainer", "--microbatches", "2", "--out", str(out), *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=isolated_environ(env.path), timeout=900)
+        return done.returncode, json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+
+    version = subprocess.run([str(env.python), "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                             text=True, env=isolated_environ(env.path)).stdout.strip()
+    assert version == "1.9.0"
+    status, report = check(tmp_path / "spg4", "--trainer-arg", "steps_per_generation=4")
+    assert status == 1, report
+    cases = report["cases"]
+    assert len(cases) == 2 and all(c["verdict"] == "diverge" for c in cases)
+    generation = sum(sum(c["tokens"]) for c in cases)
+    for c in cases:
+        assert c["grad_scale"] == pytest.approx(sum(c["tokens"]) / generation, rel=1e-4)
+        assert f"whole generation batch's target tokens (num_items_in_batch), not its window's: " \
+               f"num_items_in_batch={generation}" in c["detail"]
+    status, report = check(tmp_path / "spg2")
+    assert status == 0 and [c["verdict"] for c in report["cases"]] == ["match"]
