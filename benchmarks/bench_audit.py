@@ -25,8 +25,13 @@ warm-up forward/backward whose memory is released before the peak counter is res
 - accelerate_passes: every accelerate recipe's step per layout, without the audit;
 - accelerate:        ``check --path accelerate``.
 
-Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is the peak of live
-tensor bytes (lossaudit.audit.memory.LiveTensorBytes), both beyond nothing: weights included.
+Peak memory is torch.cuda.max_memory_allocated on CUDA (weights included). On the CPU it is
+what the process holds: its peak resident memory (VmHWM, reset after the warm-up) beyond what
+it held with torch, transformers, accelerate and lossaudit imported, before the model was built
+and the model's code (lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
+in the child so that freed blocks go back to the system. Time on the CPU is the process's CPU
+time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the default
+mode a --max-memory of X times the train mode's measured peak (the train mode runs first).
 A mode that runs out of memory or past --timeout is a result ("out of memory", "timeout"),
 not a crash. It prints the ratio table and, with --json, writes it with the date, device and
 library versions. Timings on a shared or busy machine are noisy: use --repeat.
@@ -49,6 +54,7 @@ from datetime import datetime, timezone
 SIZES = {  # Llama shapes: (hidden, layers, heads, kv heads, intermediate, vocab, max_length)
     "tiny": None,  # lossaudit's own tiny Llama config (the model `check llama` builds)
     "50m": (512, 8, 8, 8, 1376, 32000, 128),
+    "200m": (1024, 12, 16, 16, 2816, 32000, 64),  # issue 28's CPU shape: parameters dominate, as on the 8B GPU one
     "1b": (2048, 16, 32, 8, 8192, 128256, 512),  # Llama-3.2-1B-shaped
     "8b": (4096, 32, 32, 8, 14336, 128256, 512),  # Llama-3-8B-shaped
 }
@@ -71,12 +77,14 @@ RATIOS = (
     ("audit3/audit", "audit3", "audit", "seconds", 1.10),
     ("peak audit/train", "audit", "train", "peak_bytes", 1.4),
     ("peak audit3/train", "audit3", "train", "peak_bytes", None),
+    ("peak default/train", "default", "train", "peak_bytes", None),  # within --max-memory-train where given
     ("trainer/trainer_passes", "trainer", "trainer_passes", "seconds", 1.5),
     ("peak trainer/trainer_passes", "trainer", "trainer_passes", "peak_bytes", None),
     ("accelerate/accelerate_passes", "accelerate", "accelerate_passes", "seconds", 1.5),
     ("peak accelerate/accelerate_passes", "accelerate", "accelerate_passes", "peak_bytes", None),
 )
 GIB = 2 ** 30
+MMAP_THRESHOLD = 1 << 16  # bytes: glibc serves larger blocks with mmap and gives them back when freed
 
 
 # ---- the child: one mode in a fresh process ------------------------------------------------
@@ -114,15 +122,25 @@ def check_config(args, loaded, max_length, mode: str):
     from lossaudit.audit.config import CheckConfig
 
     path, reductions = AUDITS.get(mode, ("reduction", ("num_items",)))
+    layouts = {k: v for k, v in (("paddings", args.paddings), ("groupings", args.groupings)) if v}
     return CheckConfig(model=loaded.name, paths=(path,) if path else None, reductions=reductions,
                        microbatches=args.microbatches, batch_size=args.batch_size, max_length=max_length, seed=args.seed,
-                       device=args.device, dtype=args.dtype, max_memory=args.max_memory)
+                       device=args.device, dtype=args.dtype, max_memory=args.max_memory, **layouts)
 
 
 def child(args) -> dict:
     """One mode in this (fresh) process."""
     import torch
+    from accelerate import Accelerator  # noqa: F401  (imported before the baseline, as every library a mode uses)
+    from transformers import Trainer  # noqa: F401
 
+    import lossaudit.audit.harness  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the model's code: a library, not the audit's)
+    from lossaudit.audit.memory import resident_bytes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.resident_start = resident_bytes()  # the interpreter with its libraries: what no mode holds
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
     return measure(args, loaded, max_length, args.mode)
@@ -140,13 +158,15 @@ def measure(args, loaded, max_length, mode: str) -> dict:
     try:
         warm_up(loaded, config, device)
         _sync(device)
+        meter = cpu_meter(args, device)  # the peak starts over here, after the warm-up
         start, cpu_start = time.perf_counter(), time.process_time()
         result["cases"] = MEASURE[mode](loaded, config, device)
         _sync(device)
         result["seconds"] = time.perf_counter() - start
         result["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: steadier on a shared CPU
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-            cpu_peak(loaded, config, device, mode)
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else meter.peak()
+        if meter is not None:
+            result["peak_resettable"] = meter.resettable
     except Exception as exc:
         from lossaudit.audit.faults import is_out_of_memory
 
@@ -162,6 +182,9 @@ def in_process(args, modes: list[str]):
     allocator emptied and the peak counter reset between modes. Yields (mode, result)."""
     import torch
 
+    from lossaudit.audit.memory import resident_bytes
+
+    args.resident_start = resident_bytes()
     device = torch.device(args.device)
     loaded, max_length = build(args.size, args.seed, device, getattr(torch, args.dtype))
     for mode in modes:
@@ -172,15 +195,14 @@ def in_process(args, modes: list[str]):
             torch.cuda.empty_cache()
 
 
-def cpu_peak(loaded, config, device, mode: str) -> int:
-    """Peak live tensor bytes of a second run of ``mode``, the weights included (as on CUDA)."""
-    from lossaudit.audit.memory import LiveTensorBytes
+def cpu_meter(args, device):
+    """On the CPU, what the process holds beyond the interpreter with its libraries (measured
+    before the model was built), its peak counted from now; None on CUDA."""
+    from lossaudit.audit.memory import ResidentMeter, resident_bytes
 
-    loaded.model.zero_grad(set_to_none=True)
-    with LiveTensorBytes() as meter:
-        meter.count_existing(loaded.model)
-        MEASURE[mode](loaded, config, device)
-    return meter.peak
+    if device.type == "cuda":
+        return None
+    return ResidentMeter(start=getattr(args, "resident_start", None) or resident_bytes())
 
 
 def _sync(device) -> None:
@@ -345,9 +367,13 @@ def run_child(args, mode: str, timeout: float | None = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", mode, "--size", args.size,
                "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--seed", str(args.seed), "--microbatches", ",".join(map(str, args.microbatches)),
+               *(["--paddings", ",".join(args.paddings)] if args.paddings else []),
+               *(["--groupings", ",".join(args.groupings)] if args.groupings else []),
+               *(["--threads", str(args.threads)] if args.threads else []),
                *(["--max-memory", str(args.max_memory)] if args.max_memory else [])]
     start = time.perf_counter()
-    child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
+    child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)  # its own group: a timeout ends all of it
     timeout = args.timeout if timeout is None else timeout
     try:
@@ -463,6 +489,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--microbatches", type=_ints, default=(1, 4))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paddings", type=lambda s: tuple(x for x in s.split(",") if x), help="only these paddings (default: lossaudit's)")
+    p.add_argument("--groupings", type=lambda s: tuple(x for x in s.split(",") if x), help="only these groupings (default: lossaudit's)")
+    p.add_argument("--threads", type=int, help="torch threads in each mode (default: torch's)")
     p.add_argument("--repeat", type=int, default=1, help="runs per mode; the fastest counts")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mode (child process) before it is killed")
     p.add_argument("--budget", type=float, help="seconds for all modes: a mode gets at most what is left, "
@@ -472,6 +501,8 @@ def parse_args(argv=None):
                         "(no start-up per mode; no per-mode timeout)")
     p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; default on "
                    "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
+    p.add_argument("--max-memory-train", type=float, help="give the default mode a --max-memory of this many times "
+                   "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before it")
     p.add_argument("--json", help="also write the results to this file (after every mode)")
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -499,6 +530,8 @@ def main(argv=None) -> int:
     print(table(summary))
     for name, value in {**summary["ratios"], **summary["absolute"]}.items():
         target = summary["targets"].get(name.removesuffix(" (cpu time)"))
+        if name == "peak default/train" and args.max_memory_train:
+            target = args.max_memory_train
         print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
     return 0
 
@@ -507,13 +540,20 @@ def children(args, modes: list[str]):
     """Each mode in a fresh child process (the fastest of --repeat runs), within --timeout and
     --budget. Yields (mode, result)."""
     deadline = time.monotonic() + args.budget if args.budget else None
+    done = {}
     for mode in modes:
+        if args.max_memory_train and mode == "default" and "peak_bytes" in done.get("train", {}):
+            args.max_memory = args.max_memory_train * done["train"]["peak_bytes"] / GIB
         runs = []
         for _ in range(args.repeat):
             left = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
             runs.append(run_child(args, mode, left) if left >= 5 else {"mode": mode, "error": "skipped: out of --budget"})
         good = [r for r in runs if "error" not in r]
-        yield mode, (min(good, key=lambda r: r["seconds"]) if good else runs[-1])
+        best = min(good, key=lambda r: r["cpu_seconds" if args.device == "cpu" else "seconds"]) if good else runs[-1]
+        if args.max_memory:
+            best["max_memory_gib"] = args.max_memory
+        done[mode] = best
+        yield mode, best
 
 
 def summarise(args, results: dict) -> dict:

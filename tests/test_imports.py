@@ -114,3 +114,14 @@ def test_imports_inside_functions_are_heavy_libraries_or_light_entry_points():
                 continue
             bad.append(f"{module}:{line} imports {target}")
     assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_core_imports_nothing_above_it():
+    """``core/`` is the math everything else rests on: it imports only itself (and libraries)."""
+    graph, nested = scan()
+    upward = [f"{module} imports {target}" for module, targets in graph.items() if module.startswith("lossaudit.core")
+              for target in targets if not (target == "lossaudit.core" or target.startswith("lossaudit.core."))]
+    upward += [f"{module}:{line} imports {target}" for module, line, targets in nested
+               if module.startswith("lossaudit.core") for target in targets
+               if target.startswith("lossaudit.") and not target.startswith("lossaudit.core")]
+    assert not upward, "\n".join(sorted(upward))

@@ -76,12 +76,3 @@ def out_of_memory_is_environmental(config) -> Iterator[None]:
                 torch.cuda.empty_cache()
             raise EnvironmentProblem(out_of_memory_message(exc, config)) from None
         raise
-
-
-def has_nonfinite(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` holds NaN or Inf. A NaN or Inf makes the sum non-finite, so a
-    finite sum settles it in one reduction (an elementwise isfinite costs ~20x more on CPU);
-    only a non-finite sum, which overflow can also give, is checked element by element."""
-    if tensor.is_floating_point() and bool(torch.isfinite(tensor.sum())):
-        return False
-    return not bool(torch.isfinite(tensor).all())

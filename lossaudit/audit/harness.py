@@ -21,7 +21,8 @@ from ..core.batch import Batch, BatchSpec, make_batch
 from .config import CheckConfig, parse_value
 from ..report.environment import environment
 from ..core.errors import EnvironmentProblem, UsageError
-from .faults import has_nonfinite, out_of_memory_is_environmental
+from .faults import out_of_memory_is_environmental
+from ..core.finite import has_nonfinite
 from ..core.forward import forward
 from ..core.accumulate import GradientSum, Hooks
 from ..core.grads import dots, trainable
@@ -32,12 +33,14 @@ from ..core.moe import AuxAccumulator
 from ..core.objective import Objective
 from ..core.pairs import MIN_PAIR_LENGTH, make_pair_batch, pair_layouts
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
-from .passes import passes_for
+from .memory import ResidentMeter, resident_bytes
+from .passes import passes_for, unheld
 from ..paths.pairs import PairMeanPath
 from ..paths.reduction import ReductionPath
 from ..core.reductions import REDUCTIONS, StepTokens
 from ..core.reference import compute_reference
-from ..stacks.peft import virtual_tokens, wrap_loaded
+from ..core.wrapped import virtual_tokens
+from ..stacks.peft import wrap_loaded
 from ..stacks.trl import declared_aggregation, resolve_trainer_class
 from .tolerance import Tolerance
 from ..report.report import CASE_COLUMNS, Report
@@ -83,13 +86,22 @@ def prepare(config: CheckConfig, loaded: LoadedModel | None = None) -> AuditCont
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("--device cuda: no CUDA device is available")
+    meter = cpu_meter(loaded.model) if device.type == "cpu" else None
     model = loaded.model.to(device=device, dtype=getattr(torch, config.dtype))
     model.train()  # dropout is 0 in tiny configs; train mode as a real step runs
     objective = declared_objective(config)
     batch = batch_for(loaded, config.batch_spec, pairs=objective.pairwise)
     params = trainable(model)
     reference = compute_reference(model, batch, params, device, objective=objective)
-    return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective)
+    return AuditContext(model, batch, reference, params, device, config, loaded, objective=objective, memory=meter)
+
+
+def cpu_meter(model: torch.nn.Module) -> ResidentMeter:
+    """What the audit holds on the CPU from here: the process's resident memory beyond what it
+    held before, the model's weights counted as the audit's (as a device counts them) when the
+    caller built it already."""
+    held = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu")
+    return ResidentMeter(start=max(resident_bytes() - held, 0))
 
 
 def declared_objective(config: CheckConfig) -> Objective:
@@ -200,8 +212,9 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
             if fault is None and has_nonfinite(view.outputs.logits):
                 fault = f"NaN/Inf in the logits of {where}"
             if aux:
-                aux.add(view.outputs, mb.attention_mask)
+                aux.add(view.outputs, mb.attention_mask, hooks)
             share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
+            view = None  # the microbatch's outputs go before the next forward (its graph went in its last backward)
             shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
     judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)
     measured, shared = [], {}  # shared: products of the sums' tensors, read once for every path on a sum
@@ -238,7 +251,7 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
     own = [p for p in live if id(p) in given and given[id(p)].loss is not view.token_sum]
     sinks = {id(steps[id(p)].sum): (steps[id(p)].sum, given[id(p)].scale / steps[id(p)].factor) for p in shared}
     token_sum = float(view.token_sum.detach())
-    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own))  # x N: the correct share
+    correct = hooks.backward(view.token_sum, list(sinks.values()), keep=bool(own), last=not own)  # x N: the correct share
     projection, _ = correct.results()
     for path in shared:
         c, s = given[id(path)], steps[id(path)]
@@ -250,7 +263,7 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
     for path in own:
         c, s = given[id(path)], steps[id(path)]
         b, reason = guard.call(f"the backward of {path.label.path} in {where}", hooks.backward, c.loss,
-                               [(s.sum, c.scale)], False, correct.kept)
+                               [(s.sum, c.scale)], False, correct.kept, path is own[-1])
         if reason is not None:
             failed[id(path)] = reason
             continue
@@ -333,6 +346,8 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
+    if (over := unheld(ctx, runs, bool(step_paths))) is not None:
+        say(over)
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")

@@ -106,9 +106,10 @@ class Judge:
         facts = self.facts.setdefault(layout, LayoutFacts())
         if facts.aux is None:
             acc = AuxAccumulator(self.reference.aux, self.ctx.params, len(layout.groups))
-            for mb in microbatches(self.ctx.batch, layout):
-                outputs, _ = forward(self.ctx.model, mb, self.ctx.device)
-                acc.add(outputs, mb.attention_mask)
+            with acc.hooks() as hooks:
+                for mb in microbatches(self.ctx.batch, layout):
+                    outputs, _ = forward(self.ctx.model, mb, self.ctx.device)
+                    acc.add(outputs, mb.attention_mask, hooks)
             facts.aux = acc.result()
         return facts.aux
 

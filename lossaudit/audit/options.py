@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..core.aggregation import aggregation_check, parse_aggregation
+from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-TASKS = ("causal-lm", "seq2seq", "token-classification", "sequence-classification")
 SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seeds are below 2**32
 
 Parse = Callable[[str], object]

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .memory import GIB, model_loss_bytes
+from .memory import GIB, comparison_bytes, model_loss_bytes, shape_of
 from ..paths.base import LogitPath
 
 DEVICE_SHARE = 0.94  # of a CUDA device's memory, by default: an 80 GB card's 79.2 GiB gives 74.5 GiB
@@ -63,18 +63,70 @@ def sums_per_pass(budget: int | None, base: int, param_bytes: int, extra: int) -
 def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     """The run's passes: one, unless the sums would not fit ``--max-memory`` (on CUDA, by
     default, the device's memory)."""
-    config = ctx.config
-    budget = budget_bytes(getattr(config, "max_memory", None), ctx.device)
-    if budget is None or not paths:
+    f = Footprint.of(ctx)
+    if f is None or not paths:
         return [paths]
-    pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
-    if ctx.device.type == "cuda":
-        base = torch.cuda.max_memory_allocated(ctx.device)  # the reference's full-batch step, or more
-    else:  # activations are not counted: the weights and the reference gradient only
-        base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
     own = any(p.own_backward for p in paths)
-    logits = 0
-    if any(p.label.path == "model" for p in paths):
+    return plan(paths, sums_per_pass(f.budget, f.base, f.pb, (f.pb if own else 0) + f.logits(ctx, paths) + f.transient))
+
+
+class Footprint:
+    """What a pass holds, estimated from the reference's measured peak (``base``: weights, the
+    gradient it built and the full batch's activations; on CUDA max_memory_allocated, on the
+    CPU what the process held, audit.memory.ResidentMeter), against ``budget``."""
+
+    def __init__(self, budget: int, base: int, pb: int, transient: int):
+        self.budget, self.base, self.pb, self.transient = budget, base, pb, transient
+
+    @classmethod
+    def of(cls, ctx) -> "Footprint | None":
+        budget = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device)
+        if budget is None:
+            return None
+        pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
+        if ctx.device.type == "cuda":
+            base = torch.cuda.max_memory_allocated(ctx.device)  # the reference's full-batch step, or more
+        elif getattr(ctx, "memory", None) is not None:  # what the process held at the reference's peak
+            base = ctx.memory.peak()
+        else:  # activations are not counted: the weights and the reference gradient only
+            base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
+        # a microbatch's gradient of the largest tensor arrives while its sum holds one already,
+        # and the comparison's widened pieces
+        if not ctx.params:
+            return None
+        transient = max(p.numel() * p.element_size() for _, p in ctx.params) + \
+            comparison_bytes(shape_of(ctx.model, sums=1))
+        return cls(budget, base, pb, transient)
+
+    @staticmethod
+    def logits(ctx, paths) -> int:
+        if not any(p.label.path == "model" for p in paths):
+            return 0
         batch = ctx.batch
-        logits = model_loss_bytes(len(batch), max(batch.lengths), getattr(ctx.loaded, "vocab_size", 0) or 0)
-    return plan(paths, sums_per_pass(budget, base, pb, (pb if own else 0) + logits))
+        return model_loss_bytes(len(batch), max(batch.lengths), getattr(ctx.loaded, "vocab_size", 0) or 0)
+
+    def pass_bytes(self, ctx, paths) -> int:
+        """A pass's estimated peak: the reference's, one parameter-sized tensor per sum and the
+        kept correct gradient where a path has a loss of its own, the model path's logits."""
+        sums = len(sum_groups(paths))
+        own = any(p.own_backward for p in paths)
+        return self.base + (sums + own) * self.pb + self.logits(ctx, paths) + self.transient
+
+    def step_bytes(self) -> int:
+        """A step path's: the reference's peak, the reference kept beside the step's own gradient,
+        the update the probe reads (paths/probe.py)."""
+        return self.base + 2 * self.pb + self.transient
+
+
+def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool) -> str | None:
+    """A line saying what ``--max-memory`` cannot hold (None where every pass fits): the
+    smallest pass is one sum (and a kept gradient), and a step path cannot be split."""
+    f = Footprint.of(ctx)
+    if f is None:
+        return None
+    need = max([f.pass_bytes(ctx, paths) for paths in runs if paths] + ([f.step_bytes()] if step_paths else []))
+    if need <= f.budget:
+        return None
+    return (f"the memory budget of {f.budget / GIB:.2f} GiB cannot hold this audit: its largest pass needs about "
+            f"{need / GIB:.2f} GiB (the reference's peak {f.base / GIB:.2f} GiB and parameter-sized tensors of "
+            f"{f.pb / GIB:.2f} GiB); it runs anyway: raise --max-memory, or lower --batch-size or --num-layers")

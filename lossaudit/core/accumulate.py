@@ -118,13 +118,15 @@ class Hooks:
             b.kept[i] = g
 
     def backward(self, loss: torch.Tensor, sinks: Sequence[tuple[GradientSum, float]], keep: bool = False,
-                 against: list | None = None) -> Backward:
+                 against: list | None = None, last: bool = False) -> Backward:
         """d loss / d params into ``sinks`` (sum += scale x gradient each). ``keep``: also return
-        the gradient itself (``Backward.kept``); ``against``: a kept gradient to take dots with."""
+        the gradient itself (``Backward.kept``); ``against``: a kept gradient to take dots with.
+        ``last``: no other backward goes through this graph, so it frees what the forward saved
+        as it goes (as a training step's backward does), not after it."""
         b = Backward(sinks, [None] * len(self.params) if keep else None, against)
         self.current = b
         try:
-            torch.autograd.backward(loss, inputs=self.params, retain_graph=True)
+            torch.autograd.backward(loss, inputs=self.params, retain_graph=not last)
         finally:
             self.current = None
         return b

@@ -10,7 +10,7 @@ import torch
 
 from .moe import aux_spec
 from .layouts import Microbatch
-from ..stacks.peft import base_model
+from .wrapped import base_model
 
 
 @lru_cache(maxsize=None)

@@ -1,7 +1,8 @@
-"""Gradients: accumulate them per path and compare them with the reference tensor by tensor.
+"""Gradients: take them, dot them and compare them with the reference tensor by tensor (their
+sums over a step are accumulate.py's).
 
 Comparison streams over parameters and keeps only running sums, so no case ever holds a
-second copy of the model's gradient beyond its own accumulator.
+second copy of the model's gradient beyond its own sum.
 """
 
 from __future__ import annotations
@@ -26,12 +27,20 @@ def grads_of(loss: torch.Tensor, params: Params, *, retain_graph: bool = True) -
     )
 
 
-CHUNK = 1 << 24  # elements handled at once: a 16-bit tensor's float32 copy stays at 64 MiB
+CHUNK = 1 << 24  # elements handled at once on a GPU: a 16-bit tensor's float32 copy stays at 64 MiB
+CPU_CHUNK = 1 << 20  # on the CPU (4 MiB in float32): a piece's copies stay below what its RAM notices
+
+
+def chunk(device: torch.device) -> int:
+    """Elements a comparison or a dot handles at once on ``device``: on a GPU few large pieces
+    (each piece costs kernel launches), on the CPU small ones (no launch to pay for)."""
+    return CPU_CHUNK if device.type == "cpu" else CHUNK
 
 
 def pieces(x: torch.Tensor, y: torch.Tensor):
-    """(x, y) flattened on x's device, in pieces of at most CHUNK elements (views, no copy)."""
-    return zip(x.reshape(-1).split(CHUNK), y.reshape(-1).to(x.device).split(CHUNK))
+    """(x, y) flattened on x's device, in pieces of at most ``chunk`` elements (views, no copy)."""
+    n = chunk(x.device)
+    return zip(x.reshape(-1).split(n), y.reshape(-1).to(x.device).split(n))
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,6 +55,8 @@ def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=wide, device=x.device)
     if x.device.type != "cpu" and x.dtype == y.dtype == torch.bfloat16:
         return product_dot(x, y)
+    if x is y:  # a squared norm: one widened copy of each piece
+        return torch.stack([torch.dot(a, a) for a in (a.to(wide) for a, _ in pieces(x, x))]).sum()
     return torch.stack([torch.dot(a.to(wide), b.to(wide)) for a, b in pieces(x, y)]).sum()
 
 
@@ -68,26 +79,6 @@ def dots(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> 
 
 def _wide(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-
-
-class GradAccumulator:
-    """A running weighted sum of gradients, one float32 (or wider) tensor per parameter."""
-
-    def __init__(self, params: Params):
-        self.names = [n for n, _ in params]
-        self.tensors: list[torch.Tensor | None] = [None] * len(params)
-
-    def add(self, grads: Sequence[torch.Tensor | None], scale: float = 1.0) -> None:
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if self.tensors[i] is None:
-                self.tensors[i] = g.to(torch.promote_types(g.dtype, torch.float32)) * scale  # a copy
-            else:
-                self.tensors[i].add_(g, alpha=scale)  # in place, no temporary
-
-    def items(self) -> Iterable[tuple[str, torch.Tensor | None]]:
-        return zip(self.names, self.tensors)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .grads import GradAccumulator, Params, compare_grads, grads_of
+from .accumulate import GradientSum, Hooks
+from .grads import Params, compare_grads, grads_of
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
@@ -138,23 +139,31 @@ class LayoutAux:
 
 class AuxAccumulator:
     """Builds a LayoutAux from the router logits of each microbatch's forward (all ranks'
-    microbatches: DDP averages the ranks, so the step's aux is their mean)."""
+    microbatches: DDP averages the ranks, so the step's aux is their mean). The aux loss's
+    gradient goes straight from the backward into one GradientSum (accumulate.py), through the
+    hooks the caller holds on the parameters: no working gradient of the whole model."""
 
     def __init__(self, ref: ReferenceAux, params: Params, k: int):
         self.ref, self.params, self.k = ref, params, k
-        self.acc = GradAccumulator(params)
+        self.sum = GradientSum(params)
         self.values: list[float] = []
 
-    def add(self, outputs, attention_mask: torch.Tensor) -> None:
+    def hooks(self) -> Hooks:
+        """Hooks for a caller that holds none (the judge's own forwards)."""
+        return Hooks(self.params, [self.ref.grads[n] for n, _ in self.params])
+
+    def add(self, outputs, attention_mask: torch.Tensor, hooks: Hooks) -> None:
         logits = router_logits(outputs)
         if logits is None:
             raise RuntimeError("the model returned router logits on the full batch but not on a microbatch")
         aux = load_balancing_loss(logits, attention_mask, self.ref.spec)
-        self.acc.add(grads_of(aux, self.params), self.ref.spec.coef / self.k)
+        hooks.backward(aux, [(self.sum, self.ref.spec.coef / self.k)])
         self.values.append(float(aux.detach()))
 
     def result(self) -> LayoutAux:
-        grads = {n: torch.zeros_like(self.ref.grads[n]) if g is None else g for n, g in self.acc.items()}
+        unit = self.sum.unit or 1.0  # the sum holds unit x its tensors: scaled in place, once
+        grads = {n: torch.zeros_like(self.ref.grads[n]) if g is None else g.mul_(unit) for n, g in self.sum.items()}
+        self.sum.unit = 1.0
         gap = compare_grads(self.ref.grads, grads.items()).rel_err
         return LayoutAux(self.ref.spec.coef, self.values, self.ref.value, grads, gap)
 

@@ -10,14 +10,14 @@ import torch
 
 from .moe import ReferenceAux, aux_spec, reference_aux
 from .batch import Batch
-from ..audit.faults import has_nonfinite
+from .finite import has_nonfinite
 from .forward import forward
 from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
 from .reductions import Reduction, StepTokens, Weight
-from ..stacks.peft import virtual_tokens
 from .objective import Objective
 from .tokens import prepend_ignored, target_mask
+from .wrapped import virtual_tokens
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..audit.options import TASKS  # noqa: F401  (re-exported: the tasks whose labels this module aligns)
+from .tasks import TASKS  # noqa: F401  (re-exported: the tasks whose labels this module aligns)
 
 IGNORE_INDEX = -100
 

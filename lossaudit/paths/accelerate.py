@@ -32,7 +32,7 @@ from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
 from ..core.forward import model_inputs
 from ..core.layouts import Layout, Microbatch, collate
 from ..core.registry import Registry
-from ..stacks.peft import virtual_tokens
+from ..core.wrapped import virtual_tokens
 from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 from .probe import UpdateProbe

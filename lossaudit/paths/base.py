@@ -54,6 +54,7 @@ class AuditContext:
     config: "CheckConfig | None"
     loaded: "LoadedModel | None" = None
     objective: Objective = Objective()  # what the reference and every reduction compute per token
+    memory: Any = None  # on the CPU, audit.memory.ResidentMeter: what the process holds since the audit began
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ..core.layouts import Microbatch
 from ..core.registry import Registry
 from ..core.tokens import count_targets, prepend_ignored, token_losses
 from . import StackStep, require
-from .peft import virtual_tokens
+from ..core.wrapped import virtual_tokens
 from .step import batch_dicts
 
 Factory = Callable[[torch.nn.Module], object]  # model -> LightningModule

@@ -8,7 +8,7 @@ import torch
 from ..core.errors import UsageError
 from ..models.loading import LoadedModel
 from ..core.tokens import TASKS
-from .peft import base_model
+from ..core.wrapped import base_model
 
 # class-name endings of transformers heads -> task
 HEADS = (("ForCausalLM", "causal-lm"), ("ForTokenClassification", "token-classification"),

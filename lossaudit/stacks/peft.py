@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UsageError
+from ..core.wrapped import PREPENDING
 from ..core.registry import did_you_mean
 from . import require
 
 # lossaudit task -> peft TaskType
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
               "token-classification": "TOKEN_CLS", "sequence-classification": "SEQ_CLS"}
-# methods that prepend virtual tokens to the input embeddings (and -100s to the labels)
-PREPENDING = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 DEFAULT_VIRTUAL_TOKENS = 4
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
@@ -46,27 +45,6 @@ REFUSED_METHODS = {"XLORA": "X-LoRA mixes adapters that peft loads itself (from 
                             "fresh one to build: save it and pass --adapter DIR"}
 AUDIT_SETS = {"inference_mode": "the audit trains the adapter (inference_mode=False)",
               "task_type": "set from the model's task"}
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    """Duck-typed, so callers need not import peft: a PeftModel has an active adapter config."""
-    return getattr(model, "active_peft_config", None) is not None
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under the adapter (``model`` itself when it is not wrapped): its
-    forward signature says which inputs it takes, since PeftModel.forward takes ``**kwargs``."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def virtual_tokens(model: torch.nn.Module) -> int:
-    """Positions the wrapped model prepends to the inputs and, as -100, to the labels (0 for an
-    unwrapped model and for methods that prepend nothing)."""
-    if not is_peft_model(model):
-        return 0
-    config = model.active_peft_config
-    kind = getattr(config.peft_type, "value", config.peft_type)
-    return int(config.num_virtual_tokens) if kind in PREPENDING else 0
 
 
 def methods() -> list[str]:

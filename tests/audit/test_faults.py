@@ -210,6 +210,6 @@ def test_out_of_memory_is_one_line_naming_the_knobs_and_exit_3(exc, where, monke
     ([1, 2], torch.int64, False),
 ])
 def test_has_nonfinite(values, dtype, want):
-    from lossaudit.audit.faults import has_nonfinite
+    from lossaudit.core.finite import has_nonfinite
 
     assert has_nonfinite(torch.tensor(values, dtype=dtype)) is want

@@ -80,3 +80,28 @@ def test_passes_hold_fewer_sums_at_once(one_and_many):
     by two to three parameter-sized tensors (where it falls inside a backward, parts of them)."""
     (_, peak_one, pb), (_, peak_many, _) = one_and_many
     assert 2 * pb <= peak_one - peak_many <= 3.5 * pb, (peak_one - peak_many) / pb
+
+
+def test_a_budget_that_cannot_hold_the_smallest_pass_says_so():
+    """One sum a pass is the least a pass holds, and a step path cannot be split: where even that
+    does not fit --max-memory, the run says it in one line (what it needs, above what budget)."""
+    import dataclasses
+
+    from lossaudit.audit.harness import prepare
+    from lossaudit.audit.passes import Footprint, passes_for, unheld
+
+    loaded = load_model("llama", seed=0, config_overrides=WIDE)
+    config = CheckConfig(model="llama", paths=("reduction",), reductions=("num_items",), microbatches=(1, 4),
+                         paddings=("right",), groupings=("contiguous",), batch_size=8, max_length=16, max_memory=1e-6)
+    ctx = prepare(config, loaded)
+    paths = [reduction("num_items")]
+    runs = passes_for(ctx, paths)
+    assert runs == [paths]
+    f = Footprint.of(ctx)
+    pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
+    assert f.pass_bytes(ctx, paths) >= f.base + pb and f.step_bytes() >= f.base + 2 * pb
+    said = unheld(ctx, runs, step_paths=False)
+    assert said is not None and "cannot hold" in said and "--max-memory" in said
+    roomy = dataclasses.replace(ctx, config=dataclasses.replace(config, max_memory=1000.0))
+    assert unheld(roomy, runs, step_paths=True) is None
+    assert unheld(dataclasses.replace(ctx, config=dataclasses.replace(config, max_memory=None)), runs, True) is None  # CPU: no default budget

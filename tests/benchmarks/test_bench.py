@@ -39,13 +39,13 @@ def test_every_mode_runs_on_tiny_cpu(results):
     for mode, r in results.items():
         assert "error" not in r, (mode, r)
         assert r["seconds"] > 0 and r["parameters"] == 115008
-        assert r["peak_bytes"] > 115008 * 4, mode  # the weights count
+        assert r["peak_bytes"] > 115008 * 4, mode  # what the process holds, the weights included
+        assert r["peak_resettable"], mode  # each mode's peak starts over after its warm-up (Linux)
     assert results["audit"]["cases"] == layouts and results["audit3"]["cases"] == 3 * layouts
     assert results["trainer_passes"]["cases"] == layouts == results["trainer"]["cases"]
     assert results["accelerate_passes"]["cases"] == 3 * layouts == results["accelerate"]["cases"]  # 3 recipes
-    # three reductions hold one gradient sum more than one (num_items and sum share theirs); on the
-    # tiny model the activations set the peak, so it grows by at most that sum
-    assert 0 <= results["audit3"]["peak_bytes"] - results["audit"]["peak_bytes"] <= 115008 * 4
+    # (what each sum costs is measured in tensor bytes by tests/audit/test_memory_model.py: on the
+    # tiny model the process's resident memory moves by more than a sum for other reasons)
     assert results["default"]["cases"] > results["audit3"]["cases"]  # every default path and reduction
 
 

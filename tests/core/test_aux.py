@@ -11,7 +11,8 @@ import lossaudit
 from lossaudit.core.moe import AuxSpec, load_balancing_loss
 from lossaudit.audit.config import CheckConfig
 from lossaudit.core.forward import forward
-from lossaudit.core.grads import GradAccumulator, grads_of
+from lossaudit.core.accumulate import GradientSum
+from lossaudit.core.grads import grads_of
 from lossaudit.audit.harness import prepare
 from lossaudit.core.layouts import Layout, full_batch, group, microbatches
 from lossaudit.audit.judge import Guard, Judge
@@ -126,12 +127,14 @@ class MeanAuxStep(StepPath):
     def run(self, ctx, layout):
         mbs = microbatches(ctx.batch, layout)
         total = sum(int(target_mask(mb.labels, ctx.batch.task).sum()) for mb in mbs)
-        acc, loss_sum, aux_sum = GradAccumulator(ctx.params), 0.0, 0.0
+        acc, loss_sum, aux_sum = GradientSum(ctx.params), 0.0, 0.0
         for mb in mbs:
             outputs, _ = forward(ctx.model, mb, ctx.device)
             ce = token_losses(outputs.logits, mb.labels, ctx.batch.task).sum() / total
             loss = ce + ctx.reference.aux.spec.coef * outputs.aux_loss / len(mbs)
-            acc.add(grads_of(loss, ctx.params))
+            for i, g in enumerate(grads_of(loss, ctx.params)):
+                if g is not None:
+                    acc.add(i, g, 1.0)
             loss_sum, aux_sum = loss_sum + float(loss.detach()), aux_sum + float(outputs.aux_loss.detach()) / len(mbs)
         return [Outcome(self.label, layout, loss_sum, acc.items(), aux=aux_sum)]
 

@@ -18,7 +18,8 @@ from lossaudit.core.grads import trainable  # noqa: E402
 from lossaudit.core.layouts import full_batch, microbatches  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
 from lossaudit.paths.trainer_step import trainer_step  # noqa: E402
-from lossaudit.stacks.peft import load_adapter, peft_config, virtual_tokens, wrap, wrap_loaded  # noqa: E402
+from lossaudit.core.wrapped import virtual_tokens  # noqa: E402
+from lossaudit.stacks.peft import load_adapter, peft_config, wrap, wrap_loaded  # noqa: E402
 from lossaudit.stacks.step import run_step_function  # noqa: E402
 from lossaudit.core.tokens import count_targets, prepend_ignored, token_losses  # noqa: E402
 
