@@ -50,7 +50,9 @@ def compare(old, new, **thresholds):
     """Compare report ``new`` with the baseline ``old`` (Reports or paths to report.json).
 
     ``thresholds`` take the CLI's values: ``max_grad_growth="10x"``, ``max_loss_rel_err=1e-4``,
-    ``strict=True``. Returns a :class:`lossaudit.gate.baseline.Comparison` (``.cases`` is a DataFrame).
+    ``strict=True``, ``allow_different_batch=True`` (reports of another objective, batch or
+    layouts are refused with UsageError without it). Returns a
+    :class:`lossaudit.gate.baseline.Comparison` (``.cases`` is a DataFrame).
     """
     from .gate.baseline import compare as compare_reports
     from .gate.thresholds import Gate

@@ -231,6 +231,9 @@ OPTIONS: tuple[Option, ...] = (
            "--lightning-module", check=not_blank, metavar="MODULE:FACTORY"),
     Option("trainer_class", "object", None, "a transformers.Trainer subclass for --path trainer, e.g. "
            "trl:SFTTrainer", "--trainer-class", check=not_blank, metavar="MODULE:CLASS"),
+    Option("axolotl_config", "str | None", None, "an axolotl config: --path trainer runs the trainer axolotl builds "
+           "from it (its validation, model loader, LoRA, trainer builder) on the audit's batch and step",
+           "--axolotl-config", check=not_blank, metavar="FILE.yml"),
     Option("adapter", "str | None", None, "a PEFT adapter folder (save_pretrained) to audit on MODEL",
            "--adapter", check=not_blank, metavar="DIR"),
     Option("peft", "str | None", None, "a fresh PEFT adapter of this method on MODEL: lora, prompt_tuning, ...",

@@ -72,9 +72,45 @@ def main(argv: list[str] | None = None) -> int:
     return _main(argv)
 
 
+class ReaderGone:
+    """stdout that outlives its reader: ``lossaudit compare A B | head`` closes the pipe while
+    the command still has lines to print. The rest of the output is dropped (fd 1 goes to
+    /dev/null) and the command runs to its own exit status, its files written."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self._gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _main(argv: list[str] | None) -> int:
     debug = os.environ.get("LOSSAUDIT_DEBUG") == "1"
     quiet_libraries()
+    if argv is None and not isinstance(sys.stdout, ReaderGone):
+        sys.stdout = ReaderGone(sys.stdout)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:

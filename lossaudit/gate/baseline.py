@@ -1,30 +1,40 @@
 """Compare two reports: the regression gate behind ``compare OLD NEW`` and ``check --baseline``.
 
-Any ``report.json`` is a baseline. Cases are matched by ``CASE_KEY``; a case found in only
+Any ``report.json`` is a baseline, provided both reports audited the same thing
+(``comparable.py``: model, objective, batch, layouts); otherwise the comparison is refused
+unless ``--allow-different-batch``. Cases are matched by ``CASE_KEY``; a case found in only
 one report is listed as such (never dropped) and fails the comparison under ``strict``.
 A regression is an audited case (not a known-different harness reduction) that
 
 - matched in OLD and does not in NEW (it diverges, or cannot run any more: ``error``), or
 - diverged in OLD and now cannot run (``error``), or
-- whose loss or gradient error broke one of the gate's thresholds (``gate.py``).
+- whose loss or gradient error broke one of the gate's thresholds (``thresholds.py``).
+
+Every case also gets a ``kind``: ``regression``, ``improvement`` (its verdict got better),
+``one-sided``, ``changed`` (another verdict change), ``moved`` (an error grew or shrank more
+than ``MOVED`` times, the dtype floor counting for smaller errors) or ``same``; the printed
+comparison lists all but ``same`` (``text.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ..core.errors import DivergenceError
-from .thresholds import Gate
+from ..core.errors import DivergenceError, UsageError
+from .comparable import differences, refusal
+from .text import failures_text
+from .thresholds import MOVED, Gate
 from ..report.report import Report, findings_table
 
 CASE_KEY = ["path", "reduction", "microbatches", "padding", "grouping", "world_size"]
 ENVIRONMENT_KEYS = ("python", "torch", "transformers", "accelerate", "trl", "device", "dtype", "seed")
-METRICS = ("verdict", "expected", "loss_rel_err", "grad_rel_err", "detail")
+METRICS = ("verdict", "expected", "loss_rel_err", "grad_rel_err", "detail", "tokens")
 DEFAULT_FLOOR = 1e-5  # float32's, for a report that does not state its tolerance
+RANK = {"error": 0, "diverge": 1, "match": 2}  # a verdict's rank: higher is better
 
 
 @dataclass
@@ -34,8 +44,10 @@ class Comparison:
     old_name: str
     new_name: str
     environment: pd.DataFrame  # field, old, new, changed
-    cases: pd.DataFrame  # CASE_KEY, side, <metric>_old, <metric>_new, grad_change, loss_change, status, regression
+    cases: pd.DataFrame  # CASE_KEY, side, <metric>_old, <metric>_new, grad_change, loss_change, status, regression, kind
     gate: Gate
+    floor: float = DEFAULT_FLOOR
+    differences: list[str] = field(default_factory=list)  # what is not like for like (allowed by the gate)
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -44,6 +56,9 @@ class Comparison:
     @property
     def one_sided(self) -> pd.DataFrame:
         return self.cases[self.cases["side"] != "both"]
+
+    def of_kind(self, kind: str) -> pd.DataFrame:
+        return self.cases[self.cases["kind"] == kind]
 
     @property
     def failed(self) -> bool:
@@ -60,17 +75,23 @@ def load(report: Report | str | Path) -> Report:
 
 def compare(old: Report | str | Path, new: Report | str | Path, gate: Gate | None = None,
             *, old_name: str = "OLD", new_name: str = "NEW") -> Comparison:
-    """Compare ``new`` with the baseline ``old`` (reports or paths to ``report.json``)."""
+    """Compare ``new`` with the baseline ``old`` (reports or paths to ``report.json``). Raises
+    UsageError when they did not audit the same thing, unless the gate allows it."""
     old_report, new_report = load(old), load(new)
     gate = gate or Gate()
-    floor = max(_floor(old_report), _floor(new_report))
     cases = _join(old_report.cases, new_report.cases)
+    found = differences(old_report, new_report, cases)
+    if found and not gate.allow_different_batch:
+        raise UsageError(refusal(found))
+    floor = max(_floor(old_report), _floor(new_report))
     judged = [_judge(row, gate, floor) for row in cases.to_dict(orient="records")]
-    cases["status"] = [status for status, _ in judged]
-    cases["regression"] = [regression for _, regression in judged]
+    cases["status"] = [status for status, _, _ in judged]
+    cases["regression"] = [regression for _, regression, _ in judged]
+    cases["kind"] = [kind for _, _, kind in judged]
     cases["grad_change"] = [_change(o, n) for o, n in zip(cases["grad_rel_err_old"], cases["grad_rel_err_new"])]
     cases["loss_change"] = [_change(o, n) for o, n in zip(cases["loss_rel_err_old"], cases["loss_rel_err_new"])]
-    return Comparison(old_name, new_name, environment_diff(old_report, new_report), _ordered(cases), gate)
+    return Comparison(old_name, new_name, environment_diff(old_report, new_report), _ordered(cases), gate, floor,
+                      found)
 
 
 def environment_diff(old: Report, new: Report) -> pd.DataFrame:
@@ -101,6 +122,8 @@ def _keyed(cases: pd.DataFrame) -> pd.DataFrame:
     frame["world_size"] = frame["world_size"].map(lambda v: 1 if v is None or v != v else int(v))
     frame["microbatches"] = frame["microbatches"].map(lambda v: -1 if v is None or v != v else int(v))
     frame["occurrence"] = frame.groupby(CASE_KEY, sort=False).cumcount()
+    if "tokens" not in frame:
+        frame["tokens"] = None
     return frame[CASE_KEY + ["occurrence"] + list(METRICS)]
 
 
@@ -119,25 +142,43 @@ def _audited(row: dict) -> bool:
     return not (pd.notna(expected) and bool(expected))
 
 
-def _judge(row: dict, gate: Gate, floor: float) -> tuple[str, bool]:
-    """(status, is_regression) of one joined case."""
+def _judge(row: dict, gate: Gate, floor: float) -> tuple[str, bool, str]:
+    """(status, is_regression, kind) of one joined case."""
     if row["side"] != "both":
         in_which = "OLD" if row["side"] == "old only" else "NEW"
-        return f"only in {in_which}" + (" (fails: --strict)" if gate.strict else ""), False
+        return f"only in {in_which}" + (" (fails: --strict)" if gate.strict else ""), False, "one-sided"
     old, new = row["verdict_old"], row["verdict_new"]
+    moved = "moved" if _moved(row, floor) else "same"
     if not _audited(row):
-        return ("expected to differ" if old == new else f"expected to differ; {old} -> {new}"), False
+        if old == new:
+            return "expected to differ", False, moved
+        return f"expected to differ; {old} -> {new}", False, "changed"
     if old == "match" and new != "match":
-        return f"REGRESSION: matched, now {'diverges' if new == 'diverge' else 'fails to run (error)'}", True
+        return f"REGRESSION: matched, now {'diverges' if new == 'diverge' else 'fails to run (error)'}", True, "regression"
     if old == "diverge" and new == "error":
-        return "REGRESSION: diverged, now fails to run (error)", True
+        return "REGRESSION: diverged, now fails to run (error)", True, "regression"
     for check in gate.checks:
         why = check.violation(row[f"{_column(check)}_old"], row[f"{_column(check)}_new"], floor)
         if why:
-            return f"REGRESSION: {why}", True
-    if old != "match" and new == "match":
-        return f"fixed: {old} -> match", False
-    return ("" if old == new else f"{old} -> {new}"), False
+            return f"REGRESSION: {why}", True, "regression"
+    if RANK.get(new, -1) > RANK.get(old, -1):
+        return (f"fixed: {old} -> match" if new == "match" else f"improved: {old} -> {new}"), False, "improvement"
+    if old != new:
+        return f"{old} -> {new}", False, "changed"
+    return "", False, moved
+
+
+def _moved(row: dict, floor: float) -> bool:
+    """An error grew or shrank more than MOVED times (below the floor counts as the floor)."""
+    for column in ("grad_rel_err", "loss_rel_err"):
+        old, new = row[f"{column}_old"], row[f"{column}_new"]
+        if math.isfinite(old) and math.isfinite(new):
+            ratio = max(new, floor) / max(old, floor)
+            if ratio > MOVED or ratio < 1 / MOVED:
+                return True
+        elif math.isfinite(old) != math.isfinite(new):
+            return True
+    return False
 
 
 def _column(check) -> str:
@@ -154,80 +195,11 @@ def _change(old: float, new: float) -> float:
 
 
 def _ordered(cases: pd.DataFrame) -> pd.DataFrame:
-    """Regressions first, then cases in only one report, then the rest in report order."""
-    rank = [0 if regression else 1 if side != "both" else 2
-            for regression, side in zip(cases["regression"], cases["side"])]
-    return cases.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
-
-
-# --- text: the environment diff first, then one row per case -------------------------------
-
-def _err(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value:.1e}"
-
-
-def _ratio(value: float) -> str:
-    if math.isnan(value):
-        return ""
-    return "from 0" if math.isinf(value) else f"x{value:.3g}"
-
-
-def _case_label(row: dict) -> str:
-    what = row["path"] + (f":{row['reduction']}" if row["reduction"] else "")
-    ranks = f" ranks={row['world_size']}" if row["world_size"] != 1 else ""
-    return f"{what} k={row['microbatches']} {row['grouping']} pad-{row['padding']}{ranks}"
-
-
-def _aligned(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def render_environment(comparison: Comparison) -> list[str]:
-    rows = [["", "", "OLD", "NEW"]]
-    for r in comparison.environment.itertuples(index=False):
-        rows.append(["*" if r.changed else " ", str(r.field), str(r.old), str(r.new)])
-    return ["environment (* = changed)"] + _aligned(rows)
-
-
-def render_cases(comparison: Comparison, cases: pd.DataFrame | None = None) -> list[str]:
-    cases = comparison.cases if cases is None else cases
-    rows = [["case", "verdict old", "new", "grad err old", "new", "change", "loss err old", "new", "change", "status"]]
-    for r in cases.to_dict(orient="records"):
-        rows.append([_case_label(r), str(r["verdict_old"] if r["side"] != "new only" else "-"),
-                     str(r["verdict_new"] if r["side"] != "old only" else "-"),
-                     _err(r["grad_rel_err_old"]), _err(r["grad_rel_err_new"]), _ratio(r["grad_change"]),
-                     _err(r["loss_rel_err_old"]), _err(r["loss_rel_err_new"]), _ratio(r["loss_change"]),
-                     r["status"]])
-    return _aligned(rows)
-
-
-def verdict_line(comparison: Comparison) -> str:
-    cases, one_sided = comparison.cases, comparison.one_sided
-    counts = (f"{int((cases['side'] == 'both').sum())} case(s) in both, "
-              f"{int((cases['side'] == 'old only').sum())} only in OLD, "
-              f"{int((cases['side'] == 'new only').sum())} only in NEW")
-    if len(comparison.regressions):
-        return f"{len(comparison.regressions)} REGRESSION(S) ({counts})"
-    if comparison.failed:
-        return f"FAILED under --strict: {len(one_sided)} case(s) in only one report ({counts})"
-    return f"no regressions ({counts})"
-
-
-def render_comparison(comparison: Comparison) -> str:
-    lines = [f"lossaudit compare: OLD {comparison.old_name}, NEW {comparison.new_name}", ""]
-    lines += render_environment(comparison) + [""] + render_cases(comparison) + ["", verdict_line(comparison)]
-    return "\n".join(lines)
-
-
-def failures_text(comparison: Comparison) -> str:
-    """What failed the comparison, for an assertion message: the changed environment, then
-    the regressing (and, under --strict, one-sided) cases."""
-    failing = comparison.cases["regression"] | (comparison.gate.strict & (comparison.cases["side"] != "both"))
-    changed = comparison.environment[comparison.environment["changed"]]
-    env = ", ".join(f"{r.field} {r.old} -> {r.new}" for r in changed.itertuples()) or "no change"
-    lines = [f"{verdict_line(comparison)} against the baseline {comparison.old_name}", f"environment: {env}"]
-    return "\n".join(lines + render_cases(comparison, comparison.cases[failing]))
+    """Regressions first, then improvements, cases in only one report, other changes, and the
+    rest, each in report order."""
+    rank = {"regression": 0, "improvement": 1, "one-sided": 2, "changed": 3, "moved": 4, "same": 5}
+    order = cases["kind"].map(rank)
+    return cases.assign(_rank=order).sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..core.errors import UsageError
 
 METRICS = {"grad": "grad_rel_err", "loss": "loss_rel_err"}
+MOVED = 2.0  # an error that grew or shrank more than this factor is printed even when the gate passes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,13 @@ OPTIONS = (
     Option("max-loss-rel-err", limit_parser("loss"), None,
            "regression when a case's loss error passes this value (e.g. 1e-4; default off)"),
     Option("strict", None, None, "cases present in only one report fail the comparison", flag=True),
+    Option("allow-different-batch", None, None,
+           "compare reports of another objective, batch (targets, sequences, seed), model or layouts; "
+           "without it such a comparison is refused (exit 2)", flag=True),
+    Option("all-cases", None, None, "print every case, not only those that changed (the files written "
+           "hold every case either way)", flag=True),
 )
+FLAGS = tuple(o.dest for o in OPTIONS if o.flag)
 
 
 def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,10 +149,12 @@ def add_pytest_options(group, prefix: str = "lossaudit-") -> None:
 
 @dataclass(frozen=True, slots=True)
 class Gate:
-    """The parsed thresholds of one comparison."""
+    """The parsed options of one comparison: its thresholds and flags."""
 
     checks: tuple[Check, ...] = (Growth("grad", 10.0), Growth("loss", 10.0))
     strict: bool = False
+    allow_different_batch: bool = False
+    all_cases: bool = False  # how much is printed; what is judged does not depend on it
 
     @classmethod
     def from_values(cls, values: dict) -> "Gate":
@@ -157,7 +166,7 @@ class Gate:
             value = values.get(option.dest, option.kwargs()["default"])
             if value is not None:
                 checks.append(value)
-        return cls(tuple(checks), bool(values.get("strict", False)))
+        return cls(tuple(checks), **{flag: bool(values.get(flag, False)) for flag in FLAGS})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Gate":

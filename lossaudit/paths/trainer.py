@@ -27,7 +27,10 @@ from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
 from .base import PATHS, AuditContext, Label, Outcome, PathSpec, StepPath
 from .loss_fn import resolve_loss_fn
+from ..stacks.axolotl import checked as checked_axolotl
+from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
+from .axolotl_config import run_axolotl_config
 from .trainer_class import run_trainer_class
 from .trainer_step import StepResult, StepUnavailable, trainer_step
 
@@ -88,26 +91,35 @@ class TrainerPath(StepPath):
     name = "trainer"
 
     def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 trainer_class: type | None = None):
+                 trainer_class: type | None = None, axolotl=None):
         self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
         self.fn = resolve_loss_fn(spec) if spec else None
         # --trainer-class: the user's Trainer subclass instead of the stock one (its name in the
         # reduction column; judged as cross entropy: whether it trains a MoE aux loss is its own)
         self.trainer_class = trainer_class
-        self.label = Label("trainer", spec or (trainer_class.__name__ if trainer_class else None),
-                           trains_aux=spec is None and trainer_class is None)
+        self.axolotl = axolotl  # --axolotl-config: stacks.axolotl.AxolotlConfig
+        own = trainer_class.__name__ if trainer_class else ("axolotl" if axolotl is not None else None)
+        self.label = Label("trainer", spec or own, trains_aux=spec is None and own is None)
 
     @classmethod
     def build(cls, config) -> list["TrainerPath"]:
         user_args = {k: parse_value(v) for k, v in config.trainer_args}
+        if getattr(config, "axolotl_config", None):
+            return [cls(user_args, axolotl=checked_axolotl(config))]
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
+            arguments_class(trainer_class)  # first: one line when its arguments class cannot be told
+            problem = required_problem(trainer_class) or rows_problem(trainer_class, config.prompt_masking)
+            if problem:
+                raise UsageError(problem)
             check_arguments(trainer_class, user_args)
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
         return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
 
     def _step(self, ctx, layout: Layout) -> StepResult:
+        if self.axolotl is not None:
+            return run_axolotl_config(ctx, layout, self.axolotl)
         if self.trainer_class is not None:
             return run_trainer_class(ctx, layout, self.trainer_class, user_args=self.user_args)
         return trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=self.fn)
@@ -124,9 +136,12 @@ class TrainerPath(StepPath):
     def run_layouts(self, ctx, layouts, guard, say):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
+            if self.axolotl is not None and self.axolotl.owned_in():
+                say("axolotl: the audit sets what the config sets for " + ", ".join(self.axolotl.owned_in()))
             return super().run_layouts(ctx, self.with_full_batch(ctx, layouts), guard, say)
-        if self.trainer_class is not None:
-            reason = f"--trainer-class {self.trainer_class.__name__} runs in one process (--world-size 1)"
+        if self.trainer_class is not None or self.axolotl is not None:
+            what = "--axolotl-config" if self.axolotl is not None else f"--trainer-class {self.trainer_class.__name__}"
+            reason = f"{what} runs in one process (--world-size 1)"
             return [guard.judge.failed(self.label, layout, reason) for layout in self.with_full_batch(ctx, layouts)]
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
         say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
@@ -153,6 +168,8 @@ class TrainerPath(StepPath):
             "trainer_num_items": [n for rank in ranks for n in rank.num_items],  # rank-major, as counts
             "trainer_accepts_loss_kwargs": step.accepts_loss_kwargs,
         }
+        if self.axolotl is not None:  # the config's settings the audit replaced, as "key (value -> audit's)"
+            extra["axolotl_config_owned"] = self.axolotl.owned_in()
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens

@@ -1,7 +1,8 @@
 """One optimizer step of a user's ``transformers.Trainer`` subclass (``--trainer-class``, e.g.
 ``trl:SFTTrainer``) on one layout, built as the stock Trainer's step is (``trainer_step``: the
 same settings, SGD lr 1, sequential sampler, ``UpdateProbe``) but with the class's own dataset
-preparation, collator and arguments class (``stacks/trl.py``). Returns the stock step's
+preparation, arguments class and the collator its own builder would give it
+(``stacks/frameworks.py``, ``stacks/trl.py``). Returns the stock step's
 ``StepResult``, so the trainer path's notes and report fields apply unchanged."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ..core.layouts import Layout
 from ..stacks import dpo, require
+from ..stacks.frameworks import collator
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
 
@@ -34,6 +36,17 @@ def layout_subclass(cls: type) -> type:
     return Layout_
 
 
+def _takes(cls: type) -> set[str]:
+    """The keyword arguments ``cls`` takes: its own, and the Trainer's where it passes ``**kwargs`` on."""
+    from transformers import Trainer
+
+    params = inspect.signature(cls.__init__).parameters
+    names = set(params)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        names |= set(inspect.signature(Trainer.__init__).parameters)
+    return names
+
+
 def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     from datasets import Dataset
 
@@ -45,18 +58,24 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
     optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     kwargs = {}
-    takes = inspect.signature(cls.__init__).parameters
+    takes = _takes(cls)
     loaded = ctx.loaded
     vocab = loaded.vocab_size if loaded is not None else ctx.model.get_input_embeddings().weight.shape[0]
     eos = loaded.eos_id if loaded is not None else None
+    words = tokenizer(vocab, ctx.batch.pad_id, eos)
     for name in ("processing_class", "tokenizer"):  # renamed in transformers 4.46
         if name in takes:
-            kwargs[name] = tokenizer(vocab, ctx.batch.pad_id, eos)
+            kwargs[name] = words
             break
-    data = dpo.dataset_rows(ctx, layout) if pairwise else \
-        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True)
-    if pairwise:
+    if pairwise:  # its own preference collator over text rows of pairs
+        data = dpo.dataset_rows(ctx, layout)
         kwargs.update(dpo.trainer_kwargs(ctx.model))
+    else:
+        given_collator = collator(cls, words)  # None: the class builds its own
+        if given_collator is not None:
+            kwargs["data_collator"] = given_collator
+        data = rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
+                    labels=given_collator is not None)
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)

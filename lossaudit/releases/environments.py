@@ -30,27 +30,18 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
-
 from ..core.errors import EnvironmentProblem, UsageError
+from .candidate import Candidate, DryRun, pip_dry_run, plan
+from .pip_text import normalize, reason_line
+from .processes import run_group
 
 MANIFEST = "lossaudit-env.json"
 NEVER_PINNED = {"pip", "lossaudit"}  # pip runs the install; lossaudit comes from its source directory
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
-# an installer's explanation of a conflict: pip's "The user requested (constraint) tokenizers==0.23.3",
-# uv's "... and you require tokenizers==0.23.3, we can conclude ..."
-_CONSTRAINT_IN_CONFLICT = re.compile(r"(?:The user requested \(constraint\)|you require) ([A-Za-z0-9._-]+)==")
-_MAX_LIFTS = 8  # resolution rounds before giving up
 # variables that would make an installer or interpreter reach outside the new environment
 _LEAKS = ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "VIRTUAL_ENV", "PIP_TARGET", "PIP_PREFIX", "PIP_USER",
           "PIP_ROOT", "UV_PROJECT_ENVIRONMENT", "CONDA_PREFIX", "__PYVENV_LAUNCHER__")
-
-
-def normalize(name: str) -> str:
-    """PEP 503: ``Typing_Extensions`` and ``typing-extensions`` are one distribution."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def parse_pin(text: str) -> tuple[str, str]:
@@ -114,19 +105,24 @@ class Spec:
     base: tuple[tuple[str, str], ...]  # sorted (name, version), the current environment's
     python: str
     source: str
+    flavour_change: bool = False  # a pinned torch may come in another build (CPU -> CUDA): --allow-flavour-change
 
     @classmethod
-    def make(cls, pins: dict[str, str], base: dict[str, str] | None = None, source: Path | None = None) -> "Spec":
+    def make(cls, pins: dict[str, str], base: dict[str, str] | None = None, source: Path | None = None,
+             *, flavour_change: bool = False) -> "Spec":
         base = current_distributions() if base is None else base
         python = f"{platform.python_implementation()}-{platform.python_version()}-{sys.base_prefix}"
         return cls(tuple(sorted((normalize(k), v) for k, v in pins.items())), tuple(sorted(base.items())),
-                   python, str(source or source_directory()))
+                   python, str(source or source_directory()), flavour_change)
 
     @property
     def key(self) -> str:
-        """Same pins on the same base, interpreter and source: the same key (16 hex digits)."""
-        text = json.dumps({"pins": self.pins, "base": self.base, "python": self.python, "source": self.source})
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Same pins on the same base, interpreter and source: the same key (16 hex digits). An
+        environment whose flavour was allowed to change is another one."""
+        fields = {"pins": self.pins, "base": self.base, "python": self.python, "source": self.source}
+        if self.flavour_change:
+            fields["flavour_change"] = True
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
     @property
     def name(self) -> str:
@@ -139,11 +135,13 @@ class Spec:
         pinned = dict(self.pins)
         return [f"{n}=={v}" for n, v in self.base if n not in pinned and n not in lifted]
 
-    def requirements(self) -> list[str]:
+    def requirements(self, labels: dict[str, str] | None = None) -> list[str]:
         """The pins (first: an unknown release fails before the rest is collected), then the
-        rest of the base by name, its version from the constraints."""
-        pinned = dict(self.pins)
-        return [f"{n}=={v}" for n, v in self.pins] + [n for n, _ in self.base if n not in pinned]
+        rest of the base by name, its version from the constraints. ``labels``: a build's local
+        label for some pins (``torch==2.14.0+cpu``)."""
+        pinned, labels = dict(self.pins), labels or {}
+        return ([f"{n}=={v}" + (f"+{labels[n]}" if n in labels else "") for n, v in self.pins]
+                + [n for n, _ in self.base if n not in pinned])
 
     def describe(self) -> str:
         return " ".join(f"{n}=={v}" for n, v in self.pins) or "the current versions"
@@ -184,9 +182,11 @@ def cached(spec: Spec, cache: Path) -> Env | None:
     return Env(path, manifest)
 
 
-def ensure(spec: Spec, cache: Path, say=lambda line: None) -> Env:
+def ensure(spec: Spec, cache: Path, say=lambda line: None, *, dry_run: DryRun | None = None) -> Env:
     """The environment of ``spec``: from the cache, or built now (under a lock, so two
-    previews of the same pins build it once). Raises EnvironmentProblem if it cannot be built."""
+    previews of the same pins build it once). What it will hold is learned first, by a dry run
+    (``candidate.plan``), and named; a build flavour that would change stops it there (UsageError)
+    unless ``spec.flavour_change``. Raises EnvironmentProblem if it cannot be built."""
     found = cached(spec, cache)
     if found is not None:
         return found
@@ -194,37 +194,78 @@ def ensure(spec: Spec, cache: Path, say=lambda line: None) -> Env:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EnvironmentProblem(f"--env-cache {cache}: cannot create it: {exc.strerror}") from None
+    sweep_stale(cache, say)
     with open(cache / f"{spec.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = cached(spec, cache)  # built by another process while we waited
         if found is not None:
             return found
-        return _build(spec, cache, say)
+        return _build(spec, cache, say, dry_run)
 
 
-def _build(spec: Spec, cache: Path, say) -> Env:
+_FOLDER = re.compile(r"-[0-9a-f]{16}$")  # Spec.name's end: the key
+
+
+def sweep_stale(cache: Path, say=lambda line: None) -> list[Path]:
+    """Remove the half-built environments of runs that died (SIGKILL, a power cut): a folder of
+    ours (named for a key, its lock file beside it) with no manifest whose lock nobody holds.
+    A build in progress holds its lock, so it is never touched."""
+    removed = []
+    for folder in sorted(cache.iterdir()):
+        lock_file = cache / f"{folder.name}.lock"
+        if not (_FOLDER.search(folder.name) and folder.is_dir() and not folder.is_symlink() and lock_file.is_file()):
+            continue
+        if (folder / MANIFEST).exists():
+            continue
+        with open(lock_file, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being built now
+            if not (folder / MANIFEST).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    if removed:
+        say(f"removed {len(removed)} half-built environment(s) left by runs that were killed: "
+            + ", ".join(p.name for p in removed))
+    return removed
+
+
+def _build(spec: Spec, cache: Path, say, dry_run: DryRun | None) -> Env:
     path, log = cache / spec.name, cache / f"{spec.name}.log"
     shutil.rmtree(path, ignore_errors=True)  # a half-built folder never counts
     started = time.monotonic()
-    say(f"building an environment for {spec.describe()} in {path} (the first time takes minutes)")
     tool = installer()
     try:
         with open(log, "w") as out:
+            say(f"resolving {spec.describe()} with pip --dry-run (nothing is installed yet)")
+            candidate = plan(spec, dry_run or pip_dry_run(out, isolated_environ()),
+                             allow_flavour_change=spec.flavour_change, say=say)
+            if candidate.changes:
+                say(f"{spec.describe()} also changes {len(candidate.changes)} other distribution(s): "
+                    + "; ".join(candidate.changes))
+            say(f"building an environment for {spec.describe()} in {path} (the first time takes minutes)")
             _create(tool, path, out)
-            lifted = _install(tool, spec, path, out)
+            _install(tool, candidate, path, out)
             # the environment's own setuptools builds it, offline, when there is one
-            offline = ["--no-build-isolation"] if "setuptools" in dict(spec.base) else []
+            offline = ["--no-build-isolation"] if "setuptools" in candidate.installs else []
             _run(_install_command(tool, path) + ["--no-deps", *offline, "-e", spec.source], out,
                  "installing lossaudit from its source directory")
         installed = _installed(path)
     except EnvironmentProblem as exc:  # the installer's whole output stays in the log
         shutil.rmtree(path, ignore_errors=True)
         raise EnvironmentProblem(f"{exc} (log: {log})") from None
-    except BaseException:
+    except UsageError:  # a refused flavour: nothing was built, the line says why
+        shutil.rmtree(path, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        raise
+    except BaseException:  # an interrupt: its processes are gone (run_group), so the folder stays gone
         shutil.rmtree(path, ignore_errors=True)
         raise
-    manifest = {"key": spec.key, "pins": dict(spec.pins), "lifted": sorted(lifted),
-                "lifted_versions": {n: installed.get(n) for n in sorted(lifted)}, "python": spec.python,
+    lifted = sorted(candidate.lifted)
+    manifest = {"key": spec.key, "pins": dict(spec.pins), "lifted": lifted,
+                "lifted_versions": {n: installed.get(n) for n in lifted}, "changes": candidate.changes,
+                "flavours": candidate.flavours, "indexes": candidate.indexes, "python": spec.python,
                 "source": spec.source, "installer": tool, "seconds": round(time.monotonic() - started, 1),
                 "installed": installed}
     staged = path / f".{MANIFEST}.tmp"
@@ -252,94 +293,26 @@ def _install_command(tool: str, path: Path) -> list[str]:
     return [python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--no-compile"]
 
 
-def _install(tool: str, spec: Spec, path: Path, out) -> set[str]:
-    """Install the requirements under the constraints; lift a base constraint that the pins'
-    own requirements exclude and try again. Returns the lifted names."""
-    requirements, constraints = path / "requirements.txt", path / "constraints.txt"
-    requirements.write_text("\n".join(spec.requirements()) + "\n")
-    lifted: set[str] = set()
-    pinned = {n for n, _ in spec.pins}
-    for _ in range(_MAX_LIFTS):
-        constraints.write_text("\n".join(spec.constraints(lifted)) + "\n")
-        result = _run(_install_command(tool, path) + ["-r", str(requirements), "-c", str(constraints)], out,
-                      f"installing {spec.describe()}", check=False)
-        if result.returncode == 0:
-            return lifted
-        conflicting = conflicting_constraints(result.stdout, pinned) - lifted
-        if not conflicting:
-            raise EnvironmentProblem(f"installing {spec.describe()}: {_reason(result.stdout)}")
-        lifted |= conflicting
-        out.write(f"\n# lifting the constraints on {', '.join(sorted(conflicting))}\n")
-    raise EnvironmentProblem(f"installing {spec.describe()}: no resolution after lifting {', '.join(sorted(lifted))}")
+def _install(tool: str, candidate: Candidate, path: Path, out) -> None:
+    """Exactly the planned distributions, nothing resolved again (--no-deps)."""
+    requirements = path / "requirements.txt"
+    requirements.write_text("\n".join(candidate.requirements()) + "\n")
+    indexes = [option for index in candidate.indexes for option in ("--extra-index-url", index)]
+    _run(_install_command(tool, path) + ["--no-deps", *indexes, "-r", str(requirements)], out,
+         f"installing {len(candidate.installs)} distributions")
 
 
-def conflicting_constraints(output: str, pinned: set[str]) -> set[str]:
-    """The base constraints an installer names in a conflict (never a pin: those must hold):
-    a constrained distribution itself, or (pip) a constrained distribution whose own
-    requirement on the contested one admits no version that a pin's requirement admits
-    (kernels needs huggingface-hub>=1.32 where transformers 4.46 needs <1.0)."""
-    named = {normalize(n) for n in _CONSTRAINT_IN_CONFLICT.findall(output)} - pinned
-    return named or _incompatible_dependers(output, pinned)
-
-
-def _incompatible_dependers(output: str, pinned: set[str]) -> set[str]:
-    needs = [(normalize(who), normalize(what), _specifiers(spec)) for who, what, spec in _DEPENDS.findall(output)]
-    lifted = set()
-    for contested in {what for _, what, _ in needs}:
-        pins = [spec for who, what, spec in needs if what == contested and who in pinned]
-        if not pins:
-            continue
-        mentioned = {Version(s.version) for _, what, spec in needs if what == contested for s in spec
-                     if _is_version(s.version)}
-        allowed = [v for v in mentioned if all(v in spec for spec in pins)]
-        for who, what, spec in needs:
-            if what == contested and who not in pinned and not any(v in spec for v in allowed):
-                lifted.add(who)
-    return lifted
-
-
-# pip: "    kernels 0.19.1 depends on huggingface-hub>=1.32.0", "transformers 4.46.0 depends on x<1.0 and >=0.23.2"
-_DEPENDS = re.compile(r"^\s*(\S+) \S+ depends on ([A-Za-z0-9._-]+)(?:\[[^\]]*\])?([^;\n]*)", re.MULTILINE)
-
-
-def _specifiers(text: str) -> SpecifierSet:
-    try:
-        return SpecifierSet(",".join(part.strip() for part in text.split(" and ") if part.strip()))
-    except InvalidSpecifier:
-        return SpecifierSet()
-
-
-def _is_version(text: str) -> bool:
-    try:
-        Version(text)
-        return True
-    except InvalidVersion:
-        return False
-
-
-def _run(command: list[str], out, what: str, check: bool = True) -> subprocess.CompletedProcess:
+def _run(command: list[str], out, what: str) -> subprocess.CompletedProcess:
     out.write(f"$ {' '.join(command)}\n")
     out.flush()
     try:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=isolated_environ(), stdin=subprocess.DEVNULL)
+        result = run_group(command, isolated_environ())
     except OSError as exc:
         raise EnvironmentProblem(f"{what}: cannot run {command[0]}: {exc.strerror}") from None
     out.write(result.stdout)
-    if check and result.returncode != 0:
-        raise EnvironmentProblem(f"{what}: {_reason(result.stdout)}")
+    if result.returncode != 0:
+        raise EnvironmentProblem(f"{what}: {reason_line(result.stdout)}")
     return result
-
-
-def _reason(output: str) -> str:
-    """The one line of an installer's output that says why it failed."""
-    lines = [" ".join(line.split()) for line in output.splitlines() if line.strip()]
-    for marker in ("No matching distribution found", "conflicting dependencies", "Could not find a version",
-                   "No solution found", "ERROR:", "error:"):
-        hit = next((line for line in lines if marker in line), None)
-        if hit:
-            return hit.removeprefix("ERROR: ").removeprefix("error: ")[:300]
-    return (lines[-1] if lines else "the installer failed with no output")[:300]
 
 
 def _installed(path: Path) -> dict[str, str]:
@@ -348,5 +321,5 @@ def _installed(path: Path) -> dict[str, str]:
     result = subprocess.run([str(path / "bin" / "python"), "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=isolated_environ(path))
     if result.returncode != 0:
-        raise EnvironmentProblem(f"the new environment's python does not run: {_reason(result.stderr)}")
+        raise EnvironmentProblem(f"the new environment's python does not run: {reason_line(result.stderr)}")
     return dict(sorted((normalize(k), v) for k, v in json.loads(result.stdout).items()))

@@ -82,12 +82,12 @@ class Report:
             if column not in cases:
                 cases[column] = None
         return cls(data.get("environment", {}), data.get("model", {}), cases,
-                   data.get("tolerance", {}), data.get("batch", {}), data.get("tensor_errors") or [])
+                   data.get("tolerance", {}), data.get("batch", {}), data.get("tensor_errors", []))
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
         try:
-            data = json.loads(read_bounded(Path(path)))
+            data = parse_json(read_bounded(Path(path)))
         except FileNotFoundError:
             raise UsageError(f"{path}: no such report") from None
         except PermissionError:
@@ -167,6 +167,14 @@ def read_bounded(path: Path, limit: int = MAX_REPORT_BYTES) -> str:
     return data.decode("utf-8")
 
 
+def parse_json(text: str):
+    """``json.loads``, with JSON nested too deeply for the parser (100000 brackets) a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply") from None
+
+
 NUMBER_FIELDS = ("loss", "reference_loss", "loss_abs_err", "loss_rel_err", "grad_rel_err", "grad_cosine",
                  "grad_max_abs", "grad_scale", "worst_param_rel_err")
 TEXT_FIELDS = {"path": False, "padding": False, "grouping": False, "reduction": True, "worst_param": True,
@@ -175,11 +183,28 @@ VERDICTS = ("match", "diverge", "error")
 SECTIONS = {"environment": dict, "model": dict, "tolerance": dict, "batch": dict, "tensor_errors": list}
 
 
+# the fields of each section that compare, a baseline or a renderer reads: field -> kind
+SECTION_FIELDS = {
+    "environment": {"python": "text", "torch": "text", "transformers": "text", "accelerate": "text", "trl": "text",
+                    "device": "text", "dtype": "text", "seed": "count"},
+    "model": {"name": "text", "task": "text", "parameters": "count"},
+    "tolerance": {"rtol": "number", "floor": "number", "noise_floor": "number", "cap": "number", "dtype": "text"},
+    "batch": {"sequences": "count", "target_tokens": "count", "lengths": "counts", "targets": "counts",
+              "reference_loss": "number", "objective": "text"},
+}
+
+
 def report_problem(data: dict) -> str | None:
-    """The first field of a report.json that compare or a baseline could not use, else None."""
+    """The first field of a report.json that compare or a baseline could not use, else None.
+    A section may be missing (an older report); present, it must be what lossaudit writes."""
     for key, kind in SECTIONS.items():
-        if data.get(key) is not None and not isinstance(data[key], kind):
-            return f"{key!r} is a {type(data[key]).__name__}, not a {kind.__name__}"
+        if key in data and not isinstance(data[key], kind):
+            return f"{key!r} is {_shown(data[key])}, not a{'n object' if kind is dict else ' list'}"
+    for section, fields in SECTION_FIELDS.items():
+        for key, kind in fields.items():
+            value = data.get(section, {}).get(key)
+            if value is not None and not _is(value, kind):
+                return f"'{section}.{key}' is {_shown(value)}, not {KIND_NAMES[kind]}"
     for i, case in enumerate(data["cases"]):
         problem = _case_problem(case)
         if problem:
@@ -206,9 +231,34 @@ def _case_problem(case) -> str | None:
         return f"'expected' is {case.get('expected')!r}, not true or false"
     for key in NUMBER_FIELDS:
         value = case.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{key!r} is {value!r}, not a number"
+        if value is not None and not _is(value, "number"):
+            return f"{key!r} is {_shown(value)}, not a number"
+    if case.get("tokens") is not None and not _is(case["tokens"], "counts"):
+        return f"'tokens' is {_shown(case['tokens'])}, not a list of token counts"
     return None
+
+
+KIND_NAMES = {"text": "a string", "count": "a whole number", "counts": "a list of whole numbers",
+              "number": "a number"}
+
+
+def _is(value, kind: str) -> bool:
+    """Whether ``value`` (not None) is of ``kind``; true and false are no numbers."""
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "counts":
+        return isinstance(value, list) and all(_is(v, "count") for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return kind == "number" or (isinstance(value, int) and value >= 0)
+
+
+def _shown(value) -> str:
+    """A bad value as one short phrase of the error line."""
+    if value is None:
+        return "null"
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__} ({text[:30]}...)"
 
 
 def _json_value(value):

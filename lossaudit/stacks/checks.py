@@ -18,12 +18,14 @@ from ..core.registry import load_callable
 from ..core.tokens import TASKS
 from . import require
 from .peft import peft_config, read_adapter
+from .axolotl import checked as checked_axolotl
+from .frameworks import required_problem, rows_problem
 from .trl import arguments_class, check_arguments, resolve_trainer_class
 
 # (flag, config field, the path it drives); ONE_PROCESS: the flags whose path runs in one process only
 PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
-                ("--lightning-module", "lightning_module", "lightning"))
-ONE_PROCESS = ("--step", "--trainer-class")
+                ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"))
+ONE_PROCESS = ("--step", "--trainer-class", "--axolotl-config")
 
 
 def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -> list[str]:
@@ -55,6 +57,8 @@ def _loadable(config, value_problems) -> list[str]:
     if config.trainer_class and (not isinstance(config.trainer_class, str) or config.trainer_class.count(":") == 1):
         require("accelerate", "--trainer-class")  # the trainer path's (transformers.Trainer imports it)
         problems += _trainer_class_problems(config, value_problems)
+    if config.axolotl_config:
+        problems += _problems(checked_axolotl, config)
     if config.peft:
         task = config.task if config.task in TASKS else TASKS[0]  # the model's, when known, is tried again later
         problems += _problems(peft_config, config.peft, config.peft_values, task)
@@ -64,10 +68,14 @@ def _loadable(config, value_problems) -> list[str]:
 def _trainer_class_problems(config, value_problems) -> list[str]:
     try:
         cls = resolve_trainer_class(config.trainer_class)
+        args_cls = arguments_class(cls)  # found from the class itself, or one line (stacks/frameworks.py)
     except UsageError as exc:
         return exc.problems
+    problem = required_problem(cls) or rows_problem(cls, config.prompt_masking)
+    if problem:
+        return [problem]
     user = config.trainer_values
-    problems = value_problems(config.trainer_args, arguments_class(cls))
+    problems = value_problems(config.trainer_args, args_cls)
     return problems or _problems(check_arguments, cls, user)
 
 

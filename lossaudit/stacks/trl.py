@@ -19,7 +19,6 @@ that declare the objective they compute (``DECLARED``: DPO's pair mean, ``stacks
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import tempfile
 from functools import lru_cache
 
@@ -30,6 +29,7 @@ from ..core.errors import UsageError
 from ..core.layouts import Layout
 from ..core.registry import load_callable
 from . import EXTRAS, dpo, require
+from .frameworks import arguments_class  # noqa: F401  (found from the class itself)
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
 OTHER_OBJECTIVES = {
@@ -87,21 +87,6 @@ def declared_aggregation(cls: type, user_args: dict):
     return None
 
 
-def arguments_class(cls: type) -> type:
-    """The class's own arguments class: ``FooConfig`` beside ``FooTrainer`` (SFTConfig for
-    SFTTrainer), for the class or the nearest base that has one (a user's subclass of
-    DPOTrainer gets DPOConfig), else TrainingArguments."""
-    from transformers import TrainingArguments
-
-    for base in cls.__mro__:
-        name = base.__name__.removesuffix("Trainer") + "Config"
-        for module_name in (base.__module__, base.__module__.split(".")[0]):
-            found = getattr(importlib.import_module(module_name), name, None)
-            if isinstance(found, type) and issubclass(found, TrainingArguments):
-                return found
-    return TrainingArguments
-
-
 def arguments(cls: type, settings: dict, user: dict):
     """``arguments_class(cls)`` from the audit's settings (newest names, left out where the
     release lacks them) and the user's values (taken as given; they win over CLASS_DEFAULTS)."""
@@ -144,20 +129,21 @@ def _tokenizer(vocab_size: int, pad_id: int, eos_id: int):
                                    unk_token=f"<{pad_id}>")
 
 
-def rows(ctx, layout: Layout, *, completion_mask: bool = False, rank: int = 0) -> list[dict]:
+def rows(ctx, layout: Layout, *, completion_mask: bool = False, labels: bool = False, rank: int = 0) -> list[dict]:
     """The layout's sequences, in order, as pre-tokenized dataset rows: ``input_ids`` alone where
     the batch scores every token (the class's collator copies them to labels, as every TRL
-    release does), else with the audit's ``labels``, or with ``completion_mask`` (1 where the
-    audit scores a token) so that the class's own completion-only masking builds the labels."""
+    release does) unless ``labels`` (a collator that pads labels and makes none), else with the
+    audit's ``labels``, or with ``completion_mask`` (1 where the audit scores a token) so that
+    the class's own completion-only masking builds the labels."""
     samples = [ctx.batch.samples[i] for group in layout.rank_groups(rank) for i in group]
-    plain = all(torch.equal(s.labels[1:], s.input_ids[1:]) for s in samples)  # position 0 is never scored
+    plain = not labels and all(torch.equal(s.labels[1:], s.input_ids[1:]) for s in samples)  # position 0 is never scored
     out = []
     for sample in samples:
-        labels = sample.labels.tolist()
+        targets = sample.labels.tolist()
         row = {"input_ids": sample.input_ids.tolist()}
         if completion_mask:
-            row["completion_mask"] = [int(x != -100) for x in labels]
+            row["completion_mask"] = [int(x != -100) for x in targets]
         elif not plain:
-            row["labels"] = labels
+            row["labels"] = targets
         out.append(row)
     return out

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lossaudit.gate.baseline import CASE_KEY, compare, render_comparison
+from lossaudit.gate.baseline import CASE_KEY, compare
+from lossaudit.gate.text import render_comparison
 from lossaudit.core.errors import UsageError
 from lossaudit.gate.thresholds import Gate, Growth, Limit
 from lossaudit.report.report import Report
@@ -70,9 +71,10 @@ def test_a_fixed_case_and_an_expected_reduction_that_moves_are_not_regressions()
     new[4] = case(2, path="reduction", reduction="mean_of_means", verdict="diverge", grad=40.0, expected=True)
     comparison = compare(report(*BASE), report(*new))
     assert comparison.exit_status == 0 and not len(comparison.regressions)
-    status = dict(zip(comparison.cases["path"] + comparison.cases["microbatches"].astype(str), comparison.cases["status"]))
-    assert status["model4"] == "fixed: diverge -> match"
-    assert status["reduction2"] == "expected to differ"
+    kinds = {(r["path"], r["microbatches"], r["status"]): r["kind"] for r in comparison.cases.to_dict(orient="records")}
+    assert kinds[("model", 4, "fixed: diverge -> match")] == "improvement"
+    assert kinds[("reduction", 2, "expected to differ")] == "moved"  # 0.4 -> 40: listed, never a regression
+    assert comparison.cases.iloc[0]["status"] == "fixed: diverge -> match"  # improvements before the unchanged
 
 
 @pytest.mark.parametrize("old, new, gate, regresses", [
@@ -126,8 +128,11 @@ def test_the_environment_diff_comes_first_and_names_what_changed():
     changed = comparison.environment.set_index("field")["changed"]
     assert changed["transformers"] and not changed.drop("transformers").any()
     text = render_comparison(comparison)
-    assert text.index("transformers") < text.index("verdict old")
-    line = next(x for x in text.splitlines() if "transformers" in x)
+    assert "  environment changes: transformers 4.45.2 -> 4.46.0" in text.splitlines()[:5]
+    assert "verdict old" not in text  # nothing moved: no table
+    full = render_comparison(comparison, full=True)
+    assert full.index("transformers 4.45.2 -> 4.46.0") < full.index("verdict old")
+    line = next(x for x in full.splitlines() if "transformers" in x and "->" not in x)
     assert line.split() == ["*", "transformers", "4.45.2", "4.46.0"]
 
 

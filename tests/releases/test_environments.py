@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from lossaudit.releases import environments as envs
+from lossaudit.releases import pip_text
 from lossaudit.releases.check_runs import split_argv
 from lossaudit.core.errors import UsageError
 
@@ -86,16 +87,20 @@ ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/en/latest/topics
 
 
 def test_a_conflict_names_the_constraints_to_lift_never_a_pin():
-    assert envs.conflicting_constraints(PIP_CONFLICT, {"transformers"}) == {"tokenizers", "huggingface-hub"}
-    assert envs.conflicting_constraints("ERROR: No matching distribution found for x==9", set()) == set()
+    assert pip_text.conflicting_constraints(PIP_CONFLICT, {"transformers"}) == {"tokenizers", "huggingface-hub"}
+    assert pip_text.conflicting_constraints("ERROR: No matching distribution found for x==9", set()) == set()
 
 
 def test_the_reason_is_the_installers_one_telling_line():
     missing = ("Looking in indexes: https://pypi.org/simple\nERROR: Could not find a version that satisfies the "
                "requirement transformers==99.0.0 (from versions: 0.1, 2.0.0, 4.46.0)\n"
                "ERROR: No matching distribution found for transformers==99.0.0\n")
-    assert envs._reason(missing) == "No matching distribution found for transformers==99.0.0"
-    assert envs._reason(PIP_CONFLICT).startswith("Cannot install tokenizers and transformers==4.46.0")
+    assert pip_text.reason_line(missing) == "No matching distribution found for transformers==99.0.0"
+    # a conflict: pip's own explanation, every line of it, not only "conflicting dependencies"
+    assert pip_text.reason_line(PIP_CONFLICT) == (
+        "the conflict is caused by: The user requested tokenizers; transformers 4.46.0 depends on tokenizers<0.21 "
+        "and >=0.20; The user requested (constraint) tokenizers==0.23.3; The user requested (constraint) "
+        "Huggingface_Hub==2.4.0; The user requested (constraint) transformers==4.46.0")
 
 
 def test_own_options_are_taken_out_and_checks_forwarded_in_order():
@@ -116,7 +121,7 @@ def test_uvs_conflict_names_the_constraint_too():
     uv = ("  × No solution found when resolving dependencies:\n  ╰─▶ Because transformers==4.46.0 depends on "
           "tokenizers>=0.20,<0.21 and you require tokenizers==0.23.3, we can conclude that you require "
           "transformers!=4.46.0.\n      And because you require transformers==4.46.0, your requirements are unsatisfiable.")
-    assert envs.conflicting_constraints(uv, {"transformers"}) == {"tokenizers"}
+    assert pip_text.conflicting_constraints(uv, {"transformers"}) == {"tokenizers"}
 
 
 PIP_DEPENDER_CONFLICT = """\
@@ -131,5 +136,5 @@ The conflict is caused by:
 
 def test_a_constrained_distribution_that_needs_what_the_pin_excludes_is_lifted_alone():
     # kernels admits no huggingface-hub that transformers 4.46 admits; accelerate and tokenizers do
-    assert envs.conflicting_constraints(PIP_DEPENDER_CONFLICT, {"transformers"}) == {"kernels"}
-    assert envs.conflicting_constraints(PIP_DEPENDER_CONFLICT, set()) == set()  # no pin: nothing to favour
+    assert pip_text.conflicting_constraints(PIP_DEPENDER_CONFLICT, {"transformers"}) == {"kernels"}
+    assert pip_text.conflicting_constraints(PIP_DEPENDER_CONFLICT, set()) == set()  # no pin: nothing to favour

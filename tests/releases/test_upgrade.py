@@ -23,6 +23,7 @@ from lossaudit.report.environment import _version
 from lossaudit.releases.environments import MANIFEST, Spec, ensure
 from lossaudit.gate.thresholds import Gate
 from lossaudit.releases.history_table import path_row
+from lossaudit.core.errors import UsageError
 from lossaudit.report.report import Report
 
 ROOT = Path(__file__).parents[2]
@@ -59,6 +60,7 @@ def freeze() -> str:
     return subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.heavy  # builds an environment: ~5 min the first time on a loaded 2-core machine
 def test_an_upgrade_preview_audits_both_sides_and_the_environment_is_cached(env_cache, tmp_path):
     out = tmp_path / "preview"
     result = lossaudit("upgrade", "llama", "--to", f"transformers=={INSTALLED}", "--env-cache", str(env_cache),
@@ -132,6 +134,33 @@ def test_the_preview_fails_on_a_regression_and_passes_its_clean_twin(tmp_path, c
     assert finish(_side(tmp_path, "base", *BASE), _side(tmp_path, "same", *BASE), Gate(), tmp_path / "f", {}) == 1
 
 
+def test_the_preview_prints_what_changed_and_writes_every_case(tmp_path, capsys):
+    cases = [case(k, padding=p) for k in (1, 2, 4, 8) for p in ("left", "right")]
+    moved = list(cases)
+    moved[2] = case(2, padding="left", grad=2e-4)  # 20x over the floor: a regression
+    old, new = _side(tmp_path, "old", *cases), _side(tmp_path, "new", *moved, transformers="4.46.0")
+    assert finish(old, new, Gate(), tmp_path / "out", {"transformers": "4.46.0"}) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == "1 REGRESSION(S) (8 case(s) in both, 0 only in OLD, 0 only in NEW)"
+    assert "  environment changes: transformers 4.45.2 -> 4.46.0" in printed
+    assert f"every case: {tmp_path / 'out'}/comparison.txt" in "\n".join(printed)
+    assert sum(line.startswith("model k=") for line in printed) == 1  # only the case that moved
+    written = (tmp_path / "out" / "comparison.txt").read_text()
+    assert sum(line.startswith("model k=") for line in written.splitlines()) == 8  # every case
+    assert len((tmp_path / "out" / "comparison.csv").read_text().splitlines()) == 1 + 8
+
+
+def test_the_preview_refuses_sides_that_audited_different_batches_unless_allowed(tmp_path):
+    old, new = _side(tmp_path, "old", *BASE), _side(tmp_path, "new", *BASE, seed=1)
+    with pytest.raises(UsageError, match="seed: 0 in OLD, 1 in NEW"):
+        finish(old, new, Gate(), tmp_path / "refused", {"transformers": "4.46.0"})
+    assert not (tmp_path / "refused").exists()  # both reports stay where they are, nothing else written
+    finish(old, new, Gate.parse(allow_different_batch=True), tmp_path / "allowed", {"transformers": "4.46.0"})
+    summary = json.loads((tmp_path / "allowed" / "upgrade.json").read_text())
+    assert summary["not_like_for_like"] == ["seed: 0 in OLD, 1 in NEW"]
+    assert (tmp_path / "allowed" / "comparison.txt").read_text().splitlines()[1].startswith("NOT LIKE FOR LIKE")
+
+
 def test_a_history_row_is_the_worst_audited_case_of_its_path(tmp_path):
     cases = report(case(2), case(4, verdict="diverge", grad=0.2, loss=0.01),
                    case(4, verdict="diverge", grad=0.9, path="reduction", reduction="mean_of_means",
@@ -145,6 +174,7 @@ def test_a_history_row_is_the_worst_audited_case_of_its_path(tmp_path):
     assert harness["verdict"] == "expected" and harness["findings"] == 0  # known to differ: not a finding
 
 
+@pytest.mark.heavy  # an audit and a dry run over every distribution: ~1 min
 def test_history_tables_every_release_and_names_one_that_cannot_be_installed(cli, tmp_path):
     out = tmp_path / "history"
     result = cli("history", "llama", "--transformers", f"{INSTALLED},99.0.0", "--env-cache", str(tmp_path / "envs"),
@@ -155,5 +185,7 @@ def test_history_tables_every_release_and_names_one_that_cannot_be_installed(cli
     rows = {(r["release"], r["path"]): r for r in data["rows"]}
     assert rows[(INSTALLED, "model")]["verdict"] == "match" and rows[(INSTALLED, "model")]["environment"] == "current"
     assert "No matching distribution" in rows[("99.0.0", "-")]["cause"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lossaudit: error:")]
+    assert len(errors) == 1 and "1 release(s) could not be audited: 99.0.0 (" in errors[0]
     assert f"| {INSTALLED} | model | match |" in (out / "history.md").read_text()
     assert (out / "history.csv").read_text().startswith("release,path,verdict")

@@ -19,6 +19,7 @@ from lossaudit.core.errors import UsageError  # noqa: E402
 from lossaudit.core.grads import trainable  # noqa: E402
 from lossaudit.paths.base import AuditContext  # noqa: E402
 from lossaudit.paths.trainer_class import run_trainer_class  # noqa: E402
+from lossaudit.stacks.frameworks import required_problem, rows_problem  # noqa: E402
 from lossaudit.stacks.trl import arguments_class, resolve_trainer_class  # noqa: E402
 
 from stacks_common import (CPU, issue_batch, layout_of, mean_of_means_gradient, reference, rel_err,  # noqa: E402
@@ -120,10 +121,27 @@ def test_dpo_declares_its_pair_mean_instead_of_being_refused():
 def test_not_a_trainer_is_refused_and_the_config_class_is_found():
     with pytest.raises(UsageError, match="not a subclass of transformers.Trainer"):
         resolve_trainer_class("collections:OrderedDict")
-    assert arguments_class(resolve_trainer_class(SFT)).__name__ == "SFTConfig"
+    assert arguments_class(resolve_trainer_class(SFT)).__name__ == "SFTConfig"  # its __init__'s args annotation
+    assert required_problem(resolve_trainer_class(SFT)) is None
 
 
 def test_a_config_value_the_class_refuses_is_a_usage_error(ctx):
     with pytest.raises(UsageError, match="SFTConfig refused"):
         run_trainer_class(ctx, layout_of(ctx.batch, 2), resolve_trainer_class(SFT), user_args={"no_such_field": 1})
 
+
+
+def test_prompt_masked_rows_are_refused_exactly_where_the_release_cannot_pad_them(ctx):
+    """trl 0.13.0's SFTTrainer (transformers' DataCollatorForLanguageModeling) errors on every case
+    on prompt-masked labels ("Unable to create tensor"): refused in one line naming
+    --no-prompt-masking; a release whose own collator pads labels runs them (issue 23)."""
+    cls = resolve_trainer_class(SFT)
+    problem = rows_problem(cls, prompt_masking=True)
+    assert rows_problem(cls, prompt_masking=False) is None
+    if problem is None:
+        step = run_trainer_class(ctx, layout_of(ctx.batch, 2), cls, user_args={})
+        assert len(step.num_items) == 2
+    else:
+        assert "--no-prompt-masking" in problem and "\n" not in problem
+        with pytest.raises(Exception, match="Unable to create tensor|excessive nesting|labels"):
+            run_trainer_class(ctx, layout_of(ctx.batch, 2), cls, user_args={})

@@ -102,21 +102,28 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_baseline(args: argparse.Namespace):
+def check_baseline(args: argparse.Namespace, config):
     """Load the baseline before any work (a missing or broken one is a usage error), refuse an
-    --out that would write onto it unless --replace-baseline, and refuse gate options without it."""
+    --out that would write onto it unless --replace-baseline, refuse gate options without it, and
+    refuse a baseline of another model, objective, seed or batch size unless
+    --allow-different-batch (what only the audit can tell, compare checks after it)."""
     if args.baseline is None:
         changed = [f"--{o.name}" for o in GATE_OPTIONS
                    if getattr(args, o.dest) != (False if o.flag else o.kwargs()["default"])]
         if changed or args.replace_baseline:
             raise UsageError(f"{', '.join(changed or ['--replace-baseline'])}: only with --baseline FILE")
         return None
+    from ...gate.comparable import planned_differences, refusal
     from ...report.report import Report
 
     baseline = Report.load(args.baseline)
     if args.out is not None and _same_file(args.out / "report.json", args.baseline) and not args.replace_baseline:
         raise UsageError(f"--out {args.out} would write over the baseline {args.baseline}; "
                          "choose another --out, or pass --replace-baseline to replace it")
+    found = planned_differences(baseline, model=config.model, task=config.task, objective=config.objective.describe(),
+                                seed=config.seed, sequences=config.batch_size)
+    if found and not args.allow_different_batch:
+        raise UsageError(f"--baseline {args.baseline}: {refusal(found)}")
     return baseline
 
 
@@ -176,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     args.world_size = joined_world_size(args.world_size, args.device)  # under torchrun: the launcher's ranks
     config = config_from_args(args)
     refuse_unknown_paths(config)
-    baseline = check_baseline(args)
+    baseline = check_baseline(args, config)
     replacing = baseline is not None and args.replace_baseline
     if not is_leader():  # under a launcher, rank 0 writes and prints the report
         return audit(config).exit_status
@@ -207,7 +214,8 @@ def refuse_unknown_paths(config) -> None:
 def gate_status(report, baseline, args: argparse.Namespace, out: Path) -> int:
     """The combined rule of check --baseline: exit 1 on a regression against the baseline, and
     exit 1 on a finding of this audit whether or not it is new (check's own rule)."""
-    from ...gate.baseline import GatedReport, compare, render_comparison
+    from ...gate.baseline import GatedReport, compare
+    from ...gate.text import render_comparison
 
     comparison = compare(baseline, report, Gate.from_args(args), old_name=str(args.baseline),
                          new_name=str(out / "report.json"))

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...gate.baseline import compare, render_comparison
+    from ...gate.baseline import compare
+    from ...gate.text import render_comparison
     from ...report.report import Report
     from ...sweep.compare import is_sweep
     from ...sweep.compare import run as compare_sweeps

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from ...releases.check_runs import Side, run_check, validate
 from ...report.environment import _version
 from ...releases.environments import Spec, current_distributions, default_cache, ensure, parse_pin, source_directory
@@ -24,13 +26,24 @@ HELP = "audit MODEL on several transformers releases (isolated, cached environme
 
 
 def _releases(text: str) -> tuple[str, ...]:
-    versions = tuple(v.strip() for v in text.split(",") if v.strip())
-    for v in versions:
+    """Releases as PyPI names them: ``5.25`` is 5.25.0 (one release, one environment, one row)."""
+    versions = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
         try:
             parse_pin(f"transformers=={v}")
-        except UsageError:
+            versions.append(release_name(v))
+        except (UsageError, InvalidVersion):
             raise argparse.ArgumentTypeError(f"expected releases like 4.46.0,5.25.0, got {text!r}") from None
-    return versions
+    return tuple(versions)
+
+
+def release_name(text: str) -> str:
+    """PEP 440's normal form, a final release with three parts: ``5.25`` -> ``5.25.0``,
+    ``v4.46.0`` -> ``4.46.0``; ``4.46.0rc1`` stays."""
+    version = Version(text)
+    if version.pre or version.post or version.dev or version.local or len(version.release) >= 3:
+        return str(version)
+    return ".".join(str(part) for part in (*version.release, 0, 0)[:3])
 
 
 def add_own_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,20 +75,27 @@ def run(args: argparse.Namespace) -> int:
     history = History(args.model, command)
     started = time.monotonic()
     for release in releases:
-        history.add(release, *_audit_release(release, args.model, forwarded, out, cache, base, source))
+        history.add(release, *_audit_release(release, args.model, forwarded, out, cache, base, source,
+                                             args.allow_flavour_change))
     history.wall_s = round(time.monotonic() - started, 1)
     written = write_history(history, out)
     print(history.markdown_table())
     print(f"history: {out}/ ({', '.join(p.name for p in written)}) in {history.wall_s:.0f} s")
+    failed = [f"{r['release']} ({r['cause']})" for r in history.rows if r["path"] == "-"]
+    if failed:  # exit 3 says so in one line, after the table of the releases that ran
+        print(f"lossaudit: error: {len(failed)} release(s) could not be audited: {'; '.join(failed)}"[:1000],
+              file=sys.stderr)
     return history.exit_status
 
 
-def _audit_release(release, model, forwarded, out, cache, base, source):
+def _audit_release(release, model, forwarded, out, cache, base, source, allow_flavour_change):
     """(side, exit status or None, problem or None) of one release."""
-    here = release == _version("transformers")
+    installed = _version("transformers")
+    here = installed is not None and release == release_name(installed)
     label = f"transformers {release}" + (" (the current environment)" if here else "")
     try:
-        env = None if here else ensure(Spec.make({"transformers": release}, base, source), cache, _say)
+        spec = Spec.make({"transformers": release}, base, source, flavour_change=allow_flavour_change)
+        env = None if here else ensure(spec, cache, _say)
         side = Side(label, out / f"transformers-{release}", env)
         if env is not None:
             how = f"built in {env.manifest.get('seconds', 0):.0f} s" if env.created else "cached"

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with _progress(len(jobs), color=use_color(sys.stderr, args.color)) as tick:
         rows = run_sweep(jobs, workers=args.jobs, limits=limits, progress=tick, auditor=args.auditor)
-    settings = settings_dict(tasks=list(tasks), paths=list(paths), jobs=args.jobs, timeout_s=args.timeout,
+    settings = settings_dict(tasks=list(tasks), paths=list(paths), types=list(args.types) if args.types else None,
+                             jobs=args.jobs, timeout_s=args.timeout,
                              memory_mib=args.memory, wall_s=round(time.monotonic() - started, 1))
     sweep = Sweep(environment(device="cpu", dtype=args.dtype, seed=args.seed), settings, rows)
     written = write_sweep(sweep, out)

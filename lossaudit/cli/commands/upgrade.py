@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ...releases.check_runs import Side, run_check, split_argv, validate
 from ..app import Parser
+from ...releases.candidate import ALLOW
 from ...releases.environments import Spec, current_distributions, default_cache, ensure, parse_pin, source_directory
 from ...core.errors import UsageError
 from ...gate.thresholds import Gate, add_gate_arguments
@@ -41,12 +42,24 @@ def add_own_arguments(p: argparse.ArgumentParser) -> None:
     add_gate_arguments(p)
 
 
+def directory(text: str) -> Path:
+    """A directory option's value; an empty one would mean the working directory: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name a directory")
+    return Path(text)
+
+
 def add_common_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     """The options ``upgrade`` and ``history`` share."""
-    p.add_argument("--env-cache", type=Path, metavar="DIR",
+    p.add_argument("--env-cache", type=directory, metavar="DIR",
                    help="where the isolated environments are kept (default $XDG_CACHE_HOME/lossaudit/envs)")
-    p.add_argument("--out", type=Path, help=f"directory of both reports and the result (default reports/{out_default}/)")
+    p.add_argument("--out", type=directory, metavar="DIR",
+                   help=f"directory of both reports and the result (default reports/{out_default}/)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument(ALLOW, dest="allow_flavour_change", action="store_true",
+                   help="build a pinned torch in another flavour (e.g. the package index's CUDA build in place of "
+                        "a CPU one) when its own flavour cannot be had; without it the preview stops before "
+                        "installing and says what the other build would add")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     check_out(out, args.overwrite, FILES[0])
     cache, base, source = args.env_cache or default_cache(), current_distributions(), source_directory()
     say = _say
-    old_env = ensure(Spec.make(from_, base, source), cache, say) if from_ else None
-    new_env = ensure(Spec.make({**from_, **to}, base, source), cache, say)
+    allow = args.allow_flavour_change
+    old_env = ensure(Spec.make(from_, base, source, flavour_change=allow), cache, say) if from_ else None
+    new_env = ensure(Spec.make({**from_, **to}, base, source, flavour_change=allow), cache, say)
     old = Side(_label(from_) if from_ else "the current environment", out / "old", old_env)
     new = Side(_label({**from_, **to}), out / "new", new_env)
     for side in (old, new):
@@ -120,13 +134,17 @@ def _note_env(side: Side) -> None:
         return
     how = f"built in {side.env.manifest.get('seconds', 0):.0f} s" if side.env.created else "cached"
     _say(f"environment for {side.label}: {side.env.path} ({how})")
-    for name, version in side.env.manifest.get("lifted_versions", {}).items():
-        _say(f"note: {side.label} also moves {name} to {version} (the pinned release requires it)")
+    changes = side.env.manifest.get("changes")
+    if changes is None:  # an environment built before changes were recorded
+        changes = [f"{n} -> {v} (lifted: a pin requires it)" for n, v in side.env.manifest.get("lifted_versions", {}).items()]
+    if changes and not side.env.created:  # a build names them as it starts
+        _say(f"note: {side.label} also changes {len(changes)} other distribution(s): {'; '.join(changes)}")
 
 
 def finish(old: Side, new: Side, gate: Gate, out: Path, to: dict[str, str]) -> int:
     """The gate's comparison printed and written beside both reports; check --baseline's exit."""
-    from ...gate.baseline import GatedReport, compare, render_comparison
+    from ...gate.baseline import GatedReport, compare
+    from ...gate.text import comparison_csv, render_comparison
     from ...report.render import write_files
     from ...report.report import Report
 
@@ -134,18 +152,17 @@ def finish(old: Side, new: Side, gate: Gate, out: Path, to: dict[str, str]) -> i
     comparison = compare(old_report, new_report, gate, old_name=f"{old.label} ({old.out / 'report.json'})",
                          new_name=f"{new.label} ({new.out / 'report.json'})")
     status = GatedReport(new_report, comparison).exit_status
-    text = render_comparison(comparison)
     exit_line = (f"exit {status}: {len(comparison.regressions)} regression(s) from {old.label} to {new.label}, "
                  f"{len(new_report.findings)} finding(s) with {new.label}")
     summary = {"schema": "lossaudit.upgrade/1", "to": to, "exit_status": status,
                "old": _side_dict(old, old_report), "new": _side_dict(new, new_report),
-               "regressions": len(comparison.regressions)}
+               "regressions": len(comparison.regressions), "not_like_for_like": comparison.differences}
     write_files(out, {
-        "comparison.txt": lambda _: text + "\n\n" + exit_line + "\n",
-        "comparison.csv": lambda c: c.cases.to_csv(index=False),
+        "comparison.txt": lambda c: render_comparison(c, full=True) + "\n\n" + exit_line + "\n",
+        "comparison.csv": lambda c: comparison_csv(c),
         "upgrade.json": lambda _: json.dumps(summary, indent=2) + "\n",
     }, comparison, "comparison")
-    print(text)
+    print(render_comparison(comparison, everything=f"{out}/comparison.txt"))
     print(exit_line)
     print(f"reports: {old.out}/ and {new.out}/; comparison: {out}/comparison.txt")
     return status
@@ -155,4 +172,6 @@ def _side_dict(side: Side, report) -> dict:
     env = side.env
     return {"label": side.label, "report": str(side.out / "report.json"), "findings": len(report.findings),
             "environment": None if env is None else str(env.path),
-            "lifted": None if env is None else env.manifest.get("lifted_versions", {})}
+            "lifted": None if env is None else env.manifest.get("lifted_versions", {}),
+            "changes": None if env is None else env.manifest.get("changes", []),
+            "flavours": None if env is None else env.manifest.get("flavours", {})}

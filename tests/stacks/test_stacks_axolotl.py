@@ -1,0 +1,105 @@
+"""axolotl's AxolotlTrainer through --trainer-class as a user first types it: its arguments class
+(AxolotlTrainingArguments) and the seq2seq collator its builder gives found from the table, and
+the installed release's step measured: 0.17.0 .. 0.19.0 force model_accepts_loss_kwargs = False
+(their check walks .base_model/.model to the decoder, whose forward takes num_items_in_batch only
+through **kwargs), so the Trainer takes the mean of microbatch means; 0.20.0 fixed it.
+
+Skipped without axolotl (pip install 'lossaudit[axolotl]'); the steps are heavy (importing
+axolotl alone takes ~20 s here). tox -e ax019 / ax021 run them on one release each."""
+
+import pytest
+
+from stacks_common import needs
+
+needs("axolotl")
+
+from importlib.metadata import version  # noqa: E402
+
+from packaging.version import Version  # noqa: E402
+
+from lossaudit.audit.config import CheckConfig  # noqa: E402
+from lossaudit.core.errors import UsageError  # noqa: E402
+from lossaudit.core.grads import trainable  # noqa: E402
+from lossaudit.paths.base import AuditContext  # noqa: E402
+from lossaudit.paths.trainer_class import run_trainer_class  # noqa: E402
+from lossaudit.stacks.frameworks import arguments_class, collator, rows_problem  # noqa: E402
+from lossaudit.stacks.trl import resolve_trainer_class, tokenizer  # noqa: E402
+
+from stacks_common import CPU, issue_batch, layout_of, mean_of_means_gradient, reference, rel_err, tiny_llama  # noqa: E402
+
+from pathlib import Path  # noqa: E402
+
+from lossaudit.audit.harness import prepare  # noqa: E402
+from lossaudit.paths.axolotl_config import run_axolotl_config  # noqa: E402
+from lossaudit.stacks.axolotl import AxolotlConfig  # noqa: E402
+
+SPEC = "axolotl.core.trainers.base:AxolotlTrainer"
+DATA = Path(__file__).resolve().parents[1] / "data"
+RELEASE = Version(version("axolotl"))
+FORCES_FALSE = Version("0.17.0") <= RELEASE < Version("0.20.0")  # the releases that force it (issue 23)
+
+
+@pytest.fixture(scope="module")
+def cls():
+    return resolve_trainer_class(SPEC)
+
+
+@pytest.mark.heavy
+def test_its_arguments_class_and_collator_come_from_the_table(cls):
+    from axolotl.core.training_args import AxolotlTrainingArguments
+    from axolotl.utils.collators import DataCollatorForSeq2Seq
+
+    assert arguments_class(cls) is AxolotlTrainingArguments
+    made = collator(cls, tokenizer(16, 0, 1))
+    assert isinstance(made, DataCollatorForSeq2Seq)
+    out = made([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert rows_problem(cls, prompt_masking=True) is None
+
+
+@pytest.mark.heavy
+def test_the_installed_release_trains_what_issue_23_measured(cls):
+    """Measured on the CPU (torch 2.13.0, the issue's batch, k=4, prompts masked):
+    0.19.0 gives model_accepts_loss_kwargs False, no num_items_in_batch, exactly the mean of
+    microbatch means (rel err to the token mean 0.38); the newest release the token mean."""
+    loaded = tiny_llama()
+    batch = issue_batch(loaded)
+    ctx = AuditContext(loaded.model, batch, reference(loaded.model, batch), trainable(loaded.model), CPU,
+                       CheckConfig(model="llama"), loaded)
+    layout = layout_of(batch, 4)
+    step = run_trainer_class(ctx, layout, cls, user_args={})
+    if FORCES_FALSE:
+        assert step.accepts_loss_kwargs is False and step.num_items == [None] * 4
+        assert rel_err(dict(mean_of_means_gradient(ctx.model, batch, layout)), step.update.items()) < 1e-5
+        assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
+    else:
+        assert step.accepts_loss_kwargs is not False and step.num_items == [ctx.reference.count] * 4
+        assert rel_err(ctx.reference.grads, step.update.items()) < 1e-5
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name, peft", [("axolotl-full.yml", None), ("axolotl-lora.yml", "lora")], ids=["full", "lora"])
+def test_the_users_config_through_axolotls_loader_and_builder(name, peft):
+    """Measured on the CPU (torch 2.13.0, k=2 on the issue's batch): 0.19.0 the mean of means
+    (0.38 full, 0.37 LoRA), k=1 within 3.2e-7 (the same model, adapter weights included)."""
+    peft_args = (("r", "8"), ("lora_alpha", "16")) if peft else ()
+    ctx = prepare(CheckConfig(model="llama", peft=peft, peft_args=peft_args))
+    config = AxolotlConfig.read(str(DATA / name), peft)
+    full = run_axolotl_config(ctx, layout_of(ctx.batch, 1), config)
+    assert rel_err(ctx.reference.grads, full.update.items()) < 1e-5
+    layout = layout_of(ctx.batch, 2)
+    step = run_axolotl_config(ctx, layout, config)
+    if FORCES_FALSE:
+        assert step.accepts_loss_kwargs is False and step.num_items == [None] * 2
+        assert rel_err(dict(mean_of_means_gradient(ctx.model, ctx.batch, layout)), step.update.items()) < 1e-5
+        assert rel_err(ctx.reference.grads, step.update.items()) > 0.1
+    else:
+        assert step.num_items == [ctx.reference.count] * 2
+        assert rel_err(ctx.reference.grads, step.update.items()) < 1e-5
+
+
+@pytest.mark.heavy
+def test_a_config_whose_lora_differs_from_the_audits_is_refused():
+    ctx = prepare(CheckConfig(model="llama", peft="lora", peft_args=(("r", "4"),)))
+    with pytest.raises(UsageError, match="its adapter differs from the audit's --peft adapter .*r: config 8, --peft 4"):
+        run_axolotl_config(ctx, layout_of(ctx.batch, 1), AxolotlConfig.read(str(DATA / "axolotl-lora.yml"), "lora"))
