@@ -208,8 +208,8 @@ def sum_over_cause(m: "Measured", reference: Reference, tol: Tolerance, declared
     constant = n / grads.scale
     near = round(constant)
     slack = max(3 * tol.tolerances["scale"], 1e-4) * constant
-    if near < 1 or abs(constant - near) > max(slack, 1e-6) or near == n or slack >= 0.5:
-        return ""  # not a whole number, the token mean itself, or too coarse to name one
+    if near < 1 or abs(constant - near) > max(slack, 1e-6) or near == n or slack > 0.1:
+        return ""  # not a whole number, the token mean itself, or too coarse to tell N from N +- 0.1
     if abs(m.loss - grads.scale * token_loss) > max(10 * tol.loss_noise, 1e-4, tol.rtol) * abs(token_loss):
         return ""
     if isinstance(declared.aggregation, SumOver) and near == declared.aggregation.n:

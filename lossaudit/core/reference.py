@@ -16,7 +16,7 @@ from .grads import Params, grads_of
 from .layouts import Layout, full_batch, microbatches, pad
 from .reductions import Reduction, StepTokens, Weight
 from .objective import Objective
-from .tokens import prepend_ignored, target_mask, token_losses
+from .tokens import prepend_ignored, target_mask
 from .wrapped import virtual_tokens
 
 

@@ -67,14 +67,15 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
         if name in takes:
             kwargs[name] = words
             break
-    given_collator = None if pairwise else collator(cls, words)  # None: the class builds its own
-    if given_collator is not None:
-        kwargs["data_collator"] = given_collator
-    data = dpo.dataset_rows(ctx, layout) if pairwise else \
-        rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
-             labels=given_collator is not None)
-    if pairwise:
+    if pairwise:  # its own preference collator over text rows of pairs
+        data = dpo.dataset_rows(ctx, layout)
         kwargs.update(dpo.trainer_kwargs(ctx.model))
+    else:
+        given_collator = collator(cls, words)  # None: the class builds its own
+        if given_collator is not None:
+            kwargs["data_collator"] = given_collator
+        data = rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
+                    labels=given_collator is not None)
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)

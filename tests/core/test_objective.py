@@ -174,6 +174,6 @@ def test_the_reference_of_a_sequence_mean_is_the_mean_of_each_sequences_token_me
         means.append(torch.nn.functional.cross_entropy(logits, s.labels[1:], ignore_index=-100))
     loss = torch.stack(means).mean()
     grads = torch.autograd.grad(loss, [p for _, p in trainable(model)])
-    assert ref.loss == pytest.approx(float(loss), rel=1e-13)
+    assert ref.loss == pytest.approx(loss.item(), rel=1e-13)
     for (name, _), g in zip(trainable(model), grads):
         assert torch.allclose(ref.grads[name], g, rtol=1e-12, atol=1e-15), name

@@ -57,7 +57,7 @@ def test_pair_losses_over_the_rows_are_found_and_named_at_every_k(dtype):
 
 def test_pair_objectives_refuse_token_paths_and_bad_trainer_args():
     assert_usage_error(run("check", "llama", "--objective", "pair-mean", "--step", "stack_modules:dpo_step",
-                           "--path", "model"), "--path model", "pair-mean")
+                           "--path", "step", "--path", "model"), "--path model", "pair-mean")
     assert_usage_error(run("check", "llama", "--objective", "pair-mean:-1", "--step", "stack_modules:dpo_step"),
                        "--objective")
 
