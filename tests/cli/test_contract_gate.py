@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_contract import REPO, assert_contract, env, run
+from test_contract import assert_contract, env, run
 
 from lossaudit.cli.commands.history import release_name
 

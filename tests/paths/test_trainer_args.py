@@ -1,7 +1,6 @@
 """--trainer-arg and --loss-fn as a user meets them, and the label-smoothing objective."""
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import lossaudit
