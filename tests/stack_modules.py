@@ -21,10 +21,14 @@ def _token_sum(model, batch: dict) -> torch.Tensor:
 
 def _token_sums_over(model, microbatches, count_factor: float) -> float:
     """Each microbatch's token sum over the step's target count times ``count_factor``."""
-    total = sum(_targets(b) for b in microbatches) * count_factor
+    return _token_sums_by(model, microbatches, sum(_targets(b) for b in microbatches) * count_factor)
+
+
+def _token_sums_by(model, microbatches, denominator: float) -> float:
+    """Each microbatch's token sum over one ``denominator``, backwarded microbatch by microbatch."""
     loss = 0.0
     for batch in microbatches:
-        part = _token_sum(model, batch) / total
+        part = _token_sum(model, batch) / denominator
         part.backward()
         loss += float(part.detach())
     return loss
@@ -150,12 +154,7 @@ SUM_OVER = 192
 
 def sum_over_step(model, microbatches):
     """The token sum over a constant 192 (Dr. GRPO's sequences x max completion length)."""
-    loss = 0.0
-    for batch in microbatches:
-        part = _token_sum(model, batch) / SUM_OVER
-        part.backward()
-        loss += float(part.detach())
-    return loss
+    return _token_sums_by(model, microbatches, SUM_OVER)
 
 
 def microbatch_sequence_mean_step(model, microbatches):
