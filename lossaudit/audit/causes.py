@@ -214,6 +214,11 @@ def sum_over_cause(m: "Measured", reference: Reference, tol: Tolerance, declared
         return ""
     if isinstance(declared.aggregation, SumOver) and near == declared.aggregation.n:
         return ""
+    steps = m.layout.microbatches * m.layout.world_size
+    if near in {1, m.layout.microbatches, steps}:  # the divisor an accumulation loop applies itself
+        divided = "the token sum itself" if near == 1 else f"the token sum divided by {near} (the microbatches)"
+        return (f"loss and gradient equal {divided}, never divided by the step's {n} target tokens: "
+                f"{n / near:.4g}x the token mean, in the same direction")
     if abs(near - n) <= 0.1 * n:  # near the step's own count: as likely a miscount as a constant
         return (f"loss and gradient equal the token sum over {near}, not over the step's {n} target tokens: "
                 f"a miscount of the tokens, or a sum over a constant {near}")

@@ -201,7 +201,17 @@ def _join(context, workdir: Path, timeout_s: float) -> None:
             if time.monotonic() >= deadline:
                 raise RankFailure(f"ranks did not finish within {timeout_s:g}s (a rank waiting in a collective?)")
     except ProcessException as exc:  # join() has already terminated the other ranks
+        if _torn_down(workdir, len(context.processes)):
+            return  # a rank died tearing the group down, after every rank wrote its result
         raise RankFailure(_reason(exc, workdir)) from None
+
+
+def _torn_down(workdir: Path, world_size: int) -> bool:
+    """Every rank passed the closing barrier with its result written and none wrote an error: a
+    rank that then dies (gloo's teardown can abort: SIGABRT, "terminate called without an active
+    exception") lost nothing."""
+    return (all((workdir / f"done-{rank}").exists() for rank in range(world_size))
+            and not any(workdir.glob("error-*.txt")))
 
 
 def _reason(exc: ProcessException, workdir: Path) -> str:
@@ -268,6 +278,7 @@ def _rank_main(rank: int, fn: RankFn, world_size: int, workdir: str, device_type
             # every rank done before any tears the group down: a rank whose peer closed its
             # connections first could abort in teardown (SIGABRT, "terminate called ...")
             torch.distributed.barrier()
+            (workdir_path / f"done-{rank}").touch()  # past the barrier: every rank's result is written
     finally:
         torch.distributed.destroy_process_group()
 
