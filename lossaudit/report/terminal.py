@@ -135,8 +135,17 @@ def summary_lines(report: Report, written: list[Path]) -> list[Line]:
     lines.append([])
     lines += _findings_lines(report)
     if written:
-        lines.append([(f"report: {written[0].parent}/ ({', '.join(p.name for p in written)})", "dim")])
+        lines.append([(f"report: {shown(written[0].parent)}/ ({', '.join(p.name for p in written)})", "dim")])
     return lines
+
+
+def shown(folder: Path) -> str:
+    """A report folder as the user would type it: relative to the working directory when below it
+    (``--out`` is made absolute before the run, so that a step's ``os.chdir`` cannot move it)."""
+    try:
+        return str(Path(folder).relative_to(Path.cwd()))
+    except ValueError:
+        return str(folder)
 
 
 def _findings_lines(report: Report) -> list[Line]:
