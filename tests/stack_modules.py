@@ -213,10 +213,4 @@ def dpo_rows_step(model, microbatches):
 
 def miscount_step(model, microbatches):
     """Planted bug: the token sum over the step's target count plus 2 (a miscount, not an objective)."""
-    total = sum(_targets(b) for b in microbatches) + 2
-    loss = 0.0
-    for batch in microbatches:
-        part = _token_sum(model, batch) / total
-        part.backward()
-        loss += float(part.detach())
-    return loss
+    return _token_sums_by(model, microbatches, sum(_targets(b) for b in microbatches) + 2)
