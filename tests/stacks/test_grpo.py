@@ -205,6 +205,15 @@ def env_cache(request, tmp_path_factory):
     return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
 
 
+def _installed_or(name: str, fallback: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return fallback
+
+
 @pytest.mark.heavy
 def test_trl_1_9_0_divides_each_window_by_the_whole_generation_batch(env_cache, tmp_path):
     """trl#5619, in an isolated environment (this one with trl==1.9.0; its GRPO module imports
@@ -216,7 +225,9 @@ def test_trl_1_9_0_divides_each_window_by_the_whole_generation_batch(env_cache, 
 
     from lossaudit.releases.environments import Spec, ensure, isolated_environ
 
-    env = ensure(Spec.make({"trl": "1.9.0", "requests": "2.32.3"}), env_cache)
+    # requests as installed here when it is (another extra, the docs', may need a newer one than trl's
+    # own era: pinning an older one beside it is a conflict pip rightly refuses)
+    env = ensure(Spec.make({"trl": "1.9.0", "requests": _installed_or("requests", "2.32.3")}), env_cache)
 
     def check(out, *args):
         command = [str(env.python), "-m", "lossaudit", "check", "llama", "--path", "trainer", "--trainer-class",
