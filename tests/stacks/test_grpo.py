@@ -3,6 +3,7 @@ optimizer step of a generation batch judged against its loss type's own declarat
 paths/grpo.py), at steps_per_generation equal to and twice the accumulation steps."""
 
 import pytest
+import torch
 
 from stacks_common import needs
 
@@ -10,13 +11,10 @@ needs("trl")
 
 import trl  # noqa: E402
 
-from lossaudit.audit.config import CheckConfig  # noqa: E402
 from lossaudit.audit.tolerance import Tolerance  # noqa: E402
-from lossaudit.core.grads import compare_grads, trainable  # noqa: E402
-from lossaudit.paths.base import AuditContext  # noqa: E402
+from lossaudit.core.grads import compare_grads  # noqa: E402
 from lossaudit.paths.grpo import DECLARATIONS, declared_weights, judge_steps, reference_gradient  # noqa: E402
-from lossaudit.paths.grpo_step import generations, plan, run_grpo, settings_for  # noqa: E402
-from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
+from lossaudit.paths.grpo_step import loss_type_run  # noqa: E402
 
 from stacks_common import CPU, tiny_llama  # noqa: E402
 
@@ -45,18 +43,8 @@ def loaded():
 
 
 def grpo_run(loaded, loss_type: str, spg: int, k: int = K, cls=None, seed=0, **extra):
-    user = {"loss_type": loss_type, "steps_per_generation": spg, **extra}
-    if loss_type == "luspo":
-        user["importance_sampling_level"] = "sequence"
-    user["num_generations"] = generations(user, [PER_DEVICE * spg])
-    shape = plan(k, PER_DEVICE, user, user["num_generations"])
-    rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
-                             vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
-                             max_completion=12, seed=seed)
-    ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), CPU, CheckConfig(model="llama"),
-                       loaded)
-    run = run_grpo(ctx, cls or GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape.steps), user)
-    return ctx, rollouts, run
+    return loss_type_run(loaded, loss_type, spg, k, PER_DEVICE, seed=seed, trainer_class=cls or GRPO, device=CPU,
+                         **extra)
 
 
 def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
@@ -69,11 +57,13 @@ def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
 def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type, spg):
     """Measured (trl 1.16.0, transformers 5.25.0, CPU): every loss type reaches its declaration on
     every step, but the token-mean ones at steps_per_generation = 2k, whose two windows are divided
-    by the generation batch's average tokens per window (1.097x and 0.903x here: windows of 62 and 51
-    of its 113 tokens). trl 1.9.0 (tox -e trl190) divides them by all 113 (0.549x and 0.451x)."""
+    by the generation batch's average tokens per window (1.052x and 0.948x here: windows of 51 and 46
+    of its 97 tokens). trl 1.9.0 (tox -e trl190) divides them by all 97 (0.526x and 0.474x). Prompts
+    of 2 to 6 tokens, left-padded by TRL to the longest of the generation batch."""
     if loss_type not in loss_types():
         pytest.skip(f"trl {trl.__version__} has no loss_type={loss_type}")
     ctx, rollouts, run = grpo_run(loaded, loss_type, spg)
+    assert max(run.left_pads.values()) > 0  # prompts of different lengths: TRL left-padded some
     assert len(run.steps) == spg // K  # every step of the generation batch was read
     assert all(len(step.microbatches) == K and all(len(mb) == PER_DEVICE for mb in step.microbatches)
                for step in run.steps)
@@ -107,7 +97,7 @@ def test_a_window_over_two_generation_batches_is_a_mean_of_their_token_means(loa
     assert generation_tokens[0] != generation_tokens[1] and sorted(run.steps[0].num_items) == sorted([*generation_tokens] * 2)
     mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
                                        [1.0 / (2 * generation_tokens[m // 2]) for m, mb in enumerate(case.microbatches)
-                                        for _ in mb], run.config)
+                                        for _ in mb], run.config, run.left_pads)
     assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
     assert case.diff.rel_err > 1e-3 and "a mean of the window's 2 generation batches' token means" in case.cause
     assert len(lengths) >= sum(len(mb) for mb in case.microbatches)
@@ -148,9 +138,42 @@ def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
     assert "average target tokens per window" not in case.cause and "x the token mean over the optimizer window" in case.cause
     mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
                                        [1.0 / (K * n) for n, mb in zip(case.tokens, case.microbatches) for _ in mb],
-                                       run.config)
+                                       run.config, run.left_pads)
     assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
     assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
+
+
+def padded_width_trainer():
+    class PaddedWidthGRPOTrainer(GRPO):
+        """Planted bug that only left padding shows: the generation batch's target tokens counted as
+        each row's attention-mask tokens less the *padded* prompt width (not its own prompt's), so
+        every pad before a shorter prompt is taken off the count."""
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            attended = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1).sum(dim=1)
+            out["num_items_in_batch"] = (attended - out["prompt_ids"].size(1)).sum()
+            return out
+
+    return PaddedWidthGRPOTrainer
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_a_count_that_takes_the_left_pads_off_is_found_on_prompts_of_different_lengths(loaded):
+    """Must find: on the left-padded batch the planted count is short by the generation batch's left
+    pads, so the step is tokens / (tokens - pads) its token mean; with prompts of one length (the
+    rollouts before prompts varied) the same trainer is exact, which is why the batch must vary them."""
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=padded_width_trainer())
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    pads = sum(run.left_pads[i] for i in case.microbatches[0] + case.microbatches[1])
+    assert pads > 0 and TOLERANCE.exceeded({"grad": case.diff.rel_err})
+    assert case.diff.scale == pytest.approx(sum(case.tokens) / (sum(case.tokens) - pads), rel=1e-5)
+    # named as what it is: num_items_in_batch short of the generation batch's (here the window's) tokens
+    assert (f"num_items_in_batch {sum(case.tokens) - pads} is not the target tokens of its generation batch "
+            f"({sum(case.tokens)})") in case.cause and f"gradient {case.diff.scale:.4g}x its own token mean" in case.cause
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=padded_width_trainer(), prompt_lengths=(4, 4))
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    assert set(run.left_pads.values()) == {0} and case.diff.rel_err < 1e-5 and not case.cause
 
 
 def cli(*args):
