@@ -23,7 +23,8 @@ import torch
 
 from ..core.errors import UsageError
 from ..core.forward import forward
-from ..core.grads import GradDiff, compare_grads, grads_of
+from ..core.backwards import ADDS_UP
+from ..core.grads import GradDiff, compare_grads, dots, grads_of
 from ..core.layouts import Layout, Microbatch, pad
 from ..core.tokens import IGNORE_INDEX, token_losses
 from ..audit.tolerance import Tolerance, deviations
@@ -192,23 +193,54 @@ class StepCase:
     diff: GradDiff
     target: dict[str, torch.Tensor]  # the declared gradient
     cause: str = ""  # for a step that misses: what it computed, where a candidate fits
+    weights: list[float] | None = None  # each microbatch's backward against its declared share (None: not resolved)
+    unresolved: str = ""  # why not
 
 
-def gradient_deviation(diff: GradDiff) -> dict[str, float]:
-    return {k: v for k, v in deviations(0.0, diff, None).items() if k != "loss"}
+def microbatch_weights(ctx, rollouts, window, backwards: list[dict], declared: list[float], config,
+                       left_pads) -> tuple[list[float] | None, str]:
+    """Each microbatch's weight: the least-squares scale of its backward's gradient against its
+    correct share (the declared gradient of the window's sequences it held, float64), 1 for a
+    step that reaches its declaration; (None, why) where the step's backwards are not one per
+    microbatch or do not add up to its update."""
+    k, names = len(window.microbatches), [n for n, _ in ctx.params]
+    if len(backwards) != k:
+        return None, (f"per-microbatch weights not resolved: the step ran {len(backwards)} backwards over {k} "
+                      "microbatches (one backward per microbatch is what can be cut)")
+    update = dict(window.update)
+    parts = [[g.get(n) for n in names] for g in backwards]
+    summed = [sum(x for x in col if x is not None) if any(x is not None for x in col) else None for col in zip(*parts)]
+    step = [update.get(n) for n in names]
+    left, added = dots(step, step), dots(summed, step)
+    if not left or abs(added / left - 1.0) > ADDS_UP:
+        return None, (f"per-microbatch weights not resolved: the step changed .grad outside its backwards (its "
+                      f"backwards add up to {added / left if left else float('nan'):.4g}x its update)")
+    weights, start = [], 0
+    for mb, part in zip(window.microbatches, parts):
+        share = reference_gradient(ctx, rollouts, [mb], declared[start:start + len(mb)], config, left_pads)
+        start += len(mb)
+        c = [share[n] for n in names]
+        weights.append(dots(part, c) / dots(c, c))
+    return weights, ""
+
+
+def gradient_deviation(diff: GradDiff, weights: list[float] | None = None) -> dict[str, float]:
+    return {k: v for k, v in deviations(0.0, diff, weights).items() if k != "loss"}
 
 
 def judge_steps(ctx, rollouts, run, tolerance: Tolerance) -> list[StepCase]:
     """Every step of ``run`` (stacks.grpo.GRPORun) against its declared gradient; a step that
     misses a token-mean declaration is tested against each of WINDOW_CAUSES."""
     config, lengths = run.config, rollouts.completion_lengths()
-    cases = []
+    cases, k = [], config.gradient_accumulation_steps
     for s, window in enumerate(run.steps):
-        target = reference_gradient(ctx, rollouts, window.microbatches,
-                                    declared_weights(window.microbatches, rollouts, config), config, run.left_pads)
+        declared = declared_weights(window.microbatches, rollouts, config)
+        target = reference_gradient(ctx, rollouts, window.microbatches, declared, config, run.left_pads)
         diff = compare_grads(target, window.update)
         case = StepCase(s, window.microbatches, [sum(lengths[i] for i in mb) for mb in window.microbatches], diff, target)
-        if tolerance.exceeded(gradient_deviation(diff)):
+        case.weights, case.unresolved = microbatch_weights(ctx, rollouts, window, run.backwards[s * k:(s + 1) * k],
+                                                           declared, config, run.left_pads)
+        if tolerance.exceeded(gradient_deviation(diff, case.weights)):
             case.cause = step_cause(ctx, rollouts, window, config, case, tolerance, run.left_pads,
                                     generation_tokens(run, lengths, s))
         cases.append(case)
@@ -254,7 +286,9 @@ def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Toleran
                 return (f"{miscount}{cause.name}{spans}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
                         f"k={config.gradient_accumulation_steps}, steps_per_generation={config.steps_per_generation}; "
                         f"the window holds {tokens} target tokens: gradient {case.diff.scale:.4g}x its own token mean")
-    return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}); "
+    weights = (f"; each microbatch's gradient x its declared share: [{', '.join(f'{w:.4g}' for w in case.weights)}]"
+               if case.weights else "")
+    return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}){weights}; "
             f"the window holds {tokens} target tokens in {len(case.tokens)} microbatches {case.tokens}")
 
 
@@ -326,8 +360,9 @@ class GRPOPath(StepPath):
                      "optimizer_step": case.step + 1, "steps_per_generation": config.steps_per_generation,
                      "num_generations": config.num_generations, "trainer_num_items": window.num_items,
                      "reference_loss": math.nan, "microbatch_losses": [math.nan] * k, "logged_loss": run.logged_loss}
-            out.append(Outcome(self.label, layout, math.nan, list(window.update), extra=extra,
-                               target=case.target, cause=case.cause or None))
+            note = case.unresolved
+            out.append(Outcome(self.label, layout, math.nan, list(window.update), note=note, extra=extra,
+                               target=case.target, cause=case.cause or None, weights=case.weights))
         return out
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..audit.config import CheckConfig
+from ..core.backwards import KeptBackwards
 from ..core.grads import trainable
 from ..core.layouts import Layout
 from ..stacks.grpo import (PROMPT_LENGTHS, Rollouts, audit_subclass, draw_rollouts, prompt_text, reward_func,
@@ -54,6 +55,8 @@ class GRPORun:
     config: object  # the GRPOConfig the trainer ran with
     logged_loss: float
     left_pads: dict[int, int] = dataclasses.field(default_factory=dict)  # sequence id -> pads TRL put before its prompt
+    # each backward's gradient, in the order they ran (core/backwards.KeptBackwards): one per microbatch
+    backwards: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 def audited_steps(microbatches: int, steps_per_generation: int, num_iterations: int) -> int:
@@ -157,14 +160,15 @@ def run_grpo(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict
         with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-grpo-") as out:
             trainer = build_trainer(ctx, cls, rollouts, {**settings, "output_dir": out}, user_args)
             probe.watch(trainer.optimizer)
-            result = trainer.train()
+            with KeptBackwards(ctx.model, ctx.params) as kept:
+                result = trainer.train()
     finally:
         probe.restore()
     k = trainer.args.gradient_accumulation_steps
     seqs, counts = trainer.seen_seqs, [None if n is None else int(n) for n in trainer.seen_num_items]
     steps = [StepWindow(seqs[s * k:(s + 1) * k], update, counts[s * k:(s + 1) * k])
              for s, update in enumerate(probe.updates)]
-    return GRPORun(steps, trainer.args, float(result.training_loss), dict(trainer.left_pads))
+    return GRPORun(steps, trainer.args, float(result.training_loss), dict(trainer.left_pads), kept.gradients())
 
 
 def settings_for(ctx, microbatches: int, per_device: int, steps: int, out: str = "") -> dict:
