@@ -19,7 +19,6 @@ DATA = Path(__file__).resolve().parents[1] / "data"
     (None, "no such file"), ("a: [1, 2", "not YAML"), ("- just\n- a list\n", "expected a mapping"),
     ("rl: dpo\nbase_model: x\n", "rl: 'dpo' trains another objective"),
     ("adapter: lora\nlora_r: 8\n", "adapter: lora but --peft None"),
-    ("sample_packing: true\n", "sample_packing: its multipack sampler bins rows"),
 ])
 def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, needle):
     path = tmp_path / "config.yml"
@@ -28,6 +27,12 @@ def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, need
     with pytest.raises(UsageError, match="--axolotl-config") as caught:
         AxolotlConfig.read(str(path), peft=None)
     assert needle in str(caught.value)
+
+
+def test_sample_packing_is_audited_not_refused():
+    config = AxolotlConfig(DATA / "axolotl-packing.yml", {"sample_packing": True, "micro_batch_size": 2}, None)
+    assert config.packing and not AxolotlConfig(DATA / "axolotl-full.yml", {}, None).packing
+    assert config.owned_in() == ["micro_batch_size (2 -> 1: one pack, the microbatch's B/k rows)"]
 
 
 def test_peft_without_an_adapter_in_the_config_is_refused():
