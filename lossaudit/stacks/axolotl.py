@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..core.errors import UsageError
+from ..core.errors import EnvironmentProblem, UsageError
 from ..core.layouts import Layout
-from . import require
+from . import missing, require
 from .packing import longest_pack
 from .trl import rows, tokenizer
 
@@ -163,6 +163,11 @@ class AxolotlConfig:
                             f"--axolotl-config {path}: --peft {peft} but the config trains no adapter")
         if problems:
             raise UsageError(*problems)
+        flash = values.get("flash_attention") or str(values.get("attn_implementation") or "").startswith("flash_attention")
+        if flash and missing("flash_attn"):  # else an ImportError per case, from transformers' loader
+            raise EnvironmentProblem(f"--axolotl-config {path}: flash attention needs the flash_attn package (and CUDA), "
+                                     "not installed here; on the CPU set attn_implementation: sdpa (axolotl isolates "
+                                     "packed sequences with it too) to audit the rest of the config")
         require("axolotl", f"--axolotl-config {path}")
         return cls(file.resolve(), values, peft)
 

@@ -35,6 +35,19 @@ def test_sample_packing_is_audited_not_refused():
     assert config.owned_in() == ["micro_batch_size (2 -> 1: one pack, the microbatch's B/k rows)"]
 
 
+@pytest.mark.skipif(not missing("flash_attn"), reason="flash_attn is installed")
+@pytest.mark.parametrize("setting", ["flash_attention: true", "attn_implementation: flash_attention_2"])
+def test_flash_attention_without_flash_attn_is_one_line(tmp_path, setting):
+    """axolotl 0.21.0 raised transformers' ImportError on every case ("FlashAttention2 has been toggled on ...")."""
+    from lossaudit.core.errors import EnvironmentProblem
+
+    path = tmp_path / "flash.yml"
+    path.write_text(f"sample_packing: true\n{setting}\n")
+    with pytest.raises(EnvironmentProblem, match="flash attention needs the flash_attn package") as caught:
+        AxolotlConfig.read(str(path), peft=None)
+    assert "attn_implementation: sdpa" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_peft_without_an_adapter_in_the_config_is_refused():
     with pytest.raises(UsageError, match="--peft lora but the config trains no adapter"):
         AxolotlConfig.read(str(DATA / "axolotl-full.yml"), peft="lora")
