@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from lossaudit.core.batch import Batch
 from lossaudit.core.tokens import IGNORE_INDEX
 from lossaudit.stacks.packing import Packs, candidate, packed_count, sizes
 
