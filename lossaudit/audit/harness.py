@@ -381,7 +381,7 @@ def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
         environment=environment(device=config.device, dtype=config.dtype, seed=config.seed),
         model={"name": config.model, "task": ctx.batch.task, "parameters": sum(p.numel() for p in ctx.model.parameters()),
                "source": ctx.loaded.source if ctx.loaded else "object", "class": type(ctx.model).__name__,
-               **ctx.objective.fields()},
+               **objective_fields(ctx.objective, cases)},
         cases=cases,
         tolerance=judged.tolerance.to_dict(),
         batch={"sequences": len(ctx.batch), "lengths": ctx.batch.lengths, "targets": ctx.batch.targets,
@@ -391,6 +391,16 @@ def run_cases(ctx: AuditContext, progress: Progress | None = None) -> Report:
                "objective": ctx.objective.describe()},
         tensor_errors=worst_tensor_errors(cases, judged.measured),
     )
+
+
+def objective_fields(objective: Objective, cases: pd.DataFrame) -> dict:
+    """The report's objective: the run's declared one, or, where the cases each name the objective
+    their trainer computes (GRPO's loss types: a policy-gradient term, not cross entropy), theirs."""
+    names = ("objective", "aggregation", "aggregation_doc")
+    if cases.empty or not set(names) <= set(cases.columns) or cases["objective"].isna().any():
+        return objective.fields()
+    own = {name: sorted(set(cases[name])) for name in names}
+    return {name: values[0] if len(values) == 1 else "; ".join(values) for name, values in own.items()}
 
 
 def worst_tensor_errors(cases: pd.DataFrame, measured: list[Measured]) -> list[dict]:

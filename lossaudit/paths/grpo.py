@@ -357,6 +357,7 @@ class GRPOPath(StepPath):
             layout = Layout(k, f"trl-step{case.step + 1}of{len(cases)}", "right",
                             tuple(tuple(mb) for mb in case.microbatches), 1)
             extra = {"objective": describe(config), "aggregation": declaration(config.loss_type).aggregation,
+                     "aggregation_doc": "",  # the objective's text says it whole
                      "optimizer_step": case.step + 1, "steps_per_generation": config.steps_per_generation,
                      "num_generations": config.num_generations, "trainer_num_items": window.num_items,
                      "reference_loss": math.nan, "microbatch_losses": [math.nan] * k, "logged_loss": run.logged_loss}

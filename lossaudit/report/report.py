@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.errors import DivergenceError, UsageError
+from .objective_line import objective_line, says_it_whole
 
 SCHEMA = "lossaudit.report/1"
 CASE_COLUMNS = [
@@ -141,18 +142,23 @@ def describe(report: Report) -> tuple[str, str, str]:
         f"lossaudit report: {model.get('name')} ({model.get('task')})",
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}, "
         f"{env.get('device')} {env.get('dtype')}, seed {env.get('seed')}; {model.get('parameters')} parameters.",
-        f"Reference: full batch, {_aggregation(model)} in float64, "
-        f"loss {report.batch.get('reference_loss', float('nan')):.6g} "
-        f"over {report.batch.get('target_tokens')} target tokens. Tolerance {tol.get('rtol', float('nan')):.3g} "
+        (f"Reference: each optimizer step, {objective_line(model)} in float64, over "
+         f"{report.batch.get('target_tokens')} completion tokens, judged on the gradient (the loss is not "
+         f"compared). " if says_it_whole(model) else
+         f"Reference: full batch, {_aggregation(model)} in float64, "
+         f"loss {report.batch.get('reference_loss', float('nan')):.6g} "
+         f"over {report.batch.get('target_tokens')} target tokens. ") +
+        f"Tolerance {tol.get('rtol', float('nan')):.3g} "
         f"relative (measured noise floor {tol.get('noise_floor', float('nan')):.3g}, dtype floor {tol.get('floor')}).",
     )
 
 
 def _aggregation(model: dict) -> str:
     """The declared aggregation in the reference sentence (a report without one: the token mean)."""
-    if model.get("aggregation", "token-mean") == "token-mean":
+    if model.get("aggregation", "token-mean") == "token-mean" and not says_it_whole(model):
         return "token mean"
-    return f"{model.get('aggregation_doc')} ({model.get('aggregation')}) of {model.get('objective')}"
+    return objective_line(model)
+
 
 
 MAX_REPORT_BYTES = 256 << 20  # a report of a thousand cases is about 1 MiB

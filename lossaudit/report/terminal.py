@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from .objective_line import objective_line
+
 if TYPE_CHECKING:  # the CLI imports this module to parse arguments: keep pandas out of it
     from .report import Report
 
@@ -116,8 +118,7 @@ def summary_lines(report: Report, written: list[Path]) -> list[Line]:
         [("lossaudit: ", "bold"), (f"{model['name']} ", "bold cyan"),
          (f"({model['task']}, {model['parameters']:,} parameters), {len(report.cases)} cases, "
           f"tolerance {tol['rtol']:.1e} (noise floor {tol['noise_floor']:.1e})", None)],
-        *([[("objective: ", "bold"), (f"{model['aggregation_doc']} ({model['aggregation']}) of "
-                                        f"{model['objective']}", None)]] if model.get("aggregation") else []),
+        *([[("objective: ", "bold"), (objective_line(model), None)]] if model.get("aggregation") else []),
         [],
         [("worst gradient relative error per path and k  (* = expected to differ, not a finding)", "bold")],
     ]

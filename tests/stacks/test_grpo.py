@@ -257,6 +257,11 @@ def test_the_cli_reports_every_step_of_a_generation_batch_with_its_cause(tmp_pat
     named = "whole generation batch's target tokens" if WHOLE_GENERATION else "average target tokens per window"
     assert all(named in c["detail"] for c in cases)
     assert sum(len(c["tokens"]) for c in cases) == 4  # the generation batch's four microbatches, two per step
+    # the header says what GRPO computes, never "token cross entropy" (the run's cross-entropy
+    # reference is not what these cases are judged against)
+    assert report["model"]["objective"] == cases[0]["objective"]
+    assert report["model"]["objective"].startswith("GRPO loss_type=dapo: per token -A log p")
+    assert "cross entropy" not in (tmp_path / "r" / "report.md").read_text().split("Tolerance")[0]
 
 
 @pytest.mark.parametrize("args, needle", [
