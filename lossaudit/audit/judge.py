@@ -135,8 +135,9 @@ class Judge:
         loss_target, grads_target, aux = self.target(label, layout)
         if outcome.target is not None:  # the step's own (a GRPO window's declared gradient)
             loss_target, grads_target, aux = math.nan, outcome.target, None
-        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
-                              norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
+        grads = outcome.compared if outcome.compared is not None and grads_target is self.reference.grads else \
+            compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
+                          norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
         m = Measured(
