@@ -419,8 +419,10 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")
         cases = [m for paths_of_pass in runs for m in run_layout(ctx, layout, paths_of_pass, guard, blocks=blocks or 1)]
         measured += sorted(cases, key=lambda m: order[id(m.label)])
+        guard.judge.release_aux()  # the layout's aux target gradient: its cases are measured
     for path in step_paths:
         measured += path.run_layouts(ctx, layouts, guard, say)
+        guard.judge.release_aux()
     tolerance = guard.judge.tolerance(measured)
     shown = [m for m in measured if not any(m.label is h.label for h in hidden)]
     return Judged(shown, guard.judge, tolerance)

@@ -112,7 +112,8 @@ class Judge:
         if self.reference.aux is None:
             return None
         facts = self.facts.setdefault(layout, LayoutFacts())
-        if facts.aux is None:
+        if facts.aux is None or facts.aux.grads is None:  # never learnt, or its gradient released
+            self.release_aux(keep=layout)
             acc = AuxAccumulator(self.reference.aux, self.ctx.params, len(layout.groups))
             with acc.hooks() as hooks:
                 for mb in microbatches(self.ctx.batch, layout):
@@ -120,6 +121,13 @@ class Judge:
                     acc.add(outputs, mb.attention_mask, hooks)
             facts.aux = acc.result()
         return facts.aux
+
+    def release_aux(self, keep: Layout | None = None) -> None:
+        """Free the aux target gradient (a whole model's) of every layout but ``keep``: its
+        numbers stay with the cases; a later case on that layout takes its forwards again."""
+        for layout, facts in self.facts.items():
+            if layout != keep and facts.aux is not None:
+                facts.aux.grads = None
 
     def target(self, label: Label, layout: Layout) -> tuple[float, Mapping, LayoutAux | None]:
         aux = self.layout_aux(layout) if label.trains_aux else None
