@@ -34,7 +34,7 @@ from ..core.objective import Objective
 from ..core.pairs import MIN_PAIR_LENGTH, make_pair_batch, pair_layouts
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
 from .memory import ResidentMeter, resident_bytes
-from .passes import blocks_for, param_blocks, passes_for, unheld
+from .passes import param_blocks, plan_for, unheld
 from ..paths.grpo import grpo_batch
 from ..paths.pairs import PairMeanPath
 from ..paths.reduction import ReductionPath
@@ -404,11 +404,11 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     step_paths = [p for p in paths if isinstance(p, StepPath)]
     hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration(ctx.objective)]
     guard = Guard(Judge(ctx))
-    runs = passes_for(ctx, logit_paths + hidden)  # more than one where the sums would not fit the memory
+    # more than one pass, or blocks of parameters, where the sums would not fit the memory
+    runs, blocks = plan_for(ctx, logit_paths + hidden)
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
-    blocks = blocks_for(ctx, runs)
     if (over := unheld(ctx, runs, bool(step_paths), blocks)) is not None:
         raise UsageError(over)
     if blocks and blocks > 1:

@@ -22,6 +22,7 @@ from ..core.grads import GradDiff, compare_grads, dots
 from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
+from .passes import budget_bytes
 from .precision import PrecisionReference
 from ..core.aggregation import SequenceMean, TokenMean
 from ..core.objective import Objective
@@ -184,16 +185,28 @@ class Judge:
                                                                      factor=outcome.gradient_factor, norms=norms))
                 for objective, reference, norms in self.other_objectives()]
 
-    def other_objectives(self) -> list[tuple[Objective, Reference, dict]]:
+    def other_objectives(self) -> Iterator[tuple[Objective, Reference, dict]]:
         """The token aggregations the run does not declare, each with its float64 reference,
-        computed once a run when a step first misses its target."""
-        if self._others is None:
-            declared, ctx = self.ctx.objective, self.ctx
-            self._others = [] if declared.pairwise or ctx.reference is None else [
-                (other, compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other), {})
-                for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean()))
-                if other.aggregation != declared.aggregation]
-        return self._others
+        computed when a step first misses its target: kept for the run's later findings, or,
+        under a memory budget (--max-memory, a CUDA device), computed for each finding and freed
+        after it (a reference is a whole model's gradient, which no budget planned for)."""
+        if self._others is not None:
+            yield from self._others
+            return
+        declared, ctx = self.ctx.objective, self.ctx
+        if declared.pairwise or ctx.reference is None:
+            return
+        keep = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device) is None
+        others = []
+        for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean())):
+            if other.aggregation != declared.aggregation:
+                reference = compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other)
+                if keep:
+                    others.append((other, reference, {}))
+                yield other, reference, {}
+                reference = None  # before the next one is computed
+        if keep:
+            self._others = others
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""

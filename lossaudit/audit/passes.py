@@ -101,6 +101,21 @@ def blocks_for(ctx, runs: list[list[LogitPath]]) -> int | None:
     return None
 
 
+def plan_for(ctx, paths: list[LogitPath]) -> tuple[list[list[LogitPath]], int | None]:
+    """The run's passes and blocks of parameters: the plan that fits the budget with the fewest
+    runs over each layout (passes x blocks; fewer passes first where two tie). Blocks None:
+    nothing fits (the smallest pass in the smallest blocks is then what ``unheld`` says)."""
+    if Footprint.of(ctx) is None or not paths:
+        return [paths], 1
+    best = None
+    for per_pass in range(len(sum_groups(paths)), 0, -1):
+        runs = plan(paths, per_pass)
+        blocks = blocks_for(ctx, runs)
+        if blocks is not None and (best is None or len(runs) * blocks < len(best[0]) * best[1]):
+            best = (runs, blocks)
+    return best if best is not None else (plan(paths, 1), None)
+
+
 def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     """The run's passes: one, unless the sums would not fit ``--max-memory`` (on CUDA, by
     default, the device's memory)."""

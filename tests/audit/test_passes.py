@@ -13,6 +13,7 @@ from lossaudit.audit.memory import GIB, LiveTensorBytes
 from lossaudit.models.loading import load_model
 import torch
 
+from lossaudit.audit import passes
 from lossaudit.audit.passes import Footprint, block_bytes, blocks_for, param_blocks, passes_for, plan, sum_groups, sums_per_pass, unheld
 from lossaudit.core.errors import UsageError
 from lossaudit.paths.model import ModelPath
@@ -62,7 +63,9 @@ def fake_budget(parameter_tensors):
     return classmethod(of)
 
 
-def run(parameter_tensors, dtype="float32"):
+def run(parameter_tensors, dtype="float32", blocks=True):
+    """An audit under ``fake_budget(parameter_tensors)`` (None: no budget); ``blocks`` False:
+    a block of parameters costs as much as all of them, so only passes can fit the budget."""
     loaded = load_model("llama", seed=0, config_overrides=WIDE)
     config = CheckConfig(model="llama", paths=("reduction", "model"), microbatches=(1, 4), paddings=("right",),
                          groupings=("contiguous",), batch_size=8, max_length=16, dtype=dtype)
@@ -70,6 +73,8 @@ def run(parameter_tensors, dtype="float32"):
     with pytest.MonkeyPatch.context() as patch:
         if parameter_tensors is not None:
             patch.setattr(Footprint, "of", fake_budget(parameter_tensors))
+        if not blocks:
+            patch.setattr(passes, "block_bytes", lambda params, n: sum(p.numel() * p.element_size() for _, p in params))
         with LiveTensorBytes() as meter:
             meter.count_existing(loaded.model)
             report = audit(config, said.append, loaded=loaded)
@@ -78,7 +83,7 @@ def run(parameter_tensors, dtype="float32"):
 
 @pytest.fixture(scope="module")
 def one_and_many():
-    return run(None), run(2.0)  # room for one sum and the kept gradient: one sum a pass
+    return run(None), run(2.0, blocks=False)  # room for one sum and the kept gradient: one sum a pass
 
 
 def test_passes_give_the_same_cases(one_and_many):
@@ -166,3 +171,23 @@ def test_a_budget_that_cannot_hold_the_smallest_pass_refuses_in_one_line():
     roomy = dataclasses.replace(ctx, config=dataclasses.replace(config, max_memory=1000.0))
     assert unheld(roomy, runs, step_paths=True) is None and blocks_for(roomy, runs) == 1
     assert unheld(dataclasses.replace(ctx, config=dataclasses.replace(config, max_memory=None)), runs, True) is None  # CPU: no default budget
+
+
+def test_the_plan_takes_the_fewest_runs_over_a_layout(monkeypatch):
+    """Passes and blocks both cost the layout's forwards again: the planner takes the plan with
+    the fewest passes x blocks that fits (here one pass in blocks rather than four passes)."""
+    from lossaudit.audit.harness import prepare
+
+    loaded = load_model("llama", seed=0, config_overrides=WIDE)
+    config = CheckConfig(model="llama", paths=("reduction", "model"), microbatches=(1, 4), paddings=("right",),
+                         groupings=("contiguous",), batch_size=8, max_length=16)
+    ctx = prepare(config, loaded)
+    paths = [reduction(name) for name in ("mean_of_means", "num_items", "sequence_mean", "sum")] + [ModelPath()]
+    monkeypatch.setattr(Footprint, "of", fake_budget(2.0))
+    runs, blocks = passes.plan_for(ctx, paths)
+    f = Footprint.of(ctx)
+    assert all(f.pass_bytes(ctx, r, blocks) <= f.budget for r in runs)
+    assert len(runs) * blocks < len(plan(paths, 1))  # fewer runs than one sum a pass
+    for per_pass in range(1, 5):  # no plan that fits has fewer runs
+        n = blocks_for(ctx, plan(paths, per_pass))
+        assert n is None or len(plan(paths, per_pass)) * n >= len(runs) * blocks
