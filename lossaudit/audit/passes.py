@@ -123,7 +123,8 @@ def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     if f is None or not paths:
         return [paths]
     own = any(p.own_backward for p in paths)
-    return plan(paths, sums_per_pass(f.budget, f.base, f.pb, (f.pb if own else 0) + f.logits(ctx, paths) + f.transient))
+    return plan(paths, sums_per_pass(f.budget, f.base, f.pb,
+                                     (f.pb if own else 0) + f.logits(ctx, paths) + f.transient + f.losses))
 
 
 class Footprint:
@@ -131,8 +132,8 @@ class Footprint:
     gradient it built and the full batch's activations; on CUDA max_memory_allocated, on the
     CPU what the process held, audit.memory.ResidentMeter), against ``budget``."""
 
-    def __init__(self, budget: int, base: int, pb: int, transient: int):
-        self.budget, self.base, self.pb, self.transient = budget, base, pb, transient
+    def __init__(self, budget: int, base: int, pb: int, transient: int, losses: int = 0):
+        self.budget, self.base, self.pb, self.transient, self.losses = budget, base, pb, transient, losses
 
     @classmethod
     def of(cls, ctx) -> "Footprint | None":
@@ -152,7 +153,13 @@ class Footprint:
             return None
         transient = max(p.numel() * p.element_size() for _, p in ctx.params) + \
             comparison_bytes(shape_of(ctx.model, sums=1))
-        return cls(budget, base, pb, transient)
+        # the float64 token losses of a full-batch microbatch (k=1), saved for its backward: the
+        # reference's peak comes at the end of its backward, when its own are freed, but a pass
+        # holds them beside the reference it keeps (measured at issue 28's CPU shape: without
+        # them a pass came 25 MiB above its estimate)
+        batch = ctx.batch
+        losses = 8 * len(batch) * max(batch.lengths, default=0) * (getattr(ctx.loaded, "vocab_size", 0) or 0)
+        return cls(budget, base, pb, transient, losses)
 
     @staticmethod
     def logits(ctx, paths) -> int:
@@ -168,7 +175,7 @@ class Footprint:
         sums = len(sum_groups(paths))
         own = any(p.own_backward for p in paths)
         held = self.pb if blocks <= 1 else block_bytes(ctx.params, blocks)
-        return self.base + (sums + own) * held + self.logits(ctx, paths) + self.transient
+        return self.base + (sums + own) * held + self.logits(ctx, paths) + self.transient + self.losses
 
     def step_bytes(self) -> int:
         """A step path's: the reference's peak, the reference kept beside the step's own gradient,
