@@ -31,7 +31,12 @@ it held with torch, transformers, accelerate and lossaudit imported, before the 
 and the model's code (lossaudit.audit.memory.ResidentMeter; the weights included), with MALLOC_MMAP_THRESHOLD_ set
 in the child so that freed blocks go back to the system. Time on the CPU is the process's CPU
 time (steadier than wall time on a shared machine). ``--max-memory-train X`` gives the default
-mode a --max-memory of X times the train mode's measured peak (the train mode runs first).
+mode a --max-memory of X times the train mode's measured peak (the train mode runs first),
+``--max-memory-audit X`` the audit and audit3 modes (on the CPU less what the process held
+beyond the weights when the audit began, so that the cap holds the peak as measured here);
+what the audit said to fit it (passes,
+blocks of parameters) is printed under the mode, and a refusal (exit 2: the budget cannot hold
+the audit) is the mode's result.
 A mode that runs out of memory or past --timeout is a result ("out of memory", "timeout"),
 not a crash. It prints the ratio table and, with --json, writes it with the date, device and
 library versions. Timings on a shared or busy machine are noisy: use --repeat.
@@ -158,6 +163,9 @@ def measure(args, loaded, max_length, mode: str) -> dict:
     try:
         warm_up(loaded, config, device)
         _sync(device)
+        if getattr(args, "cap_bytes", None) and device.type == "cpu":
+            config = held_to(args, loaded, config)
+            result["max_memory_gib"], result["cap_bytes"] = config.max_memory, args.cap_bytes
         meter = cpu_meter(args, device)  # the peak starts over here, after the warm-up
         start, cpu_start = time.perf_counter(), time.process_time()
         result["cases"] = MEASURE[mode](loaded, config, device)
@@ -167,14 +175,32 @@ def measure(args, loaded, max_length, mode: str) -> dict:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else meter.peak()
         if meter is not None:
             result["peak_resettable"] = meter.resettable
+        if SAID:
+            result["said"] = list(SAID)
     except Exception as exc:
         from lossaudit.audit.faults import is_out_of_memory
+        from lossaudit.core.errors import UsageError
 
         oom = is_out_of_memory(exc) or "out of memory" in str(exc)
-        result["error"] = "out of memory" if oom else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        result["error"] = "out of memory" if oom else f"refused (exit 2): {exc}" if isinstance(exc, UsageError) else \
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         if device.type == "cuda":
             result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def held_to(args, loaded, config):
+    """``config`` with the --max-memory that holds the audit's peak, as this benchmark measures
+    it on the CPU (beyond the interpreter with its libraries), to ``args.cap_bytes``: lossaudit
+    counts from what the process holds when the audit begins, less the weights, so what the
+    process held beyond the weights then (the warm-up's leftovers) comes off the cap."""
+    import dataclasses
+
+    from lossaudit.audit.memory import resident_bytes
+
+    weights = sum(t.untyped_storage().nbytes() for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+    residue = max(resident_bytes() - args.resident_start - weights, 0)
+    return dataclasses.replace(config, max_memory=max(args.cap_bytes - residue, 1) / GIB)
 
 
 def in_process(args, modes: list[str]):
@@ -273,10 +299,16 @@ def train(loaded, config, device) -> int:
     return 0
 
 
+SAID: list[str] = []  # what the audit said about fitting its memory (passes, blocks of parameters)
+
+
 def run_audit(loaded, config, device) -> int:
     from lossaudit.audit.harness import audit
 
-    return len(audit(config, loaded=loaded).cases)
+    def say(line: str) -> None:
+        if "to fit" in line:
+            SAID.append(line)
+    return len(audit(config, say, loaded=loaded).cases)
 
 
 def trainer_passes(loaded, config, device) -> int:
@@ -370,7 +402,8 @@ def run_child(args, mode: str, timeout: float | None = None) -> dict:
                *(["--paddings", ",".join(args.paddings)] if args.paddings else []),
                *(["--groupings", ",".join(args.groupings)] if args.groupings else []),
                *(["--threads", str(args.threads)] if args.threads else []),
-               *(["--max-memory", str(args.max_memory)] if args.max_memory else [])]
+               *(["--max-memory", str(args.max_memory)] if args.max_memory else []),
+               *(["--cap-bytes", str(args.cap_bytes)] if getattr(args, "cap_bytes", None) else [])]
     start = time.perf_counter()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
     child_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -503,7 +536,10 @@ def parse_args(argv=None):
                    "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
     p.add_argument("--max-memory-train", type=float, help="give the default mode a --max-memory of this many times "
                    "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before it")
+    p.add_argument("--max-memory-audit", type=float, help="give the audit and audit3 modes a --max-memory of this "
+                   "many times the train mode's measured peak (1.4: issue 28's bar for one reduction)")
     p.add_argument("--json", help="also write the results to this file (after every mode)")
+    p.add_argument("--cap-bytes", type=int, help=argparse.SUPPRESS)  # the child's cap, as measured here (held_to)
     p.add_argument("--child", choices=[m for ms in MODES.values() for m in ms], dest="mode", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -520,6 +556,8 @@ def main(argv=None) -> int:
         said = result["error"] if "error" in result else \
             f"{result['seconds']:8.2f} s   peak {_bytes(result['peak_bytes'])}"
         print(f"  {mode:18s} {said}", file=sys.stderr, flush=True)
+        for line in result.get("said", []):
+            print(f"  {'':18s} {line}", file=sys.stderr, flush=True)
         summary = summarise(args, results)
         if args.json:  # after every mode: a run ended from outside still leaves what it measured
             with open(args.json, "w") as f:
@@ -532,6 +570,8 @@ def main(argv=None) -> int:
         target = summary["targets"].get(name.removesuffix(" (cpu time)"))
         if name == "peak default/train" and args.max_memory_train:
             target = args.max_memory_train
+        if name in ("peak audit/train", "peak audit3/train") and args.max_memory_audit:
+            target = args.max_memory_audit
         print(f"  {name:34s} {value:6.2f}" + (f"   (target <= {target})" if target else ""))
     return 0
 
@@ -540,17 +580,21 @@ def children(args, modes: list[str]):
     """Each mode in a fresh child process (the fastest of --repeat runs), within --timeout and
     --budget. Yields (mode, result)."""
     deadline = time.monotonic() + args.budget if args.budget else None
-    done = {}
+    done, given = {}, args.max_memory
     for mode in modes:
-        if args.max_memory_train and mode == "default" and "peak_bytes" in done.get("train", {}):
-            args.max_memory = args.max_memory_train * done["train"]["peak_bytes"] / GIB
+        args.max_memory, args.cap_bytes = given, None
+        ratio = args.max_memory_train if mode == "default" else args.max_memory_audit if mode in ("audit", "audit3") else None
+        if ratio and "peak_bytes" in done.get("train", {}) and "error" not in done["train"]:
+            args.max_memory = ratio * done["train"]["peak_bytes"] / GIB
+            if args.device == "cpu":  # the child sets --max-memory from it (held_to)
+                args.cap_bytes = int(ratio * done["train"]["peak_bytes"])
         runs = []
         for _ in range(args.repeat):
             left = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
             runs.append(run_child(args, mode, left) if left >= 5 else {"mode": mode, "error": "skipped: out of --budget"})
         good = [r for r in runs if "error" not in r]
         best = min(good, key=lambda r: r["cpu_seconds" if args.device == "cpu" else "seconds"]) if good else runs[-1]
-        if args.max_memory:
+        if args.max_memory and "max_memory_gib" not in best:
             best["max_memory_gib"] = args.max_memory
         done[mode] = best
         yield mode, best

@@ -25,7 +25,7 @@ from .faults import out_of_memory_is_environmental
 from ..core.finite import has_nonfinite
 from ..core.forward import forward
 from ..core.accumulate import SIXTEEN_BIT, GradientSum, Hooks
-from ..core.grads import dots, trainable
+from ..core.grads import difference_rows, dots, raw_products, summarize, trainable
 from .judge import Guard, Judge, Measured, report_fields
 from ..core.layouts import Layout, microbatches, plan_layouts
 from ..models.loading import LoadedModel, load_model
@@ -34,7 +34,7 @@ from ..core.objective import Objective
 from ..core.pairs import MIN_PAIR_LENGTH, make_pair_batch, pair_layouts
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
 from .memory import ResidentMeter, resident_bytes
-from .passes import passes_for, unheld
+from .passes import param_blocks, plan_for, unheld
 from ..paths.grpo import grpo_batch
 from ..paths.pairs import PairMeanPath
 from ..paths.reduction import ReductionPath
@@ -134,21 +134,46 @@ def batch_for(loaded: LoadedModel, spec: BatchSpec, *, pairs: bool = False) -> B
 @dataclass
 class _Step:
     """A logit path's running sums over one layout's microbatches. Its gradient is ``factor``
-    x ``sum``: proportional reductions share one sum (num_items and sum: factor N)."""
+    x ``sum``: proportional reductions share one sum (num_items and sum: factor N). Where the
+    parameters run in blocks (``blocks``), each block's sum is compared and freed before the
+    next, its comparison rows kept in ``rows``."""
 
     sum: GradientSum
     factor: float = 1.0
     loss: float = 0.0
     aux: float | None = None
-    weights: list[float] = field(default_factory=list)
+    # per microbatch: [n x scale, gradient . correct gradient, correct . correct, own]: a weight,
+    # its dot products summed over the blocks of parameters (own: a loss of its own)
+    parts: dict[int, list] = field(default_factory=dict)
     projection: float = 0.0  # the step's gradient . the reference, summed from each microbatch's exact product
+    rows: list = field(default_factory=list)  # per block: (names, difference rows, (G.G, G.r)) once compared
+
+    @property
+    def weights(self) -> list[float]:
+        return [(coef * along / kept2 if kept2 else math.nan) if own else coef
+                for coef, along, kept2, own in self.parts.values()]
+
+    def compare_block(self, reference, norms: dict, cache: dict) -> None:
+        """Compare this block's sum with the reference and keep only the rows (blocks mode)."""
+        key = (id(self.sum), self.factor)
+        if key not in cache:
+            items = [(n, t) for n, t in self.sum.items()]
+            f = self.factor * (self.sum.unit or 1.0)
+            cache[key] = ([n for n, _ in items], difference_rows(reference, items, f, norms),
+                          raw_products(reference, items, f))
+        self.rows.append(cache[key])
 
     def outcome(self, path: LogitPath, layout: Layout, note: str, reference_norm2: float) -> Outcome:
         # a 16-bit sum rounds each addition; its scale is then read from the products instead
         scale = self.projection / reference_norm2 if self.sum.narrow and reference_norm2 else None
-        return Outcome(path.label, layout, self.loss, list(self.sum.items()), note=note, aux=self.aux,
-                       weights=[w for w in self.weights if math.isfinite(w)] or None,
-                       gradient_factor=self.factor * (self.sum.unit or 1.0), scale=scale)
+        compared = None
+        if self.rows:  # compared block by block: the sums are gone
+            names = [n for names, _, _ in self.rows for n in names]
+            far = (sum(r[2][0] for r in self.rows), sum(r[2][1] for r in self.rows))
+            compared = summarize(names, torch.cat([rows for _, rows, _ in self.rows]), lambda: far)
+        return Outcome(path.label, layout, self.loss, [] if self.rows else list(self.sum.items()), note=note,
+                       aux=self.aux, weights=[w for w in self.weights if math.isfinite(w)] or None,
+                       gradient_factor=self.factor * (self.sum.unit or 1.0), scale=scale, compared=compared)
 
 
 def _sums(paths: list[LogitPath], params) -> dict[int, _Step]:
@@ -179,9 +204,14 @@ def _ratio(weights: list[float], first: list[float]) -> float | None:
 
 
 def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard: Guard,
-               seen: Callable[[Outcome], None] = lambda outcome: None) -> list[Measured]:
+               seen: Callable[[Outcome], None] = lambda outcome: None, blocks: int = 1) -> list[Measured]:
     """One forward per microbatch, shared by every logit path; one backward per distinct scalar,
     its gradients taken by hooks into the paths' sums as they come (accumulate.py).
+
+    ``blocks`` > 1 (to fit a memory budget; not with an MoE aux target): the layout's
+    microbatches run once per block of parameters, the gradient taken for that block only,
+    each block's sums compared and freed before the next; the dot products that weigh a
+    microbatch are summed over the blocks.
 
     ``paths`` must hold one that calibrates (the correct reduction). A path that raises becomes
     its error case and the others go on; a forward that raises fails the paths that needed it.
@@ -191,32 +221,52 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
     prefix = virtual_tokens(ctx.model)  # PEFT prompt tuning scores its virtual positions too
     step = StepTokens(tuple(target_mask(prepend_ignored(mb.labels, prefix), ctx.batch.task) for mb in mbs))
     failed: dict[int, str] = {}  # id(path) -> one-line reason
-    for path in paths:
-        _, reason = guard.call(f"the {path.label.path} path", path.start, ctx, layout, step)
-        if reason is not None:
-            failed[id(path)] = reason
-    steps = _sums([p for p in paths if id(p) not in failed], ctx.params)  # a path whose start failed has none
-    reference = [ctx.reference.grads[n] for n, _ in ctx.params]
-    norm2 = dots(reference, reference)
-    shares: list[float] = []  # each microbatch's share of the reference's projection: (g_m . r) / (N r . r)
+    reference_all = [ctx.reference.grads[n] for n, _ in ctx.params]
+    norm2 = dots(reference_all, reference_all)
+    blocks_of = param_blocks(ctx.params, 1 if ctx.reference.aux else blocks)
+    projections: dict[int, float] = {}  # per microbatch: the token sum's gradient . the reference
     aux = AuxAccumulator(ctx.reference.aux, ctx.params, len(layout.groups)) if ctx.reference.aux else None
-    fault = None
-    with Hooks(ctx.params, reference) as hooks:
-        for index, mb in enumerate(mbs):
-            live = [p for p in paths if id(p) not in failed]
-            if not live:
-                break
-            where = f"microbatch {index + 1} of {len(mbs)}"
-            view = _shared_forward(ctx, index, mb, step, live, failed, guard, where)
-            if view is None:
-                continue
-            if fault is None and has_nonfinite(view.outputs.logits):
-                fault = f"NaN/Inf in the logits of {where}"
-            if aux:
-                aux.add(view.outputs, mb.attention_mask, hooks)
-            share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where)
-            view = None  # the microbatch's outputs go before the next forward (its graph went in its last backward)
-            shares.append(share / (step.total * norm2) if norm2 and step.total else math.nan)
+    fault, steps = None, {}
+    for number, block in enumerate(blocks_of):
+        params = [ctx.params[i] for i in block]
+        for path in paths:
+            if id(path) not in failed:
+                _, reason = guard.call(f"the {path.label.path} path", path.start, ctx, layout, step)
+                if reason is not None:
+                    failed[id(path)] = reason
+        live_paths = [p for p in paths if id(p) not in failed]  # a path whose start failed has none
+        if number == 0:
+            steps = _sums(live_paths, params)
+        else:  # the same steps, a fresh sum per distinct sum for this block
+            fresh: dict[int, GradientSum] = {}
+            for s in steps.values():
+                s.sum = fresh.setdefault(id(s.sum), GradientSum(params))
+        with Hooks(params, [reference_all[i] for i in block]) as hooks:
+            for index, mb in enumerate(mbs):
+                live = [p for p in paths if id(p) not in failed]
+                if not live:
+                    break
+                where = f"microbatch {index + 1} of {len(mbs)}"
+                view = _shared_forward(ctx, index, mb, step, live, failed, guard, where)
+                if view is None:
+                    continue
+                if fault is None and has_nonfinite(view.outputs.logits):
+                    fault = f"NaN/Inf in the logits of {where}"
+                if aux:
+                    aux.add(view.outputs, mb.attention_mask, hooks)
+                share = _contribute(view, [p for p in live if id(p) not in failed], steps, hooks, failed, guard, where,
+                                    first=number == 0)
+                view = None  # the microbatch's outputs go before the next forward (its graph went in its last backward)
+                projections[index] = projections.get(index, 0.0) + share
+        if len(blocks_of) > 1:  # compare this block's sums, then free them
+            cache: dict = {}
+            for path in paths:
+                if id(path) not in failed and id(path) in steps:
+                    steps[id(path)].compare_block(ctx.reference.grads, judge.norms, cache)
+            for s in steps.values():
+                s.sum.tensors = [None] * len(s.sum.tensors)
+            cache = None
+    shares = [projections[i] / (step.total * norm2) if norm2 and step.total else math.nan for i in sorted(projections)]
     judge.learn(layout, shares if len(shares) == len(mbs) else None, aux.result() if aux else None)
     measured, shared = [], {}  # shared: products of the sums' tensors, read once for every path on a sum
     for path in paths:
@@ -233,11 +283,12 @@ def run_layout(ctx: AuditContext, layout: Layout, paths: list[LogitPath], guard:
 
 
 def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _Step], hooks: Hooks, failed, guard,
-                where) -> float:
+                where, first: bool = True) -> float:
     """Each live path's contribution on one microbatch: its gradient (into its sum), loss and
     weight. The token sum's backward feeds every path that backs it (once per shared sum);
     a path with a loss of its own gets its own backward. Returns the token sum's gradient .
-    the reference."""
+    the reference (over ``hooks``' parameters). ``first``: the first block of parameters (the
+    losses are taken once)."""
     n = view.step.total
     given: dict[int, Contribution] = {}
     for path in live:
@@ -262,10 +313,11 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
     projection = correct.results()[0] / unit  # the token sum's gradient . the reference
     for path in shared:
         c, s = given[id(path)], steps[id(path)]
-        s.loss += token_sum * c.scale
         s.projection += c.scale * projection
-        s.weights.append(n * c.scale if view.step.counts[view.index] else math.nan)
-        _carry(s, c)
+        if first:
+            s.loss += token_sum * c.scale
+            s.parts[view.index] = [n * c.scale if view.step.counts[view.index] else math.nan, 0.0, 0.0, False]
+            _carry(s, c)
     norm2 = dots(correct.kept, correct.kept) / unit if own else 0.0  # (its gradient . the correct share) x N
     for path in own:
         c, s = given[id(path)], steps[id(path)]
@@ -275,10 +327,13 @@ def _contribute(view: MicrobatchView, live: list[LogitPath], steps: dict[int, _S
             failed[id(path)] = reason
             continue
         along_reference, along_correct = b.results()
-        s.loss += float(c.loss.detach()) * c.scale
         s.projection += c.scale * along_reference
-        s.weights.append(n * c.scale * along_correct / norm2 if norm2 else math.nan)
-        _carry(s, c)
+        terms = s.parts.setdefault(view.index, [n * c.scale, 0.0, 0.0, True])
+        terms[1] += along_correct
+        terms[2] += norm2
+        if first:
+            s.loss += float(c.loss.detach()) * c.scale
+            _carry(s, c)
     return projection
 
 
@@ -349,19 +404,25 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     step_paths = [p for p in paths if isinstance(p, StepPath)]
     hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration(ctx.objective)]
     guard = Guard(Judge(ctx))
-    runs = passes_for(ctx, logit_paths + hidden)  # more than one where the sums would not fit the memory
+    # more than one pass, or blocks of parameters, where the sums would not fit the memory
+    runs, blocks = plan_for(ctx, logit_paths + hidden)
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
-    if (over := unheld(ctx, runs, bool(step_paths))) is not None:
-        say(over)
+    if (over := unheld(ctx, runs, bool(step_paths), blocks)) is not None:
+        raise UsageError(over)
+    if blocks and blocks > 1:
+        say(f"the parameters run in {blocks} blocks to fit --max-memory: each layout's microbatches run "
+            f"{blocks} times, one block's gradient sums held at a time")
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")
-        cases = [m for paths_of_pass in runs for m in run_layout(ctx, layout, paths_of_pass, guard)]
+        cases = [m for paths_of_pass in runs for m in run_layout(ctx, layout, paths_of_pass, guard, blocks=blocks or 1)]
         measured += sorted(cases, key=lambda m: order[id(m.label)])
+        guard.judge.release_aux()  # the layout's aux target gradient: its cases are measured
     for path in step_paths:
         measured += path.run_layouts(ctx, layouts, guard, say)
+        guard.judge.release_aux()
     tolerance = guard.judge.tolerance(measured)
     shown = [m for m in measured if not any(m.label is h.label for h in hidden)]
     return Judged(shown, guard.judge, tolerance)

@@ -22,6 +22,7 @@ from ..core.grads import GradDiff, compare_grads, dots
 from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
+from .passes import budget_bytes
 from .precision import PrecisionReference
 from ..core.aggregation import SequenceMean, TokenMean
 from ..core.objective import Objective
@@ -112,7 +113,8 @@ class Judge:
         if self.reference.aux is None:
             return None
         facts = self.facts.setdefault(layout, LayoutFacts())
-        if facts.aux is None:
+        if facts.aux is None or facts.aux.grads is None:  # never learnt, or its gradient released
+            self.release_aux(keep=layout)
             acc = AuxAccumulator(self.reference.aux, self.ctx.params, len(layout.groups))
             with acc.hooks() as hooks:
                 for mb in microbatches(self.ctx.batch, layout):
@@ -120,6 +122,13 @@ class Judge:
                     acc.add(outputs, mb.attention_mask, hooks)
             facts.aux = acc.result()
         return facts.aux
+
+    def release_aux(self, keep: Layout | None = None) -> None:
+        """Free the aux target gradient (a whole model's) of every layout but ``keep``: its
+        numbers stay with the cases; a later case on that layout takes its forwards again."""
+        for layout, facts in self.facts.items():
+            if layout != keep and facts.aux is not None:
+                facts.aux.grads = None
 
     def target(self, label: Label, layout: Layout) -> tuple[float, Mapping, LayoutAux | None]:
         aux = self.layout_aux(layout) if label.trains_aux else None
@@ -135,8 +144,9 @@ class Judge:
         loss_target, grads_target, aux = self.target(label, layout)
         if outcome.target is not None:  # the step's own (a GRPO window's declared gradient)
             loss_target, grads_target, aux = math.nan, outcome.target, None
-        grads = compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
-                              norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
+        grads = outcome.compared if outcome.compared is not None and grads_target is self.reference.grads else \
+            compare_grads(grads_target, outcome.gradient, factor=outcome.gradient_factor,
+                          norms=self.norms if grads_target is self.reference.grads else None, raw=raw)
         if outcome.scale is not None and aux is None:  # projected on the reference itself, not on an aux target
             grads = dataclasses.replace(grads, scale=outcome.scale)
         m = Measured(
@@ -175,16 +185,28 @@ class Judge:
                                                                      factor=outcome.gradient_factor, norms=norms))
                 for objective, reference, norms in self.other_objectives()]
 
-    def other_objectives(self) -> list[tuple[Objective, Reference, dict]]:
+    def other_objectives(self) -> Iterator[tuple[Objective, Reference, dict]]:
         """The token aggregations the run does not declare, each with its float64 reference,
-        computed once a run when a step first misses its target."""
-        if self._others is None:
-            declared, ctx = self.ctx.objective, self.ctx
-            self._others = [] if declared.pairwise or ctx.reference is None else [
-                (other, compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other), {})
-                for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean()))
-                if other.aggregation != declared.aggregation]
-        return self._others
+        computed when a step first misses its target: kept for the run's later findings, or,
+        under a memory budget (--max-memory, a CUDA device), computed for each finding and freed
+        after it (a reference is a whole model's gradient, which no budget planned for)."""
+        if self._others is not None:
+            yield from self._others
+            return
+        declared, ctx = self.ctx.objective, self.ctx
+        if declared.pairwise or ctx.reference is None:
+            return
+        keep = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device) is None
+        others = []
+        for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean())):
+            if other.aggregation != declared.aggregation:
+                reference = compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other)
+                if keep:
+                    others.append((other, reference, {}))
+                yield other, reference, {}
+                reference = None  # before the next one is computed
+        if keep:
+            self._others = others
 
     def failed(self, label: Label, layout: Layout, reason: str) -> Measured:
         """The error case: the one way one is built."""

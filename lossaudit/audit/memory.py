@@ -64,6 +64,7 @@ class AuditShape:
     device: str = "cuda"  # the device type: the comparison's pieces are smaller on the CPU (grads.chunk)
     weight_bytes: int = 0  # W: every parameter and buffer (0: taken as P x b)
     split: int = 4  # the fewest microbatches of a layout with more than one (0: no such layout)
+    blocks: int = 1  # blocks of parameters the logit paths run in (harness.run_layout, under --max-memory)
 
     @property
     def wide_bytes(self) -> int:
@@ -74,10 +75,12 @@ class AuditShape:
 def logit_phase_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
     """Beyond the training step while logit paths run: reference + every sum but the first
     + the kept correct gradient + what a gradient arriving into a full sum adds + comparison
-    temporaries (+ the model path's own float32 loss)."""
+    temporaries (+ the model path's own float32 loss): the reference stands where the step
+    keeps its gradient, so what is beyond is the sums and the kept correct gradient, in
+    ``blocks`` of parameters one block's (about 1/blocks of each)."""
     pb = s.parameters * s.param_bytes
-    return pb + max(s.sums - 1, 0) * pb + (pb if s.keeps_correct else 0) + arriving_bytes(s, train_step_peak) + \
-        comparison_bytes(s) + s.logits_bytes
+    held = (s.sums + s.keeps_correct) * pb // max(s.blocks, 1)  # the sums and the kept correct gradient
+    return held + arriving_bytes(s, train_step_peak) + comparison_bytes(s) + s.logits_bytes
 
 
 def arriving_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
@@ -123,7 +126,7 @@ def audit_peak_bytes(train_step_peak: int, s: AuditShape) -> int:
 
 
 def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, logits_bytes: int = 0,
-             step_path: bool = False, split: int = 4) -> AuditShape:
+             step_path: bool = False, split: int = 4, blocks: int = 1) -> AuditShape:
     """The AuditShape of ``model`` (its trainable parameters, dtype and largest tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return AuditShape(
@@ -137,6 +140,7 @@ def shape_of(model: torch.nn.Module, *, sums: int, keeps_correct: bool = False, 
         device=params[0].device.type,
         weight_bytes=sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
         split=split,
+        blocks=blocks,
     )
 
 

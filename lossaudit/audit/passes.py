@@ -60,6 +60,62 @@ def sums_per_pass(budget: int | None, base: int, param_bytes: int, extra: int) -
     return max(1, math.floor((budget - base - extra) / param_bytes))
 
 
+def param_blocks(params, n: int) -> list[list[int]]:
+    """The indices of ``params`` in at most ``n`` contiguous blocks of about equal bytes (a
+    tensor larger than a block's share is a block of its own); one block: all of them."""
+    sizes = [p.numel() * p.element_size() for _, p in params]
+    if n <= 1 or len(sizes) <= 1:
+        return [list(range(len(sizes)))]
+    share = sum(sizes) / n
+    blocks, current, held = [], [], 0
+    for i, size in enumerate(sizes):
+        if current and held + size > share:
+            blocks.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += size
+    return blocks + [current]
+
+
+def block_bytes(params, n: int) -> int:
+    """The largest block's bytes when ``params`` run in ``n`` blocks."""
+    return max(sum(params[i][1].numel() * params[i][1].element_size() for i in block) for block in param_blocks(params, n))
+
+
+def blocks_for(ctx, runs: list[list[LogitPath]]) -> int | None:
+    """Blocks of parameters each layout's passes run in (harness.run_layout): 1, unless the
+    largest pass would not fit ``--max-memory`` (on CUDA, by default, the device's memory); then
+    the fewest that fit, each costing the layout's forwards and backwards once more. None: no
+    number of blocks fits. An MoE aux target runs in one block."""
+    f = Footprint.of(ctx)
+    runs = [paths for paths in runs if paths]
+    if f is None or not runs:
+        return 1
+    most = 1 if ctx.reference.aux else len(ctx.params)
+    smallest = block_bytes(ctx.params, most)
+    for n in range(1, most + 1):
+        if all(f.pass_bytes(ctx, paths, n) <= f.budget for paths in runs):
+            return n
+        if block_bytes(ctx.params, n) <= smallest:  # no smaller block to be had
+            break
+    return None
+
+
+def plan_for(ctx, paths: list[LogitPath]) -> tuple[list[list[LogitPath]], int | None]:
+    """The run's passes and blocks of parameters: the plan that fits the budget with the fewest
+    runs over each layout (passes x blocks; fewer passes first where two tie). Blocks None:
+    nothing fits (the smallest pass in the smallest blocks is then what ``unheld`` says)."""
+    if Footprint.of(ctx) is None or not paths:
+        return [paths], 1
+    best = None
+    for per_pass in range(len(sum_groups(paths)), 0, -1):
+        runs = plan(paths, per_pass)
+        blocks = blocks_for(ctx, runs)
+        if blocks is not None and (best is None or len(runs) * blocks < len(best[0]) * best[1]):
+            best = (runs, blocks)
+    return best if best is not None else (plan(paths, 1), None)
+
+
 def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     """The run's passes: one, unless the sums would not fit ``--max-memory`` (on CUDA, by
     default, the device's memory)."""
@@ -67,7 +123,8 @@ def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
     if f is None or not paths:
         return [paths]
     own = any(p.own_backward for p in paths)
-    return plan(paths, sums_per_pass(f.budget, f.base, f.pb, (f.pb if own else 0) + f.logits(ctx, paths) + f.transient))
+    return plan(paths, sums_per_pass(f.budget, f.base, f.pb,
+                                     (f.pb if own else 0) + f.logits(ctx, paths) + f.transient + f.losses))
 
 
 class Footprint:
@@ -75,8 +132,8 @@ class Footprint:
     gradient it built and the full batch's activations; on CUDA max_memory_allocated, on the
     CPU what the process held, audit.memory.ResidentMeter), against ``budget``."""
 
-    def __init__(self, budget: int, base: int, pb: int, transient: int):
-        self.budget, self.base, self.pb, self.transient = budget, base, pb, transient
+    def __init__(self, budget: int, base: int, pb: int, transient: int, losses: int = 0):
+        self.budget, self.base, self.pb, self.transient, self.losses = budget, base, pb, transient, losses
 
     @classmethod
     def of(cls, ctx) -> "Footprint | None":
@@ -96,7 +153,13 @@ class Footprint:
             return None
         transient = max(p.numel() * p.element_size() for _, p in ctx.params) + \
             comparison_bytes(shape_of(ctx.model, sums=1))
-        return cls(budget, base, pb, transient)
+        # the float64 token losses of a full-batch microbatch (k=1), saved for its backward: the
+        # reference's peak comes at the end of its backward, when its own are freed, but a pass
+        # holds them beside the reference it keeps (measured at issue 28's CPU shape: without
+        # them a pass came 25 MiB above its estimate)
+        batch = ctx.batch
+        losses = 8 * len(batch) * max(batch.lengths, default=0) * (getattr(ctx.loaded, "vocab_size", 0) or 0)
+        return cls(budget, base, pb, transient, losses)
 
     @staticmethod
     def logits(ctx, paths) -> int:
@@ -105,12 +168,14 @@ class Footprint:
         batch = ctx.batch
         return model_loss_bytes(len(batch), max(batch.lengths), getattr(ctx.loaded, "vocab_size", 0) or 0)
 
-    def pass_bytes(self, ctx, paths) -> int:
+    def pass_bytes(self, ctx, paths, blocks: int = 1) -> int:
         """A pass's estimated peak: the reference's, one parameter-sized tensor per sum and the
-        kept correct gradient where a path has a loss of its own, the model path's logits."""
+        kept correct gradient where a path has a loss of its own (a block's, where the parameters
+        run in ``blocks``), the model path's logits."""
         sums = len(sum_groups(paths))
         own = any(p.own_backward for p in paths)
-        return self.base + (sums + own) * self.pb + self.logits(ctx, paths) + self.transient
+        held = self.pb if blocks <= 1 else block_bytes(ctx.params, blocks)
+        return self.base + (sums + own) * held + self.logits(ctx, paths) + self.transient + self.losses
 
     def step_bytes(self) -> int:
         """A step path's: the reference's peak, the reference kept beside the step's own gradient,
@@ -118,15 +183,19 @@ class Footprint:
         return self.base + 2 * self.pb + self.transient
 
 
-def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool) -> str | None:
-    """A line saying what ``--max-memory`` cannot hold (None where every pass fits): the
-    smallest pass is one sum (and a kept gradient), and a step path cannot be split."""
+def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool, blocks: int | None = 1) -> str | None:
+    """A line saying that ``--max-memory`` cannot hold this audit and the least it needs (None
+    where every pass fits): the smallest pass is one sum (and a kept gradient) of the smallest
+    block of parameters to be had (``blocks`` None: none fits), and a step path cannot be split."""
     f = Footprint.of(ctx)
     if f is None:
         return None
-    need = max([f.pass_bytes(ctx, paths) for paths in runs if paths] + ([f.step_bytes()] if step_paths else []))
+    fewest = len(ctx.params) if blocks is None else blocks
+    least = [f.pass_bytes(ctx, paths, fewest) for paths in runs if paths] + ([f.step_bytes()] if step_paths else [])
+    need = max(least, default=0)
     if need <= f.budget:
         return None
-    return (f"the memory budget of {f.budget / GIB:.2f} GiB cannot hold this audit: its largest pass needs about "
+    return (f"the memory budget of {f.budget / GIB:.2f} GiB (--max-memory) cannot hold this audit: it needs at least "
             f"{need / GIB:.2f} GiB (the reference's peak {f.base / GIB:.2f} GiB and parameter-sized tensors of "
-            f"{f.pb / GIB:.2f} GiB); it runs anyway: raise --max-memory, or lower --batch-size or --num-layers")
+            f"{f.pb / GIB:.2f} GiB{'; a step path holds two of them' if step_paths else ''}): raise --max-memory, or "
+            f"lower --batch-size or --num-layers")

@@ -161,20 +161,44 @@ def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[s
     reference tensors' squared norms (name -> 0-dim tensor); ``raw`` caches a second pass's
     products per tensor pair, for gradients that several cases share with other factors."""
     grads = list(grads)  # (name, tensor) references: read twice where the case is far
+    if not grads:
+        return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
+    table = difference_rows(reference, grads, factor, norms)
+    return summarize([n for n, _ in grads], table, lambda: _far(reference, grads, factor, raw))
+
+
+def difference_rows(reference: Mapping[str, torch.Tensor], grads: list[tuple[str, torch.Tensor | None]],
+                    factor: float, norms: dict | None = None) -> torch.Tensor:
+    """One float64 row per tensor on the host (one synchronisation): ||d||², ||r||², d·r and
+    max|d| for d = factor x gradient - reference."""
     norms = {} if norms is None else norms
     for name, _ in grads:
         if name not in norms:
             norms[name] = dot(reference[name], reference[name])
     if not grads:
-        return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
+        return torch.zeros((0, 4), dtype=torch.float64)
     stats = [_difference_stats(g, reference[name], factor, norms[name]) for name, g in grads]
     table = torch.stack([s.to(stats[0].device) for s in stats]).cpu()  # the synchronisation
     f = float(factor)
     to_d = [[f * f, 1.0, f, abs(f)] if g is not None and f else [1.0] * 4 for _, g in grads]
-    table *= torch.tensor(to_d, dtype=torch.float64)  # e -> d = factor x e (already d where G = 0)
+    return table * torch.tensor(to_d, dtype=torch.float64)  # e -> d = factor x e (already d where G = 0)
+
+
+def raw_products(reference: Mapping[str, torch.Tensor], grads: list[tuple[str, torch.Tensor | None]],
+                 factor: float) -> tuple[float, float]:
+    """||G||² and G·r for G = factor x grads over these tensors (the far case's second pass)."""
+    return _far(reference, grads, factor, None) if grads else (0.0, 0.0)
+
+
+def summarize(names: list[str], table: torch.Tensor, far) -> GradDiff:
+    """The comparison from ``difference_rows`` (rows of tensors in model order, possibly
+    gathered from several blocks of parameters); ``far()`` gives ||G||² and G·r where G is not
+    near the reference."""
+    if not names:
+        return GradDiff(0.0, float("nan"), 0.0, float("nan"), "", 0.0)
     diff2 = ref2 = d_ref = max_abs = worst_rel = 0.0
     worst, nonfinite, per_tensor = "", None, []
-    for (name, _), (d2, r2, dr, d_max) in zip(grads, table.tolist()):
+    for name, (d2, r2, dr, d_max) in zip(names, table.tolist()):
         if nonfinite is None and not math.isfinite(d_max):  # the reference is finite (else nothing is compared)
             nonfinite = name
         diff2, ref2, d_ref = diff2 + d2, ref2 + r2, d_ref + dr
@@ -185,7 +209,7 @@ def compare_grads(reference: Mapping[str, torch.Tensor], grads: Iterable[tuple[s
             worst, worst_rel = name, rel
     got2, g_ref = diff2 + 2 * d_ref + ref2, d_ref + ref2  # G = d + r
     if not _near(diff2, ref2, got2):
-        got2, g_ref = _far(reference, grads, factor, raw)
+        got2, g_ref = far()
     return GradDiff(
         rel_err=math.sqrt(diff2 / ref2) if ref2 > 0 else (0.0 if diff2 == 0 else math.inf),
         cosine=_cosine(diff2, ref2, got2, d_ref, g_ref),

@@ -117,7 +117,7 @@ class LayoutAux:
     coef: float
     microbatch: list[float]  # each microbatch's aux loss
     full: float  # the full batch's aux loss (the reference objective's)
-    grads: dict[str, torch.Tensor]  # coef * gradient of the mean over microbatches
+    grads: dict[str, torch.Tensor] | None  # coef * gradient of the mean over microbatches (None: released)
     gap_grad: float  # |grads - full-batch aux grads| / |full-batch aux grads|: inherent, information
 
     @property

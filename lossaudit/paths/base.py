@@ -32,6 +32,7 @@ from ..stacks.model_state import ModelState
 
 if TYPE_CHECKING:
     from ..core.batch import Batch
+    from ..core.grads import GradDiff
     from ..audit.config import CheckConfig
     from ..models.loading import LoadedModel
     from ..core.reference import Reference
@@ -92,6 +93,9 @@ class Outcome:
     # and, where the path knows what the step computed, its cause (None: causes.py names one)
     target: "Mapping[str, torch.Tensor] | None" = None
     cause: str | None = None
+    # the comparison already made, block of parameters by block (harness.run_layout under a
+    # memory budget): the gradient itself is gone then
+    compared: "GradDiff | None" = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ memory of a real audit on the CPU, in a fresh process with MALLOC_MMAP_THRESHOLD
 blocks go back to the system), beside a plain training step's on the same model and batch. The
 model's prediction (the training step's measured peak + ``audit_extra_bytes``) must be within
 10 % of the audit's measured peak, on a shape whose parameters dominate and on one whose
-activations do."""
+activations do, and on the first in blocks of parameters under a --max-memory it must hold."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from lossaudit.audit.memory import reset_resident_peak
+from lossaudit.audit.memory import GIB, reset_resident_peak
 
 SHAPES = {  # LlamaConfig overrides, batch, length
     # 22.6 M parameters (90 MB in float32) beside a few MB of activations
@@ -22,17 +22,21 @@ SHAPES = {  # LlamaConfig overrides, batch, length
     "activations": (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=32000,
                          num_attention_heads=4, num_key_value_heads=4), 4, 128),
 }
+SHAPES["parameters, in blocks"] = SHAPES["parameters"]  # under --max-memory 1.5 x the step: blocks of parameters
+BUDGET = 1.5  # x the training step's measured peak, for the shapes "in blocks"
 
 
 def measure(name: str) -> dict:
     """In this (fresh) process: a warm-up step, then a training step's and an audit's peaks."""
+    import dataclasses
+
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (the libraries, before the baseline)
 
     import lossaudit.audit.harness  # noqa: F401
     from lossaudit.audit.config import CheckConfig
     from lossaudit.audit.harness import audit, batch_for
-    from lossaudit.audit.memory import ResidentMeter, keeps_correct, resident_bytes, shape_of, sums_held
+    from lossaudit.audit.memory import GIB, ResidentMeter, keeps_correct, resident_bytes, shape_of, sums_held
     from lossaudit.core.forward import forward
     from lossaudit.core.layouts import full_batch
     from lossaudit.core.tokens import target_mask, token_losses
@@ -57,11 +61,15 @@ def measure(name: str) -> dict:
     meter = ResidentMeter(start)
     step()
     train = meter.peak()
+    if name.endswith("in blocks"):
+        config = dataclasses.replace(config, max_memory=BUDGET * train / GIB)
+    said = []
     meter = ResidentMeter(start)
-    audit(config, loaded=loaded)
+    audit(config, said.append, loaded=loaded)
+    blocks = next((int(line.split(" blocks")[0].split()[-1]) for line in said if "blocks to fit" in line), 1)
     shape = shape_of(loaded.model, sums=sums_held(["reduction"], ["num_items"]),
-                     keeps_correct=keeps_correct(["reduction"], ["num_items"]))
-    return {"train": train, "audit": meter.peak(), "shape": shape.__dict__}
+                     keeps_correct=keeps_correct(["reduction"], ["num_items"]), blocks=blocks)
+    return {"train": train, "audit": meter.peak(), "shape": shape.__dict__, "budget": config.max_memory}
 
 
 def measured(name: str) -> dict:
@@ -81,6 +89,8 @@ def test_the_model_predicts_the_measured_peak_within_10_percent(name):
     predicted = audit_peak_bytes(m["train"], AuditShape(**m["shape"]))
     assert abs(predicted - m["audit"]) <= 0.10 * m["audit"], (name, m["train"] / 2**20, m["audit"] / 2**20,
                                                               predicted / 2**20)
+    if m["budget"] is not None:  # the cap holds: the parameters ran in blocks to fit it
+        assert m["shape"]["blocks"] > 1 and m["audit"] <= m["budget"] * GIB, (m["shape"]["blocks"], m["audit"] / 2**20)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,30 @@ def test_a_step_path_gets_its_aux_target_from_the_harness(mixtral):
     verdict, detail = guard.judge.verdict(m, Tolerance.measure("float32", []))
     assert verdict == "match", (detail, m.grads)
     assert m.aux_target.microbatch and m.grads.rel_err < 1e-5
+
+
+def test_aux_target_gradients_are_freed_layout_by_layout(mixtral, monkeypatch):
+    """A layout's aux target gradient (a whole model's) lives while its cases are measured, not
+    until the run ends: at most one layout holds one at a time, a step path after the logit
+    paths takes its layout's forwards again, and its verdict is that of a fresh judge."""
+    from lossaudit.audit.harness import run_paths
+    from lossaudit.paths.model import ModelPath
+
+    live = []
+    original = Judge.layout_aux
+
+    def counted(self, layout):
+        aux = original(self, layout)
+        live.append(sum(f.aux is not None and f.aux.grads is not None for f in self.facts.values()))
+        return aux
+    monkeypatch.setattr(Judge, "layout_aux", counted)
+    layouts = [Layout(k, "imbalanced", "right", group(mixtral.batch, k, "imbalanced")) for k in (2, 4)]
+    judged = run_paths(mixtral, layouts, [ModelPath(), MeanAuxStep()])
+    assert live and max(live) == 1, live
+    cases = [m for m in judged.measured if m.aux_target is not None]
+    assert len(cases) == 2 * 2 and all(m.aux_target.grads is None for m in cases)
+    assert all(m.aux_target.microbatch for m in cases)
+    steps = [m for m in cases if m.label.path == "mean-aux-loop"]
+    assert [judged.judge.verdict(m, judged.tolerance)[0] for m in steps] == ["match", "match"]
+    fresh = Guard(Judge(mixtral)).step(MeanAuxStep(), mixtral, layouts[1])[0]
+    assert math.isclose(fresh.grads.rel_err, steps[1].grads.rel_err, rel_tol=1e-9, abs_tol=1e-15)
