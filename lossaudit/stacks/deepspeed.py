@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.grads import trainable
 from . import require
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}  # --data-parallel values that mean DeepSpeed ZeRO
@@ -108,8 +109,6 @@ class FullGradients:
     (None everywhere if no step ran), ``steps`` how many optimizer steps the engines took."""
 
     def __init__(self, model: torch.nn.Module):
-        from ..core.grads import trainable
-
         self.params = trainable(model)
         self.names = [n for n, _ in self.params]
         self.steps = 0
