@@ -43,6 +43,7 @@ class StepResult:
     num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
     accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
     average_tokens: bool | None = None  # args.average_tokens_across_devices (None: the release lacks it)
+    note: str = ""  # what the step's own path found that explains its update (stacks.packing.explain)
 
 
 class _Indices(torch.utils.data.Dataset):
