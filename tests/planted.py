@@ -113,3 +113,21 @@ def llama_ignoring_num_items():
             return super().forward(*args, **loss_kwargs)
 
     return LlamaIgnoringNumItems
+
+
+def loss_divided_by_gas_again(outputs, labels, num_items_in_batch=None):
+    """The correct loss divided once more by the accumulation steps (nanoGPT's habit kept in a
+    compute_loss_func): the Trainer does not divide a compute_loss_func's loss, and under DeepSpeed
+    it turns the engine's own division off (scale_wrt_gas=False), so this is the only one: 1/k."""
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin
+    steps = plugin.deepspeed_config["gradient_accumulation_steps"] if plugin else 1
+    return loss_with_num_items(outputs, labels, num_items_in_batch) / steps
+
+
+def one_process_count(model, inputs, labels, task, counts):
+    """Right on one process and without accumulation: the token sum over the step's gathered
+    target count, passed to accelerator.backward as it is. accelerate's backward divides by k (under
+    DeepSpeed the engine does: scale_wrt_gas) and the ranks are averaged: 1/(k x world size)."""
+    return _token_sum(model, inputs, labels, task) / counts.total

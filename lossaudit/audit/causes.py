@@ -63,7 +63,12 @@ def _divide_factor(w: int, k: int, parts: int) -> list[tuple[str, list[float]]]:
     world size, and the gradients summed, not averaged). With k = w a k-fold error is the same
     factor: the text says both."""
     also = f"; or the same factor through k = {k} microbatches" if k == w else ""
-    return [
+    both = [] if k == 1 else [  # a one-process loss handed to a backward that divides by k, on ranks averaged
+        (f"1/{k * w} of the token mean: the count gathered over the step divides it, and then the accumulation "
+         f"steps divide it again (k = {k}: accelerate's backward, or DeepSpeed's engine, scale by 1/k) and the "
+         f"wrapper averages over {w} ranks (GAS division and divide factor both applied on top of the count)",
+         [1.0 / (k * w)] * parts)]
+    return both + [
         (f"1/{w} of the token mean: the count gathered over {w} ranks divides the step and the wrapper's "
          f"average over ranks divides it again (divide factor applied twice{also})", [1.0 / w] * parts),
         (f"{w}x the token mean: the loss is multiplied by the world size {w} to undo an average over ranks "

@@ -17,7 +17,7 @@ from ..core.aggregation import aggregation_check, parse_aggregation
 from ..core.tasks import TASKS  # noqa: F401  (re-exported: the option table offers them)
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-DATA_PARALLEL = ("ddp", "fsdp2")  # how a step on --world-size N ranks wraps the model
+DATA_PARALLEL = ("ddp", "fsdp2", "zero1", "zero2", "zero3")  # how a step on --world-size N ranks wraps the model
 SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seeds are below 2**32
 
 Parse = Callable[[str], object]
@@ -205,7 +205,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("world_size", "int", 1, "data-parallel ranks", "--world-size", parse=parse_int, check=POSITIVE,
            metavar="N"),
     Option("data_parallel", "str", "ddp", "how --path step wraps the model on --world-size N ranks: ddp "
-           "(DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard)", "--data-parallel",
+           "(DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard); zero1, zero2, zero3: "
+           "DeepSpeed ZeRO on --path trainer and accelerate", "--data-parallel",
            check=one_of(DATA_PARALLEL), metavar="WRAPPER"),
     Option("batch_size", "int", 8, "sequences per optimizer step", "--batch-size", parse=parse_int,
            check=POSITIVE, metavar="N"),

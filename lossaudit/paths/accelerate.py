@@ -21,6 +21,7 @@ With ``--world-size N`` the steps run on N spawned ranks (``lossaudit.audit.dist
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -35,6 +36,7 @@ from ..core.registry import Registry
 from ..core.wrapped import virtual_tokens
 from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
+from ..stacks.deepspeed import ZERO_STAGES, FullGradients, zero_config
 from .probe import UpdateProbe
 
 
@@ -121,6 +123,11 @@ def manual_loop(accelerator, model, optimizer, batches, loss_fn) -> list[torch.T
 
 
 LOOPS = {"accumulate": accumulate_loop, "manual": manual_loop}
+# why the manual loop cannot accumulate under DeepSpeed ZeRO (measured on every stage; at k=1 it runs)
+MANUAL_UNDER_ZERO = ("DeepSpeed refuses this loop: accelerator.backward outside accelerator.accumulate() steps the "
+                     "engine after every microbatch, and DeepSpeed's model.no_sync() forbids that (ZeRO 1: "
+                     "\"illegal to call Engine.step() inside no_sync\"; ZeRO 2, 3: no_sync is incompatible with "
+                     "gradient partitioning); accumulate with accelerator.accumulate() under DeepSpeed")
 
 
 @dataclass
@@ -131,12 +138,11 @@ class StepOutcome:
 
 
 def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Recipe, *, k: int, task: str,
-             device: torch.device) -> StepOutcome:
-    """One optimizer step of ``recipe`` on this process's k microbatches."""
-    from accelerate import Accelerator
-
-    probe = UpdateProbe(model)
-    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k)
+             device: torch.device, zero: int | None = None) -> StepOutcome:
+    """One optimizer step of ``recipe`` on this process's k microbatches (``zero``: under
+    DeepSpeed ZeRO of that stage, accelerate's DeepSpeedPlugin; it trains the model it is given)."""
+    probe = (UpdateProbe if zero is None else FullGradients)(model)
+    accelerator = _accelerator(k, device, zero, len(microbatches[0].labels))
     try:
         optimizer = torch.optim.SGD([p for _, p in probe.params], lr=1.0)  # no momentum, decay, clipping
         probe.watch(optimizer)
@@ -155,6 +161,28 @@ def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Rec
         accelerator.sync_gradients = True  # GradientState is process-wide: leave no half-open window
 
 
+def _accelerator(k: int, device: torch.device, zero: int | None, micro_batch: int):
+    """The Accelerator of one step; under ZeRO with accelerate's DeepSpeedPlugin.
+
+    accelerate 1.16 does not run DeepSpeed on the CPU by itself: ``Accelerator(cpu=True)`` turns
+    DeepSpeed off, and without it accelerate finds no device backend and counts 1 process while
+    DeepSpeed's group holds N (``accelerator.gather`` then fails on gloo). So the process state is
+    first built on gloo, ``PartialState(cpu=True)``, as ``TrainingArguments(use_cpu=True)`` builds
+    it for the Trainer; the Accelerator then takes the plugin (DeepSpeed's CPU accelerator)."""
+    from accelerate import Accelerator
+
+    if zero is None:
+        return Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k)
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    AcceleratorState._reset_state(True)  # the process-wide state keeps the last step's plugin
+    PartialState(cpu=device.type == "cpu")
+    plugin = DeepSpeedPlugin(hf_ds_config=zero_config(zero, k=k, micro_batch=micro_batch))
+    return Accelerator(device_placement=False, gradient_accumulation_steps=k, deepspeed_plugin=plugin)
+
+
 def _call(loss: LossFn, model, inputs, labels, *, task, counts):
     return loss(model, inputs, labels, task, counts)
 
@@ -167,17 +195,21 @@ class RankJob:
     batch: Batch
     layouts: list[Layout]
     recipes: list[Recipe]
+    zero: int | None = None  # DeepSpeed ZeRO stage (--data-parallel zeroN), None: DDP
 
 
 def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -> list[StepOutcome] | None:
     """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches."""
-    model = job.model.build(device)
-    model.train()
+    model = None
     outcomes = []
     for layout in job.layouts:
         mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
         for recipe in job.recipes:
-            outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device))
+            if model is None or job.zero is not None:  # DeepSpeed trains (ZeRO-3: partitions) its model
+                model = copy.deepcopy(job.model).build(device)  # a module travels as itself: a copy each time
+                model.train()
+            outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device,
+                                     zero=job.zero))
     if rank != 0:
         return None  # every rank holds the same update after the all-reduce
     for outcome in outcomes:  # it travels back through the host
@@ -192,9 +224,10 @@ class AcceleratePath(StepPath):
 
     name = "accelerate"
 
-    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S, zero: int | None = None):
         self.recipe = recipe
         self.timeout_s = timeout_s
+        self.zero = zero  # DeepSpeed ZeRO stage on ranks (--data-parallel zeroN)
         self.label = Label("accelerate", recipe.name, expected=recipe.expected, cause=recipe.doc if recipe.expected else "")
 
     def run(self, ctx, layout):
@@ -207,13 +240,22 @@ class AcceleratePath(StepPath):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
             return super().run_layouts(ctx, layouts, guard, say)
-        say(f"accelerate:{self.recipe.name}: {len(layouts)} layouts on {world_size} ranks")
-        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, [self.recipe])
-        outcomes, reason = guard.call(f"the accelerate path on {world_size} ranks", lambda: run_ranks(
-            rank_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
-        if reason is not None:
-            return [guard.judge.failed(self.label, layout, reason) for layout in layouts]
-        return [guard.judge.measure(self._outcome(ctx, layout, outcome)) for layout, outcome in zip(layouts, outcomes[0])]
+        refused = [layout for layout in layouts if self._zero_refuses(layout)]
+        runs = [layout for layout in layouts if layout not in refused]
+        cases = {id(layout): guard.judge.failed(self.label, layout, MANUAL_UNDER_ZERO) for layout in refused}
+        if runs:
+            say(f"accelerate:{self.recipe.name}: {len(runs)} layouts on {world_size} ranks")
+            job = RankJob(PortableModel.of(ctx.model), ctx.batch, runs, [self.recipe], self.zero)
+            outcomes, reason = guard.call(f"the accelerate path on {world_size} ranks", lambda: run_ranks(
+                rank_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
+            for i, layout in enumerate(runs):
+                cases[id(layout)] = guard.judge.failed(self.label, layout, reason) if reason is not None \
+                    else guard.judge.measure(self._outcome(ctx, layout, outcomes[0][i]))
+        return [cases[id(layout)] for layout in layouts]
+
+    def _zero_refuses(self, layout: Layout) -> bool:
+        """The manual loop (no_sync, one step) accumulating under DeepSpeed: measured to fail."""
+        return self.zero is not None and self.recipe.loop == "manual" and layout.microbatches > 1
 
     def _outcome(self, ctx, layout: Layout, outcome: StepOutcome) -> Outcome:
         per_rank = layout.per_rank(ctx.batch.group_targets(layout.groups))
@@ -222,12 +264,14 @@ class AcceleratePath(StepPath):
             note = (f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
                     f"accumulated microbatches (once expected)")
         return Outcome(self.label, layout, outcome.loss, outcome.gradient, note=note,
-                       extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps})
+                       extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps,
+                              **({} if self.zero is None else {"deepspeed_zero_stage": self.zero})})
 
 
 PATHS.register(
     "accelerate",
-    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n)) for n in DEFAULT_RECIPES], TASKS,
+    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n), zero=ZERO_STAGES.get(config.data_parallel))
+                                           for n in DEFAULT_RECIPES], TASKS,
              "a plain PyTorch loop with Accelerator.accumulate(): naive and token-count recipes",
              requires=("accelerate",)),
 )

@@ -13,6 +13,7 @@ logged loss come from rank 0; what ``compute_loss`` was given comes from every r
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .grpo import GRPOPath
 from .loss_fn import resolve_loss_fn
 from ..stacks.grpo import grpo_problems, is_grpo
 from ..stacks.axolotl import checked as checked_axolotl
+from ..stacks.deepspeed import ZERO_STAGES, stage_of, zero_config
 from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
 from .axolotl_config import run_axolotl_config
@@ -68,12 +70,15 @@ class RankJob:
 def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list[StepResult | str]:
     """Body of one rank: every Trainer step on this rank's microbatches, in the job's order.
     A step the Trainer cannot express is its one-line reason (the same on every rank)."""
-    model = job.model.build(device)
-    model.train()
-    ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
     fns = {spec: resolve_loss_fn(spec) for _, spec in job.steps if spec}
+    fresh = "deepspeed" in job.user_args  # DeepSpeed trains (ZeRO-3: partitions) the model it is given
+    ctx = None
     results: list[StepResult | str] = []
     for layout, spec in job.steps:
+        if ctx is None or fresh:
+            model = copy.deepcopy(job.model).build(device)  # a module travels as itself: a copy each time
+            model.train()
+            ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
         try:
             step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank)
         except StepUnavailable as exc:
@@ -106,6 +111,8 @@ class TrainerPath(StepPath):
     @classmethod
     def build(cls, config) -> list["TrainerPath"]:
         user_args = {k: parse_value(v) for k, v in config.trainer_args}
+        if config.data_parallel in ZERO_STAGES:  # lossaudit's DeepSpeed config, the audit's own settings
+            user_args["deepspeed"] = zero_config(ZERO_STAGES[config.data_parallel])
         if getattr(config, "axolotl_config", None):
             return [cls(user_args, axolotl=checked_axolotl(config))]
         if config.trainer_class:
@@ -182,6 +189,8 @@ class TrainerPath(StepPath):
         }
         if self.axolotl is not None:  # the config's settings the audit replaced, as "key (value -> audit's)"
             extra["axolotl_config_owned"] = self.axolotl.owned_in()
+        if "deepspeed" in self.user_args:  # the gradient read before DeepSpeed's step (stacks/deepspeed.py)
+            extra["deepspeed_zero_stage"] = stage_of(self.user_args["deepspeed"])
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens

@@ -28,6 +28,7 @@ from ..models.compat import trainer_takes, training_arguments, transformers_vers
 from ..core.forward import model_inputs
 from ..core.layouts import Layout, collate
 from .base import AuditContext, Unavailable
+from ..stacks.deepspeed import FullGradients
 from .probe import UpdateProbe
 
 
@@ -204,13 +205,17 @@ def trainer_step(
     if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
         raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
     per_device_batch(layout)
-    return train_one_step(ctx, lambda out: _build(ctx, layout, rank, out, user_args, compute_loss_func))
+    # under DeepSpeed the engine steps on its own partitions: its full gradient is read before the step
+    probe = FullGradients if "deepspeed" in user_args else UpdateProbe
+    return train_one_step(ctx, lambda out: _build(ctx, layout, rank, out, user_args, compute_loss_func), probe=probe)
 
 
-def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=contextlib.nullcontext) -> StepResult:
+def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=contextlib.nullcontext,
+                   probe=UpdateProbe) -> StepResult:
     """``build(output_dir)``'s Trainer trains one step; the update it applied is read exactly and
-    the model's weights are restored. ``quiet``: more chatter to silence (a library's bars)."""
-    probe = UpdateProbe(ctx.model)
+    the model's weights are restored. ``quiet``: more chatter to silence (a library's bars);
+    ``probe``: what reads the update (``stacks.deepspeed.FullGradients`` under DeepSpeed)."""
+    probe = probe(ctx.model)
     try:
         with _quiet_and_cheap(), quiet(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
             trainer = build(out)

@@ -20,6 +20,7 @@ from . import require
 from .grpo import grpo_problems, is_grpo
 from .peft import peft_config, read_adapter
 from .axolotl import checked as checked_axolotl
+from .deepspeed import problems as zero_problems
 from .frameworks import required_problem, rows_problem
 from .trl import arguments_class, check_arguments, resolve_trainer_class
 
@@ -43,7 +44,7 @@ def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -
                             f"add --path {path}")
         if flag in ONE_PROCESS and isinstance(config.world_size, int) and config.world_size > 1:
             problems.append(f"{flag}: runs in one process; --world-size {config.world_size} cannot run it")
-    problems += _data_parallel(config)
+    problems += _data_parallel(config) + zero_problems(config)
     problems += _loadable(config, value_problems)
     problems += _adapter(config)
     return problems
