@@ -63,19 +63,24 @@ class RankJob:
     config: CheckConfig
     steps: list[tuple[Layout, str | None]]  # (layout, --loss-fn spec or None), in order
     user_args: dict
+    data_parallel: str = "ddp"  # the Trainer's DDP, or its own FSDP2 (paths/trainer_fsdp.py)
 
 
 def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list[StepResult | str]:
     """Body of one rank: every Trainer step on this rank's microbatches, in the job's order.
-    A step the Trainer cannot express is its one-line reason (the same on every rank)."""
-    model = job.model.build(device)
-    model.train()
-    ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
+    A step the Trainer cannot express is its one-line reason (the same on every rank). FSDP2
+    shards the model in place: each of its steps gets a fresh copy."""
     fns = {spec: resolve_loss_fn(spec) for _, spec in job.steps if spec}
     results: list[StepResult | str] = []
+    ctx = None
     for layout, spec in job.steps:
+        if ctx is None or job.data_parallel == "fsdp2":
+            model = job.model.build(device)
+            model.train()
+            ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
         try:
-            step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank)
+            step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank,
+                                data_parallel=job.data_parallel)
         except StepUnavailable as exc:
             results.append(str(exc))
             continue
@@ -93,8 +98,9 @@ class TrainerPath(StepPath):
     name = "trainer"
 
     def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 trainer_class: type | None = None, axolotl=None):
+                 trainer_class: type | None = None, axolotl=None, data_parallel: str = "ddp"):
         self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
+        self.data_parallel = data_parallel  # on N ranks: the Trainer's DDP or its own FSDP2
         self.fn = resolve_loss_fn(spec) if spec else None
         # --trainer-class: the user's Trainer subclass instead of the stock one (its name in the
         # reduction column; judged as cross entropy: whether it trains a MoE aux loss is its own)
@@ -122,7 +128,9 @@ class TrainerPath(StepPath):
                 return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
-        return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
+        dp = config.data_parallel
+        return [cls(user_args, data_parallel=dp)] + ([cls(user_args, config.loss_fn, data_parallel=dp)]
+                                                     if config.loss_fn else [])
 
     def _step(self, ctx, layout: Layout) -> StepResult:
         if self.axolotl is not None:
@@ -151,8 +159,8 @@ class TrainerPath(StepPath):
             reason = f"{what} runs in one process (--world-size 1)"
             return [guard.judge.failed(self.label, layout, reason) for layout in self.with_full_batch(ctx, layouts)]
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
-        say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
-        job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)
+        say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks ({self.data_parallel})")
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args, self.data_parallel)
         per_rank, reason = guard.call(f"the Trainer step on {world_size} ranks", lambda: run_ranks(
             rank_trainer_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
         if reason is not None:
@@ -180,8 +188,10 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
+            extra["data_parallel"] = self.data_parallel
         # num_items_in_batch counts tokens: no part of a pair objective (DPO divides by the pairs)
         note = "" if ctx.objective.pairwise else _note(ranks, layout, counts)
+        note = "; ".join(n for n in (note, step.note) if n)
         return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=note, extra=extra)
 
 

@@ -83,8 +83,8 @@ def test_a_step_that_returns_nothing_is_judged_on_its_gradient():
 
 @pytest.mark.parametrize("options,line", [
     (dict(path="step", data_parallel="fsdp2"), "--data-parallel fsdp2: shards over ranks; give --world-size 2"),
-    (dict(path="accelerate", data_parallel="fsdp2", world_size=2), "only --path step runs under FSDP2 so far, "
-                                                                      "not --path accelerate"),
+    (dict(path="accelerate", data_parallel="fsdp2", world_size=2), "only --path step,trainer run under FSDP2 so "
+                                                                      "far, not --path accelerate"),
     (dict(path="step", data_parallel="zero3", world_size=2), "--data-parallel: must be one of ddp, fsdp2"),
 ])
 def test_what_cannot_run_under_fsdp2_is_refused(options, line):
