@@ -194,6 +194,12 @@ class PortableModel:
         return model.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
 
 
+def fresh(model: PortableModel, device: torch.device) -> torch.nn.Module:
+    """A copy of ``model`` of its own (a PortableModel holding a module builds that very module):
+    for a wrapper that changes the model in place (FSDP2 shards it)."""
+    return copy.deepcopy(model).build(device)
+
+
 def _join(context, workdir: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     try:

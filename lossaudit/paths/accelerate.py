@@ -28,12 +28,13 @@ from typing import Callable
 import torch
 
 from ..core.batch import Batch
-from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, fresh, run_ranks
 from ..core.forward import model_inputs
 from ..core.layouts import Layout, Microbatch, collate
 from ..core.registry import Registry
 from ..core.wrapped import virtual_tokens
 from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
+from . import fsdp2
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 from .probe import UpdateProbe
 
@@ -106,12 +107,14 @@ def accumulate_loop(accelerator, model, optimizer, batches, loss_fn) -> list[tor
 
 
 def manual_loop(accelerator, model, optimizer, batches, loss_fn) -> list[torch.Tensor]:
-    """The guide's variable-size skeleton: no_sync on all but the last microbatch, one step."""
+    """The guide's variable-size skeleton: no_sync on all but the last microbatch, one step. The
+    guide calls DDP's ``model.no_sync``; ``accelerator.no_sync(model)`` is that under DDP and
+    FSDP2's ``set_requires_gradient_sync(False)`` under FSDP2, which has no ``no_sync``."""
     losses = []
     for i, (inputs, labels) in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext if last or accelerator.num_processes == 1 else model.no_sync
-        with sync():
+        sync = contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)
+        with sync:
             loss = loss_fn(model, inputs, labels)
             accelerator.backward(loss)
         losses.append(loss.detach())
@@ -128,19 +131,31 @@ class StepOutcome:
     gradient: list[tuple[str, torch.Tensor | None]]  # minus the applied update, per parameter
     loss: float  # what the update is the gradient of: sum of backward's losses / (k * ranks)
     optimizer_steps: int
+    note: str = ""  # what the audit did to run the step as asked (FSDP2 on the CPU)
 
 
 def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Recipe, *, k: int, task: str,
-             device: torch.device) -> StepOutcome:
-    """One optimizer step of ``recipe`` on this process's k microbatches."""
+             device: torch.device, data_parallel: str = "ddp") -> StepOutcome:
+    """One optimizer step of ``recipe`` on this process's k microbatches. Under FSDP2
+    (``data_parallel="fsdp2"``, on ranks) the model is sharded in place: give it a fresh one."""
     from accelerate import Accelerator
 
     probe = UpdateProbe(model)
-    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k)
+    fsdp_plugin = fsdp2.plugin() if data_parallel == "fsdp2" else None
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k,
+                              fsdp_plugin=fsdp_plugin)
+    note = fsdp2.CPU_NOTE if fsdp_plugin is not None and fsdp2.shard_on_cpu(accelerator, fsdp_plugin) else ""
     try:
         optimizer = torch.optim.SGD([p for _, p in probe.params], lr=1.0)  # no momentum, decay, clipping
-        probe.watch(optimizer)
+        if fsdp_plugin is None:
+            probe.watch(optimizer)
+        else:  # the full gradient, read before the step; FSDP2 swaps the parameters for sharded ones
+            reader = fsdp2.FullGradient(model, keep=True)
+            reader.watch(optimizer)
         prepared, optimizer = accelerator.prepare(model, optimizer)
+        if fsdp_plugin is not None and not fsdp2.sharded(prepared):
+            raise RuntimeError(f"--data-parallel fsdp2: accelerate did not shard the model (distributed type "
+                               f"{accelerator.distributed_type})")
         # inputs are built for the unwrapped model: DDP's forward(*args, **kwargs) hides which it takes
         batches = [(model_inputs(model, mb, device), mb.labels.to(device)) for mb in microbatches]
         local = sum(count_targets(prepend_ignored(mb.labels, virtual_tokens(model)), task) for mb in microbatches)
@@ -149,7 +164,10 @@ def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Rec
         loss_fn = partial(_call, recipe.loss, task=task, counts=counts)
         losses = LOOPS[recipe.loop](accelerator, prepared, optimizer, batches, loss_fn)
         summed = accelerator.reduce(torch.stack([x.to(torch.float64) for x in losses]).sum(), "sum")
-        return StepOutcome(probe.gradient(), float(summed) / (k * counts.world_size), probe.steps)
+        loss = float(summed) / (k * counts.world_size)
+        if fsdp_plugin is not None:
+            return StepOutcome(reader.gradient, loss, reader.steps, "; ".join(n for n in (note, reader.note) if n))
+        return StepOutcome(probe.gradient(), loss, probe.steps)
     finally:
         probe.restore()
         accelerator.sync_gradients = True  # GradientState is process-wide: leave no half-open window
@@ -167,17 +185,22 @@ class RankJob:
     batch: Batch
     layouts: list[Layout]
     recipes: list[Recipe]
+    data_parallel: str = "ddp"  # accelerate's DDP, or its FSDP2 plugin (paths/fsdp2.py)
 
 
 def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -> list[StepOutcome] | None:
-    """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches."""
-    model = job.model.build(device)
-    model.train()
+    """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches
+    (under FSDP2, which shards the model in place, each on a fresh copy)."""
+    model = None
     outcomes = []
     for layout in job.layouts:
         mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
         for recipe in job.recipes:
-            outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device))
+            if model is None or job.data_parallel == "fsdp2":
+                model = fresh(job.model, device)
+                model.train()
+            outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device,
+                                     data_parallel=job.data_parallel))
     if rank != 0:
         return None  # every rank holds the same update after the all-reduce
     for outcome in outcomes:  # it travels back through the host
@@ -192,8 +215,9 @@ class AcceleratePath(StepPath):
 
     name = "accelerate"
 
-    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S, data_parallel: str = "ddp"):
         self.recipe = recipe
+        self.data_parallel = data_parallel  # on N ranks: accelerate's DDP or its FSDP2 plugin
         self.timeout_s = timeout_s
         self.label = Label("accelerate", recipe.name, expected=recipe.expected, cause=recipe.doc if recipe.expected else "")
 
@@ -207,8 +231,8 @@ class AcceleratePath(StepPath):
         world_size = layouts[0].world_size if layouts else 1
         if world_size == 1:
             return super().run_layouts(ctx, layouts, guard, say)
-        say(f"accelerate:{self.recipe.name}: {len(layouts)} layouts on {world_size} ranks")
-        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, [self.recipe])
+        say(f"accelerate:{self.recipe.name}: {len(layouts)} layouts on {world_size} ranks ({self.data_parallel})")
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, layouts, [self.recipe], self.data_parallel)
         outcomes, reason = guard.call(f"the accelerate path on {world_size} ranks", lambda: run_ranks(
             rank_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
         if reason is not None:
@@ -217,17 +241,20 @@ class AcceleratePath(StepPath):
 
     def _outcome(self, ctx, layout: Layout, outcome: StepOutcome) -> Outcome:
         per_rank = layout.per_rank(ctx.batch.group_targets(layout.groups))
-        note = ""
+        notes = [outcome.note] if outcome.note else []
         if outcome.optimizer_steps != 1:
-            note = (f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
-                    f"accumulated microbatches (once expected)")
-        return Outcome(self.label, layout, outcome.loss, outcome.gradient, note=note,
-                       extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps})
+            notes.append(f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
+                         f"accumulated microbatches (once expected)")
+        extra = {"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps}
+        if layout.world_size > 1:
+            extra["data_parallel"] = self.data_parallel
+        return Outcome(self.label, layout, outcome.loss, outcome.gradient, note="; ".join(notes), extra=extra)
 
 
 PATHS.register(
     "accelerate",
-    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n)) for n in DEFAULT_RECIPES], TASKS,
+    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n), data_parallel=config.data_parallel)
+                                           for n in DEFAULT_RECIPES], TASKS,
              "a plain PyTorch loop with Accelerator.accumulate(): naive and token-count recipes",
              requires=("accelerate",)),
 )

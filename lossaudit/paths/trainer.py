@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..core.batch import Batch
 from ..models.compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
 from ..audit.config import CheckConfig, parse_value
-from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, fresh, run_ranks
 from ..core.errors import UsageError
 from ..core.grads import trainable
 from ..core.layouts import Layout, group
@@ -75,7 +75,7 @@ def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list
     ctx = None
     for layout, spec in job.steps:
         if ctx is None or job.data_parallel == "fsdp2":
-            model = job.model.build(device)
+            model = fresh(job.model, device)
             model.train()
             ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
         try:

@@ -26,10 +26,9 @@ import torch
 
 from ..models.compat import trainer_takes, training_arguments, transformers_version
 from ..core.forward import model_inputs
-from ..core.grads import trainable
 from ..core.layouts import Layout, collate
 from .base import AuditContext, Unavailable
-from . import trainer_fsdp
+from . import fsdp2
 from .probe import UpdateProbe
 
 
@@ -89,7 +88,7 @@ def _trainer_class():
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            self.sharded_on_cpu = trainer_fsdp.shard_on_cpu(self)  # --data-parallel fsdp2 on the CPU
+            self.sharded_on_cpu = fsdp2.trainer_shard_on_cpu(self)  # --data-parallel fsdp2 on the CPU
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             self.seen_num_items.append(given(kwargs.get("num_items_in_batch")))
@@ -160,7 +159,7 @@ def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: di
     kwargs = {}
     settings = _settings(ctx, layout, out)
     if data_parallel == "fsdp2":  # the Trainer builds its own SGD under FSDP (it refuses one passed in)
-        args = training_arguments({**settings, **trainer_fsdp.SETTINGS}, user_args)
+        args = training_arguments({**settings, **fsdp2.SETTINGS}, user_args)
     else:
         args = training_arguments(settings, user_args)
         optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -223,20 +222,20 @@ def trainer_step(
 
 def train_sharded_step(build: Callable[[str], object], *, keep: bool) -> StepResult:
     """``build(output_dir)``'s Trainer (its own FSDP2) trains one step; the full gradient is read
-    before its optimizer steps (``trainer_fsdp.FullGradient``), kept where ``keep``."""
-    reader = trainer_fsdp.FullGradient(keep)
+    before its optimizer steps (``fsdp2.FullGradient``), kept where ``keep``."""
     with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
         trainer = build(out)
+        reader = fsdp2.FullGradient(trainer.model, keep)  # sharded in place: the same module
         trainer.add_callback(reader.callback)
         result = trainer.train()
-    if not trainer_fsdp.sharded(trainer.model):
+    if not fsdp2.sharded(trainer.model):
         raise StepUnavailable("--data-parallel fsdp2: the Trainer did not shard the model (no FSDPModule after "
                               f"its step; accelerate's distributed type {trainer.accelerator.distributed_type})")
-    update = reader.gradient if reader.steps else {n: None for n, _ in trainable(trainer.model)}
-    return StepResult(update, float(result.training_loss), _given(trainer),
+    return StepResult(dict(reader.gradient), float(result.training_loss), _given(trainer),
                       getattr(trainer, "model_accepts_loss_kwargs", None),
                       getattr(trainer.args, "average_tokens_across_devices", None),
-                      trainer_fsdp.CPU_NOTE if getattr(trainer, "sharded_on_cpu", False) else "")
+                      "; ".join(n for n in (fsdp2.CPU_NOTE if getattr(trainer, "sharded_on_cpu", False) else "",
+                                            reader.note) if n))
 
 
 def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=contextlib.nullcontext) -> StepResult:

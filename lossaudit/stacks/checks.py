@@ -28,7 +28,7 @@ PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class",
                 ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"))
 ONE_PROCESS = ("--trainer-class", "--axolotl-config")  # --step runs on ranks (stacks/ranks.py)
 RANKED_PATHS = ("accelerate", "trainer", "lightning")  # step paths other than step that run on ranks
-SHARDED_PATHS = ("step", "trainer")  # the paths --data-parallel fsdp2 runs (stacks/ranks.py, paths/trainer_fsdp.py)
+SHARDED_PATHS = ("step", "trainer", "accelerate")  # what --data-parallel fsdp2 runs (stacks/ranks.py, paths/fsdp2.py)
 
 
 def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -> list[str]:
@@ -51,9 +51,9 @@ def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -
 
 
 def _data_parallel(config) -> list[str]:
-    """``--data-parallel fsdp2`` shards the model on several ranks: a user's step (``--path step``)
-    and the Trainer's own FSDP2 (``--path trainer``, with no --trainer-class or --axolotl-config,
-    which run in one process); the other ranked paths run DDP only."""
+    """``--data-parallel fsdp2`` shards the model on several ranks: a user's step (``--path step``),
+    the Trainer's own FSDP2 (``--path trainer``; --trainer-class and --axolotl-config run in one
+    process) and accelerate's FSDP2 plugin (``--path accelerate``); Lightning runs DDP only."""
     if getattr(config, "data_parallel", "ddp") != "fsdp2":
         return []
     problems = []

@@ -10,7 +10,7 @@ import pytest
 import lossaudit
 from lossaudit.core.errors import UsageError
 from lossaudit.models.compat import installed_name, trainer_takes
-from lossaudit.paths.trainer_fsdp import CPU_NOTE
+from lossaudit.paths.fsdp2 import CPU_NOTE
 
 from test_distributed import no_children_left
 
