@@ -204,9 +204,9 @@ OPTIONS: tuple[Option, ...] = (
            "NAME[,NAME...]"),
     Option("world_size", "int", 1, "data-parallel ranks", "--world-size", parse=parse_int, check=POSITIVE,
            metavar="N"),
-    Option("data_parallel", "str", "ddp", "how --path step and --path trainer wrap the model on --world-size N "
-           "ranks: ddp (DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard)", "--data-parallel",
-           check=one_of(DATA_PARALLEL), metavar="WRAPPER"),
+    Option("data_parallel", "str", "ddp", "how the step, trainer and accelerate paths wrap the model on "
+           "--world-size N ranks: ddp (DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard)",
+           "--data-parallel", check=one_of(DATA_PARALLEL), metavar="WRAPPER"),
     Option("batch_size", "int", 8, "sequences per optimizer step", "--batch-size", parse=parse_int,
            check=POSITIVE, metavar="N"),
     Option("max_length", "int", 32, "longest sequence, in tokens", "--max-length", parse=parse_int,

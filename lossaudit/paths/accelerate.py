@@ -34,7 +34,7 @@ from ..core.layouts import Layout, Microbatch, collate
 from ..core.registry import Registry
 from ..core.wrapped import virtual_tokens
 from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
-from . import fsdp2
+from .fsdp2 import CPU_NOTE, FullGradient, plugin, shard_on_cpu, sharded
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 from .probe import UpdateProbe
 
@@ -141,19 +141,19 @@ def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Rec
     from accelerate import Accelerator
 
     probe = UpdateProbe(model)
-    fsdp_plugin = fsdp2.plugin() if data_parallel == "fsdp2" else None
+    fsdp_plugin = plugin() if data_parallel == "fsdp2" else None
     accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k,
                               fsdp_plugin=fsdp_plugin)
-    note = fsdp2.CPU_NOTE if fsdp_plugin is not None and fsdp2.shard_on_cpu(accelerator, fsdp_plugin) else ""
+    note = CPU_NOTE if fsdp_plugin is not None and shard_on_cpu(accelerator, fsdp_plugin) else ""
     try:
         optimizer = torch.optim.SGD([p for _, p in probe.params], lr=1.0)  # no momentum, decay, clipping
         if fsdp_plugin is None:
             probe.watch(optimizer)
         else:  # the full gradient, read before the step; FSDP2 swaps the parameters for sharded ones
-            reader = fsdp2.FullGradient(model, keep=True)
+            reader = FullGradient(model, keep=True)
             reader.watch(optimizer)
         prepared, optimizer = accelerator.prepare(model, optimizer)
-        if fsdp_plugin is not None and not fsdp2.sharded(prepared):
+        if fsdp_plugin is not None and not sharded(prepared):
             raise RuntimeError(f"--data-parallel fsdp2: accelerate did not shard the model (distributed type "
                                f"{accelerator.distributed_type})")
         # inputs are built for the unwrapped model: DDP's forward(*args, **kwargs) hides which it takes

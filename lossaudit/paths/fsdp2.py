@@ -2,8 +2,8 @@
 ``--path trainer`` and ``--path accelerate``).
 
 The accelerate recipes build their ``Accelerator`` with
-``FullyShardedDataParallelPlugin(fsdp_version=2)``; the Trainer is given ``fsdp=True, fsdp_config={"version": 2}`` (accelerate's
-``FullyShardedDataParallelPlugin(fsdp_version=2)``): accelerate's ``fsdp2_prepare_model``
+``FullyShardedDataParallelPlugin(fsdp_version=2)``; the Trainer is given ``fsdp=True,
+fsdp_config={"version": 2}``, from which it builds that plugin. accelerate's ``fsdp2_prepare_model``
 calls ``fully_shard`` on every block the model names in ``_no_split_modules`` and on the
 whole model; the gradients are reduce-scattered and averaged over the ranks.
 
@@ -31,7 +31,10 @@ import torch
 from ..core.grads import trainable
 from ..stacks.ranks import full_gradient
 
-SETTINGS = {"fsdp": True, "fsdp_config": {"version": 2}, "optim": "sgd"}
+def settings() -> dict:
+    """The TrainingArguments the Trainer's FSDP2 is run with (a fresh dict each time: the Trainer
+    writes its defaults into the fsdp_config it is given)."""
+    return {"fsdp": True, "fsdp_config": {"version": 2}, "optim": "sgd"}
 
 CPU_NOTE = ("FSDP2 on the CPU: accelerate keeps a CPU run's distributed type MULTI_CPU and drops the FSDP "
             "plugin (the model would be wrapped in DDP); the audit set it to FSDP, so accelerate's own FSDP2 "
@@ -39,7 +42,7 @@ CPU_NOTE = ("FSDP2 on the CPU: accelerate keeps a CPU run's distributed type MUL
 
 
 def plugin():
-    """accelerate's FSDP2 plugin as the recipes build it (the Trainer builds its own from ``SETTINGS``)."""
+    """accelerate's FSDP2 plugin as the recipes build it (the Trainer builds its own from ``settings()``)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(fsdp_version=2)

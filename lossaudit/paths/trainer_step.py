@@ -28,7 +28,7 @@ from ..models.compat import trainer_takes, training_arguments, transformers_vers
 from ..core.forward import model_inputs
 from ..core.layouts import Layout, collate
 from .base import AuditContext, Unavailable
-from . import fsdp2
+from .fsdp2 import CPU_NOTE, FullGradient, settings as fsdp2_settings, sharded, trainer_shard_on_cpu
 from .probe import UpdateProbe
 
 
@@ -88,7 +88,7 @@ def _trainer_class():
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            self.sharded_on_cpu = fsdp2.trainer_shard_on_cpu(self)  # --data-parallel fsdp2 on the CPU
+            self.sharded_on_cpu = trainer_shard_on_cpu(self)  # --data-parallel fsdp2 on the CPU
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             self.seen_num_items.append(given(kwargs.get("num_items_in_batch")))
@@ -159,7 +159,7 @@ def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: di
     kwargs = {}
     settings = _settings(ctx, layout, out)
     if data_parallel == "fsdp2":  # the Trainer builds its own SGD under FSDP (it refuses one passed in)
-        args = training_arguments({**settings, **fsdp2.SETTINGS}, user_args)
+        args = training_arguments({**settings, **fsdp2_settings()}, user_args)
     else:
         args = training_arguments(settings, user_args)
         optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -225,16 +225,16 @@ def train_sharded_step(build: Callable[[str], object], *, keep: bool) -> StepRes
     before its optimizer steps (``fsdp2.FullGradient``), kept where ``keep``."""
     with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
         trainer = build(out)
-        reader = fsdp2.FullGradient(trainer.model, keep)  # sharded in place: the same module
+        reader = FullGradient(trainer.model, keep)  # sharded in place: the same module
         trainer.add_callback(reader.callback)
         result = trainer.train()
-    if not fsdp2.sharded(trainer.model):
+    if not sharded(trainer.model):
         raise StepUnavailable("--data-parallel fsdp2: the Trainer did not shard the model (no FSDPModule after "
                               f"its step; accelerate's distributed type {trainer.accelerator.distributed_type})")
     return StepResult(dict(reader.gradient), float(result.training_loss), _given(trainer),
                       getattr(trainer, "model_accepts_loss_kwargs", None),
                       getattr(trainer.args, "average_tokens_across_devices", None),
-                      "; ".join(n for n in (fsdp2.CPU_NOTE if getattr(trainer, "sharded_on_cpu", False) else "",
+                      "; ".join(n for n in (CPU_NOTE if getattr(trainer, "sharded_on_cpu", False) else "",
                                             reader.note) if n))
 
 

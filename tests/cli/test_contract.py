@@ -678,7 +678,7 @@ STACK_USAGE = [
     (("--peft", "xlora"), "--peft xlora"),
     (("--peft", "no_such_method"), "--peft no_such_method"),
     (("--step", "hostile:sgd", "--data-parallel", "fsdp2"), "--data-parallel fsdp2: shards over ranks"),
-    (("--step", "hostile:sgd", "--data-parallel", "fsdp2", "--world-size", "2"), "not --path accelerate,trainer"),
+    (("--step", "hostile:sgd", "--data-parallel", "fsdp2", "--world-size", "2"), "not --path lightning"),
     (("--step", "hostile:sgd", "--data-parallel", "zero3"), "--data-parallel: must be one of ddp, fsdp2"),
     (("--trainer-class", "hostile:ExitingTrainer", "--world-size", "2"), "--world-size 2"),
     (("--step", "hostile:sgd", "--path", "reduction"), "--step: drives --path step"),
