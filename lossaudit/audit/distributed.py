@@ -108,6 +108,14 @@ def is_leader() -> bool:
     return launch is None or launch.rank == 0
 
 
+def closing_barrier() -> None:
+    """Under a launcher, wait until every process has reached the end of its run: a rank that
+    exits first with findings (status 1) makes torchrun end the others, the leader included,
+    perhaps before it has written the report. Nothing outside a launched group."""
+    if launched() is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier(group=_OBJECT_GROUPS.get("gloo"))
+
+
 def run_ranks(fn: RankFn, payload: Any, world_size: int, *, device_type: str = "cpu",
               timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Each rank's return value (``fn`` must be a module-level function: it is pickled)."""
