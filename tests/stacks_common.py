@@ -14,6 +14,7 @@ from lossaudit.core.grads import compare_grads, trainable
 from lossaudit.core.layouts import microbatches, plan_layouts
 from lossaudit.models.loading import load_model
 from lossaudit.core.reference import compute_reference
+from lossaudit.core.tokens import IGNORE_INDEX
 from lossaudit.stacks import pip_command
 
 CPU = torch.device("cpu")
@@ -57,3 +58,38 @@ def mean_of_means_gradient(model, batch, layout) -> list:
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
     return [(n, g) for (n, _), g in zip(params, total)]
+
+
+def plain_count(batch, group) -> int:
+    """Targets of one pack: its sequences' own, plus each later sequence's first label when it is one."""
+    own = sum(int((batch.samples[i].labels[1:] != IGNORE_INDEX).sum()) for i in group)
+    return own + sum(int(batch.samples[i].labels[0] != IGNORE_INDEX) for i in group[1:])
+
+
+def plain_packed_gradient(model, batch, layout, *, counted: bool, isolated: bool = True) -> dict:
+    """A packed step's gradient (each microbatch one pack), computed plainly: each sequence alone
+    (``isolated``; else the pack as one causal row, position ids restarting), its own next-token
+    targets and, after another in its pack, its first token predicted from the previous sequence's
+    last position; float64 log-softmax; divided by the step's packed count (``counted``) or each pack
+    by k times its own."""
+    params = trainable(model)
+    counts = [plain_count(batch, g) for g in layout.groups]
+    total = 0
+    for group, count in zip(layout.groups, counts):
+        terms, previous, start = [], None, 0
+        if not isolated:
+            ids = torch.cat([batch.samples[i].input_ids for i in group])[None]
+            positions = torch.cat([torch.arange(len(batch.samples[i].input_ids)) for i in group])[None]
+            row = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids)).logits[0]
+        for i in group:
+            s = batch.samples[i]
+            logits = model(input_ids=s.input_ids[None]).logits[0] if isolated else row[start:start + len(s.input_ids)]
+            start += len(s.input_ids)
+            lp = torch.log_softmax(logits.double(), -1)
+            terms += [-lp[t, int(s.labels[t + 1])] for t in range(len(s.labels) - 1) if s.labels[t + 1] != IGNORE_INDEX]
+            if previous is not None and s.labels[0] != IGNORE_INDEX:
+                terms.append(-previous[-1, int(s.labels[0])])
+            previous = lp
+        total = total + torch.stack(terms).sum() / (sum(counts) if counted else len(counts) * count)
+    grads = torch.autograd.grad(total, [p for _, p in params], allow_unused=True)
+    return {n: g for (n, _), g in zip(params, grads)}

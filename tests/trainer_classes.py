@@ -30,6 +30,20 @@ class NeedsMoreTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
 
+class TemplateMixin:
+    """A mixin that is no Trainer, requiring what the audit cannot give (ms-swift's SwiftMixin: template)."""
+
+    def __init__(self, model, args, template, train_dataset, **kwargs):
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+
+
+class MixinTrainer(TemplateMixin, Trainer):
+    """ms-swift's trainers: an ``__init__(*args, **kwargs)`` passing everything to the mixin."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
 class OwnCountTrainer(Trainer):
     """Planted bug: each microbatch normalised by its own tokens, as if no count were given."""
 

@@ -132,6 +132,11 @@ class TrainerPath(StepPath):
         return [cls(user_args, data_parallel=dp)] + ([cls(user_args, config.loss_fn, data_parallel=dp)]
                                                      if config.loss_fn else [])
 
+    def run_resolved(self, ctx, layout: Layout):
+        """axolotl trains a model of its own loading: the audited model's backwards (``core/backwards.py``)
+        would see none of its step, only what the packed-step explanation computes on the audited model."""
+        return self.run(ctx, layout) if self.axolotl is not None else super().run_resolved(ctx, layout)
+
     def _step(self, ctx, layout: Layout) -> StepResult:
         if self.axolotl is not None:
             return run_axolotl_config(ctx, layout, self.axolotl)
@@ -190,8 +195,7 @@ class TrainerPath(StepPath):
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
             extra["data_parallel"] = self.data_parallel
         # num_items_in_batch counts tokens: no part of a pair objective (DPO divides by the pairs)
-        note = "" if ctx.objective.pairwise else _note(ranks, layout, counts)
-        note = "; ".join(n for n in (note, step.note) if n)
+        note = "" if ctx.objective.pairwise else "; ".join(x for x in (step.note, _note(ranks, layout, counts)) if x)
         return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=note, extra=extra)
 
 

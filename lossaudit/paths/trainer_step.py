@@ -43,7 +43,9 @@ class StepResult:
     num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
     accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
     average_tokens: bool | None = None  # args.average_tokens_across_devices (None: the release lacks it)
-    note: str = ""  # what the audit did to run the step as asked (the Trainer's FSDP2 on the CPU)
+    # what the step's own path found or did that explains its update (stacks.packing.explain; the
+    # audit running the Trainer's FSDP2 on the CPU, paths/fsdp2.py)
+    note: str = ""
 
 
 class _Indices(torch.utils.data.Dataset):

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..core.errors import UsageError
+from ..core.errors import EnvironmentProblem, UsageError
 from ..core.layouts import Layout
-from . import require
+from . import missing, require
+from .packing import longest_pack
 from .trl import rows, tokenizer
 
 # axolotl config key -> what the audit puts there instead
@@ -60,6 +61,11 @@ OWNED = {
     "lora_dropout": "0 (dropout would make the step random)",
     "save_strategy": "no checkpoint",
     "seed": "--seed",
+}
+# what the audit puts there instead with sample_packing: true (stacks/packing.py)
+PACKED = {
+    "micro_batch_size": "1: one pack, the microbatch's B/k rows",
+    "sequence_len": "the layout's longest pack",
 }
 # configs lossaudit cannot audit as a token mean of cross entropy
 NOT_A_TOKEN_MEAN = ("rl", "reward_model", "process_reward_model")
@@ -150,10 +156,6 @@ class AxolotlConfig:
             raise UsageError(f"--axolotl-config {path}: expected a mapping of axolotl settings")
         problems = [f"--axolotl-config {path}: {key}: {values[key]!r} trains another objective than a token mean "
                     "of cross entropy" for key in NOT_A_TOKEN_MEAN if values.get(key)]
-        if values.get("sample_packing"):
-            problems.append(f"--axolotl-config {path}: sample_packing: its multipack sampler bins rows into packs of "
-                            "sequence_len tokens, so a microbatch is not the layout's B/k rows and the step may not "
-                            "hold the whole batch; not audited yet: set sample_packing: false")
         adapter = values.get("adapter") or None
         if adapter != peft:
             problems.append(f"--axolotl-config {path}: adapter: {adapter} but --peft {peft}: give the audit the same "
@@ -161,12 +163,23 @@ class AxolotlConfig:
                             f"--axolotl-config {path}: --peft {peft} but the config trains no adapter")
         if problems:
             raise UsageError(*problems)
+        flash = values.get("flash_attention") or str(values.get("attn_implementation") or "").startswith("flash_attention")
+        if flash and missing("flash_attn"):  # else an ImportError per case, from transformers' loader
+            raise EnvironmentProblem(f"--axolotl-config {path}: flash attention needs the flash_attn package (and CUDA), "
+                                     "not installed here; on the CPU set attn_implementation: sdpa (axolotl isolates "
+                                     "packed sequences with it too) to audit the rest of the config")
         require("axolotl", f"--axolotl-config {path}")
         return cls(file.resolve(), values, peft)
 
     def owned_in(self) -> list[str]:
         """The owned settings the config sets: ``key (config: value -> audit)``."""
-        return [f"{key} ({self.values[key]!r} -> {OWNED[key]})" for key in OWNED if self.values.get(key) is not None]
+        owned = {**OWNED, **PACKED} if self.packing else OWNED
+        return [f"{key} ({self.values[key]!r} -> {owned[key]})" for key in owned if self.values.get(key) is not None]
+
+    @property
+    def packing(self) -> bool:
+        """``sample_packing: true``: each microbatch of the layout is one pack (``stacks/packing.py``)."""
+        return bool(self.values.get("sample_packing"))
 
 
 def checked(config) -> AxolotlConfig:
@@ -195,13 +208,13 @@ def _model_folder(ctx, folder: Path) -> Path:
     return folder
 
 
-def _settings(ctx, layout: Layout, per_device: int, model_dir: Path, out: Path) -> dict:
-    longest = max(len(s.input_ids) for s in ctx.batch.samples)
+def _settings(ctx, layout: Layout, per_device: int, model_dir: Path, out: Path, packing: bool) -> dict:
+    longest = longest_pack(ctx.batch, layout) if packing else max(len(s.input_ids) for s in ctx.batch.samples)
     half = ctx.model.dtype in (torch.bfloat16, torch.float16)
     return {
         "base_model": str(model_dir), "base_model_config": str(model_dir), "tokenizer_config": str(model_dir),
         "datasets": [{"path": str(model_dir), "type": "completion"}],  # never loaded: the batch is given
-        "micro_batch_size": per_device, "gradient_accumulation_steps": layout.microbatches,
+        "micro_batch_size": 1 if packing else per_device, "gradient_accumulation_steps": layout.microbatches,
         "batch_size": None, "num_epochs": 1, "max_steps": 1, "learning_rate": 1.0, "optimizer": "sgd",
         "lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": None, "weight_decay": 0.0,
         "max_grad_norm": 0.0, "bf16": half and ctx.model.dtype == torch.bfloat16, "fp16": ctx.model.dtype == torch.float16,
@@ -260,7 +273,7 @@ def build_trainer(config: AxolotlConfig, ctx, layout: Layout, per_device: int, o
 
         model_dir = _model_folder(ctx, out / "model")
         try:
-            cfg = load_cfg(str(config.path), **_settings(ctx, layout, per_device, model_dir, out))
+            cfg = load_cfg(str(config.path), **_settings(ctx, layout, per_device, model_dir, out, config.packing))
         except Exception as exc:  # pydantic's ValidationError, axolotl's ValueErrors
             first = str(exc).strip().splitlines()
             raise UsageError(f"--axolotl-config {config.path}: axolotl refused it: "
@@ -271,7 +284,9 @@ def build_trainer(config: AxolotlConfig, ctx, layout: Layout, per_device: int, o
         _same_adapter(ctx.model, model, config.path)
         _copy_weights(ctx.model, model, config.path)
         cfg.save_strategy = "no"  # after validation: load_cfg would read the string "no" as False
-        data = Dataset.from_list([{**row, "attention_mask": [1] * len(row["input_ids"])}
+        # with packing, the position ids axolotl's dataset preparation adds (restarting at each pack's sequences)
+        data = Dataset.from_list([{**row, "attention_mask": [1] * len(row["input_ids"]),
+                                   **({"position_ids": list(range(len(row["input_ids"])))} if config.packing else {})}
                                   for row in rows(ctx, layout, labels=True)])
         trainer = setup_trainer(cfg, data, None, model, tok, processor, 1, peft_config=peft_config)
     return trainer, model

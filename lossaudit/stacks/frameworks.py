@@ -65,9 +65,12 @@ def framework_of(cls: type) -> Framework:
 
 
 def _below_trainer(cls: type) -> list[type]:
+    """``cls``'s MRO before ``Trainer``: its Trainer subclasses and the mixins between them (ms-swift's
+    ``SwiftMixin``, which is no Trainer, takes ``args`` and requires ``template``)."""
     from transformers import Trainer
 
-    return [base for base in cls.__mro__ if issubclass(base, Trainer) and base is not Trainer]
+    mro = cls.__mro__
+    return list(mro[:mro.index(Trainer)]) if Trainer in mro else []
 
 
 def _is_arguments(x) -> bool:

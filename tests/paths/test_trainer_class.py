@@ -63,6 +63,7 @@ def test_a_class_whose_arguments_cannot_be_told_is_one_usage_error(cls, needle):
 
 def test_a_class_needing_what_the_audit_cannot_give_is_named():
     assert "NeedsMoreTrainer.__init__ requires finetuning_args" in required_problem(tc.NeedsMoreTrainer)
+    assert "TemplateMixin.__init__ requires template, which" in required_problem(tc.MixinTrainer)  # a mixin too
     assert all(required_problem(c) is None for c in (Trainer, tc.PlainTrainer, tc.PassThroughTrainer,
                                                      own.AnnotatedTrainer))
 

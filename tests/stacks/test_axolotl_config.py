@@ -19,7 +19,6 @@ DATA = Path(__file__).resolve().parents[1] / "data"
     (None, "no such file"), ("a: [1, 2", "not YAML"), ("- just\n- a list\n", "expected a mapping"),
     ("rl: dpo\nbase_model: x\n", "rl: 'dpo' trains another objective"),
     ("adapter: lora\nlora_r: 8\n", "adapter: lora but --peft None"),
-    ("sample_packing: true\n", "sample_packing: its multipack sampler bins rows"),
 ])
 def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, needle):
     path = tmp_path / "config.yml"
@@ -28,6 +27,25 @@ def test_a_config_lossaudit_cannot_audit_is_one_usage_error(tmp_path, text, need
     with pytest.raises(UsageError, match="--axolotl-config") as caught:
         AxolotlConfig.read(str(path), peft=None)
     assert needle in str(caught.value)
+
+
+def test_sample_packing_is_audited_not_refused():
+    config = AxolotlConfig(DATA / "axolotl-packing.yml", {"sample_packing": True, "micro_batch_size": 2}, None)
+    assert config.packing and not AxolotlConfig(DATA / "axolotl-full.yml", {}, None).packing
+    assert config.owned_in() == ["micro_batch_size (2 -> 1: one pack, the microbatch's B/k rows)"]
+
+
+@pytest.mark.skipif(not missing("flash_attn"), reason="flash_attn is installed")
+@pytest.mark.parametrize("setting", ["flash_attention: true", "attn_implementation: flash_attention_2"])
+def test_flash_attention_without_flash_attn_is_one_line(tmp_path, setting):
+    """axolotl 0.21.0 raised transformers' ImportError on every case ("FlashAttention2 has been toggled on ...")."""
+    from lossaudit.core.errors import EnvironmentProblem
+
+    path = tmp_path / "flash.yml"
+    path.write_text(f"sample_packing: true\n{setting}\n")
+    with pytest.raises(EnvironmentProblem, match="flash attention needs the flash_attn package") as caught:
+        AxolotlConfig.read(str(path), peft=None)
+    assert "attn_implementation: sdpa" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_peft_without_an_adapter_in_the_config_is_refused():

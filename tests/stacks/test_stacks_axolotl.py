@@ -25,7 +25,8 @@ from lossaudit.paths.trainer_class import run_trainer_class  # noqa: E402
 from lossaudit.stacks.frameworks import arguments_class, collator, rows_problem  # noqa: E402
 from lossaudit.stacks.trl import resolve_trainer_class, tokenizer  # noqa: E402
 
-from stacks_common import CPU, issue_batch, layout_of, mean_of_means_gradient, reference, rel_err, tiny_llama  # noqa: E402
+from stacks_common import (CPU, issue_batch, layout_of, mean_of_means_gradient, plain_count, plain_packed_gradient,  # noqa: E402
+                           reference, rel_err, tiny_llama)
 
 from pathlib import Path  # noqa: E402
 
@@ -103,3 +104,45 @@ def test_a_config_whose_lora_differs_from_the_audits_is_refused():
     ctx = prepare(CheckConfig(model="llama", peft="lora", peft_args=(("r", "4"),)))
     with pytest.raises(UsageError, match="its adapter differs from the audit's --peft adapter .*r: config 8, --peft 4"):
         run_axolotl_config(ctx, layout_of(ctx.batch, 1), AxolotlConfig.read(str(DATA / "axolotl-lora.yml"), "lora"))
+
+
+def _packed_config(tmp_path, source: str, attention: str | None) -> Path:
+    """``source`` with sample packing on and ``attention`` as its attn_implementation (None: unset)."""
+    import yaml
+
+    values = yaml.safe_load((DATA / source).read_text())
+    values["sample_packing"] = True
+    values.pop("attn_implementation", None)
+    if attention:
+        values["attn_implementation"] = attention
+    path = tmp_path / "packed.yml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("source, peft, attention", [
+    ("axolotl-packing.yml", None, "sdpa"), ("axolotl-lora.yml", "lora", "sdpa"), ("axolotl-full.yml", None, None),
+], ids=["sdpa", "lora-sdpa", "no-attention-backend"])
+def test_sample_packing_trains_what_the_packed_rows_say(tmp_path, source, peft, attention):
+    """Measured on the CPU (0.19.0 and 0.21.0, the issue's batch): each microbatch one pack through
+    axolotl's packing collator; its labels shifted as one row, so each packed sequence's first label
+    is scored from the previous one's last position (k=2: 85 targets, the sequences own 81). With
+    sdpa axolotl isolates the sequences' attention; with no backend set they attend across (axolotl
+    warns). The update is exactly that, plainly computed; 0.17-0.19 also divide each pack by its own."""
+    peft_args = (("r", "8"), ("lora_alpha", "16")) if peft else ()
+    ctx = prepare(CheckConfig(model="llama", peft=peft, peft_args=peft_args))
+    config = AxolotlConfig.read(str(_packed_config(tmp_path, source, attention)), peft)
+    layout = layout_of(ctx.batch, 2)
+    step = run_axolotl_config(ctx, layout, config)
+    packed = [plain_count(ctx.batch, g) for g in layout.groups]
+    assert sum(packed) > ctx.reference.count
+    if FORCES_FALSE:
+        assert step.num_items == [None] * 2
+    else:
+        assert step.num_items == [sum(packed)] * 2
+    plain = plain_packed_gradient(ctx.model, ctx.batch, layout, counted=not FORCES_FALSE, isolated=attention is not None)
+    assert rel_err(plain, step.update.items()) < 1e-5
+    assert rel_err(ctx.reference.grads, step.update.items()) > 0.1  # found
+    named = "scores each packed sequence's first label" if attention else "attends across the packed sequences"
+    assert named in step.note and "the update equals that within" in step.note
