@@ -82,3 +82,10 @@ def never_synced_step(model, microbatches):
     """Planted bug: no_sync on every microbatch, so DDP never all-reduces: each rank keeps its own."""
     with model.no_sync():
         return gathered_count_step(model, microbatches)
+
+
+def reweighted_rank_step(model, microbatches):
+    """Planted bug: the gathered count 1 % short on rank 0 and 1 % long on rank 1 (1 % of the
+    weight moved between the ranks' microbatches, the step's total nearly kept)."""
+    return _backward_all(model, microbatches, _gathered(microbatches) * (0.99 if dist.get_rank() == 0 else 1.01),
+                         _world())

@@ -117,9 +117,26 @@ def _dpo_summed():
     return SummedDPOTrainer
 
 
+def _grpo_reweighted():
+    from trl import GRPOTrainer
+
+    class ReweightedGRPOTrainer(GRPOTrainer):
+        """Planted bug: each window's microbatches divided by a count 1 % off, alternately short and
+        long (1/0.99 and 1/1.01 of the loss type's own normaliser): 1 % of the weight moved between
+        microbatches, the window's total nearly kept."""
+
+        def _compute_loss(self, model, inputs):
+            self.lossaudit_planted = getattr(self, "lossaudit_planted", -1) + 1
+            return super()._compute_loss(model, inputs) / (0.99 if self.lossaudit_planted % 2 == 0 else 1.01)
+
+    return ReweightedGRPOTrainer
+
+
 def __getattr__(name):  # the classes need trl, imported only when a test asks for them
     if name == "OwnCountSFTTrainer":
         return _sft()
+    if name == "ReweightedGRPOTrainer":
+        return _grpo_reweighted()
     if name == "SummedDPOTrainer":
         return _dpo_summed()
     raise AttributeError(name)

@@ -245,6 +245,8 @@ class Judge:
         makes cross entropy deviate), or ""."""
         if m.label.calibrates or m.label.expected or m.aux_target is not None or self.dtype not in ("bfloat16", "float16"):
             return ""
+        if m.cause is not None:  # the path named what its step computed against a target of its own (GRPO)
+            return ""
         one = self.single(m)
         if one is None or not tol.exceeded(one.deviation()):
             return ""

@@ -65,7 +65,10 @@ class Backwards:
             self._open = True
             self.terms.append([])
             torch.autograd.Variable._execution_engine.queue_callback(self._close)
-        self.terms[-1].append(dot(grad, self.reference[i]))
+        self.terms[-1].append(self._term(i, grad))
+
+    def _term(self, i: int, grad: torch.Tensor):
+        return dot(grad, self.reference[i])
 
     def _close(self) -> None:
         self._open = False
@@ -97,6 +100,25 @@ class Backwards:
         for index, projection in zip(self.order(k), projections):
             by_microbatch[index] = projection
         return by_microbatch, ""
+
+
+class KeptBackwards(Backwards):
+    """Each backward's gradients kept, parameter by parameter (``gradients()``), for a step whose
+    reference is known only after it ran (a GRPO run: which sequences each microbatch held is
+    TRL's shuffle). Costs one copy of the gradient per backward: for the tiny models lossaudit
+    builds, not for a large checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, params: Params):
+        super().__init__(model, params, [])
+        self.names = [n for n, _ in params]
+
+    def _term(self, i: int, grad: torch.Tensor):
+        return (i, grad.detach().clone())
+
+    def gradients(self) -> list[dict[str, torch.Tensor]]:
+        """Each backward's gradient (name -> tensor; a parameter no backward reached is absent),
+        in the order the backwards ran."""
+        return [{self.names[i]: g for i, g in terms} for terms in self.terms]
 
 
 def _key(x) -> tuple | None:

@@ -7,7 +7,10 @@ epsilon_high)`` for ``cispo``, whose clipped weight is detached; the KL term of 
 gradient where the policy is its reference). The loss types differ in how they aggregate the
 tokens of an optimizer step's window of k microbatches: a per-token weight, the same for every
 token of a sequence. The reference is that weighted sum, computed here from the model's logits
-(divided by the temperature, as TRL does) in float64, one backward per window.
+(divided by the temperature, as TRL does) in float64, one backward per window. Each row is placed
+as TRL's forward placed it: its prompt after the pads TRL put before it (the generation batch's
+prompts left-padded to the longest), positions counted from the first column (TRL passes no
+position ids), the pads masked; so the logits aggregated are TRL's own.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import torch
 
 from ..core.errors import UsageError
 from ..core.forward import forward
-from ..core.grads import GradDiff, compare_grads, grads_of
-from ..core.layouts import Layout, collate
-from ..core.tokens import token_losses
+from ..core.backwards import ADDS_UP
+from ..core.grads import GradDiff, compare_grads, dots, grads_of
+from ..core.layouts import Layout, Microbatch, pad
+from ..core.tokens import IGNORE_INDEX, token_losses
 from ..audit.tolerance import Tolerance, deviations
 from ..audit.config import parse_value
 from ..core.batch import Batch
 from ..stacks.trl import resolve_trainer_class
-from ..stacks.grpo import LOSS_TYPES, PROMPT_LENGTH, Rollouts, draw_rollouts, grpo_problems, is_grpo
+from ..stacks.grpo import LOSS_TYPES, PROMPT_LENGTHS, Rollouts, draw_rollouts, grpo_problems, is_grpo
 from .base import Label, Outcome, StepPath
 from .grpo_step import default_loss_type, generations, max_completion_length, plan, run_grpo, settings_for
 
@@ -117,12 +121,32 @@ def declared_weights(microbatches: list[list[int]], rollouts, config) -> list[fl
                                                  config.max_completion_length)
 
 
-def reference_gradient(ctx, rollouts, microbatches: list[list[int]], weights: list[float], config
-                       ) -> dict[str, torch.Tensor]:
+def trl_rows(rollouts, seqs: list[int], left_pads: dict[int, int] | None) -> Microbatch:
+    """The sequences ``seqs`` as TRL's forward gets them: ``left_pads[i]`` pads, the prompt, the
+    completion, right pads to the longest row; the pads masked; positions 0, 1, ... from the first
+    column (TRL passes no position ids, so the model counts them from there); the completion the
+    target."""
+    left_pads = left_pads or {}
+    pad_id = rollouts.batch.pad_id
+    rows, labels = [], []
+    for i in seqs:
+        sample, n = rollouts.batch.samples[i], left_pads.get(i, 0)
+        rows.append(torch.cat([torch.full((n,), pad_id, dtype=sample.input_ids.dtype), sample.input_ids]))
+        labels.append(torch.cat([torch.full((n,), IGNORE_INDEX, dtype=sample.labels.dtype), sample.labels]))
+    mask = pad([torch.cat([torch.zeros(left_pads.get(i, 0), dtype=torch.long),
+                           torch.ones(len(rollouts.batch.samples[i].input_ids), dtype=torch.long)]) for i in seqs],
+               0, "right")
+    positions = torch.arange(mask.shape[1]).expand_as(mask).clone()
+    return Microbatch(pad(rows, pad_id, "right"), mask, positions, pad(labels, IGNORE_INDEX, "right"))
+
+
+def reference_gradient(ctx, rollouts, microbatches: list[list[int]], weights: list[float], config,
+                       left_pads: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
     """The gradient of sum_i weights_i x -c A_i sum_t log p(token) over the window's sequences,
-    in float64 from the model's logits (one forward and backward of the window)."""
+    in float64 from the model's logits (one forward and backward of the window, each row placed
+    as TRL placed it: ``trl_rows``)."""
     seqs = [i for mb in microbatches for i in mb]
-    mb = collate(rollouts.batch, tuple(seqs), "right")
+    mb = trl_rows(rollouts, seqs, left_pads)
     outputs, _ = forward(ctx.model, mb, ctx.device)
     logits = outputs.logits / config.temperature if config.temperature != 1.0 else outputs.logits
     per_sequence = token_losses(logits, mb.labels.to(ctx.device), "causal-lm").sum(dim=1)  # -sum log p, (S,)
@@ -169,29 +193,76 @@ class StepCase:
     diff: GradDiff
     target: dict[str, torch.Tensor]  # the declared gradient
     cause: str = ""  # for a step that misses: what it computed, where a candidate fits
+    weights: list[float] | None = None  # each microbatch's backward against its declared share (None: not resolved)
+    unresolved: str = ""  # why not
 
 
-def gradient_deviation(diff: GradDiff) -> dict[str, float]:
-    return {k: v for k, v in deviations(0.0, diff, None).items() if k != "loss"}
+def microbatch_weights(ctx, rollouts, window, backwards: list[dict], declared: list[float], config,
+                       left_pads) -> tuple[list[float] | None, str]:
+    """Each microbatch's weight: the least-squares scale of its backward's gradient against its
+    correct share (the declared gradient of the window's sequences it held, float64), 1 for a
+    step that reaches its declaration; (None, why) where the step's backwards are not one per
+    microbatch or do not add up to its update."""
+    k, names = len(window.microbatches), [n for n, _ in ctx.params]
+    if len(backwards) != k:
+        return None, (f"per-microbatch weights not resolved: the step ran {len(backwards)} backwards over {k} "
+                      "microbatches (one backward per microbatch is what can be cut)")
+    update = dict(window.update)
+    parts = [[g.get(n) for n in names] for g in backwards]
+    summed = [sum(x for x in col if x is not None) if any(x is not None for x in col) else None for col in zip(*parts)]
+    step = [update.get(n) for n in names]
+    left, added = dots(step, step), dots(summed, step)
+    if not left or abs(added / left - 1.0) > ADDS_UP:
+        return None, (f"per-microbatch weights not resolved: the step changed .grad outside its backwards (its "
+                      f"backwards add up to {added / left if left else float('nan'):.4g}x its update)")
+    weights, start = [], 0
+    for mb, part in zip(window.microbatches, parts):
+        share = reference_gradient(ctx, rollouts, [mb], declared[start:start + len(mb)], config, left_pads)
+        start += len(mb)
+        c = [share[n] for n in names]
+        weights.append(dots(part, c) / dots(c, c))
+    return weights, ""
+
+
+def gradient_deviation(diff: GradDiff, weights: list[float] | None = None) -> dict[str, float]:
+    return {k: v for k, v in deviations(0.0, diff, weights).items() if k != "loss"}
 
 
 def judge_steps(ctx, rollouts, run, tolerance: Tolerance) -> list[StepCase]:
     """Every step of ``run`` (stacks.grpo.GRPORun) against its declared gradient; a step that
     misses a token-mean declaration is tested against each of WINDOW_CAUSES."""
     config, lengths = run.config, rollouts.completion_lengths()
-    cases = []
+    cases, k = [], config.gradient_accumulation_steps
     for s, window in enumerate(run.steps):
-        target = reference_gradient(ctx, rollouts, window.microbatches,
-                                    declared_weights(window.microbatches, rollouts, config), config)
+        declared = declared_weights(window.microbatches, rollouts, config)
+        target = reference_gradient(ctx, rollouts, window.microbatches, declared, config, run.left_pads)
         diff = compare_grads(target, window.update)
         case = StepCase(s, window.microbatches, [sum(lengths[i] for i in mb) for mb in window.microbatches], diff, target)
-        if tolerance.exceeded(gradient_deviation(diff)):
-            case.cause = step_cause(ctx, rollouts, window, config, case, tolerance)
+        case.weights, case.unresolved = microbatch_weights(ctx, rollouts, window, run.backwards[s * k:(s + 1) * k],
+                                                           declared, config, run.left_pads)
+        if tolerance.exceeded(gradient_deviation(diff, case.weights)):
+            case.cause = step_cause(ctx, rollouts, window, config, case, tolerance, run.left_pads,
+                                    generation_tokens(run, lengths, s))
         cases.append(case)
     return cases
 
 
-def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Tolerance) -> str:
+def generation_tokens(run, lengths: list[int], step: int) -> list[int]:
+    """The target tokens of the generation batch each microbatch of optimizer step ``step`` came
+    from (steps_per_generation x num_iterations consecutive microbatches of the run share one),
+    counted from the drawn completions: what num_items_in_batch should hold."""
+    config = run.config
+    k, span = config.gradient_accumulation_steps, config.steps_per_generation * config.num_iterations
+    every = [mb for window in run.steps for mb in window.microbatches]
+    out = []
+    for j in range(step * k, step * k + len(run.steps[step].microbatches)):
+        g = j // span
+        out.append(sum(lengths[i] for i in {i for mb in every[g * span:(g + 1) * span] for i in mb}))
+    return out
+
+
+def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Tolerance, left_pads=None,
+               generation: list[int] | None = None) -> str:
     d = declaration(config.loss_type)
     tokens = sum(case.tokens)
     if d.token_mean:
@@ -199,31 +270,41 @@ def step_cause(ctx, rollouts, window, config, case: StepCase, tolerance: Toleran
             weights = cause_weights(cause, window.microbatches, window.num_items, config)
             if weights is None:
                 continue
-            fit = compare_grads(reference_gradient(ctx, rollouts, window.microbatches, weights, config), window.update)
+            fit = compare_grads(reference_gradient(ctx, rollouts, window.microbatches, weights, config, left_pads),
+                                window.update)
             if not tolerance.exceeded(gradient_deviation(fit)):
                 counts = sorted(set(window.num_items))
                 k, spg = config.gradient_accumulation_steps, config.steps_per_generation
                 spans = (f" (a mean of the window's {k // spg} generation batches' token means)"
                          if cause is WINDOW_CAUSES[0] and spg < k and k % spg == 0 else "")
-                return (f"{cause.name}{spans}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
+                miscount = ""
+                if generation is not None and list(window.num_items) != list(generation):
+                    real = sorted(set(generation))
+                    miscount = (f"num_items_in_batch {counts[0] if len(counts) == 1 else counts} is not the target "
+                                f"tokens of its generation batch ({real[0] if len(real) == 1 else real}): the count "
+                                "handed to the loss is wrong; with it, ")
+                return (f"{miscount}{cause.name}{spans}: num_items_in_batch={counts[0] if len(counts) == 1 else counts}, "
                         f"k={config.gradient_accumulation_steps}, steps_per_generation={config.steps_per_generation}; "
                         f"the window holds {tokens} target tokens: gradient {case.diff.scale:.4g}x its own token mean")
-    return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}); "
+    weights = (f"; each microbatch's gradient x its declared share: [{', '.join(f'{w:.4g}' for w in case.weights)}]"
+               if case.weights else "")
+    return (f"the step is {case.diff.scale:.4g}x {d.describe} (1 - cosine {1 - case.diff.cosine:.2g}){weights}; "
             f"the window holds {tokens} target tokens in {len(case.tokens)} microbatches {case.tokens}")
 
 
 def rollouts_for(config, loaded, user_args: dict) -> Rollouts:
-    """The run's rollouts, from the seed: enough prompts for every k of the run, completions of
-    ``--min-length - 4 .. --max-length - 4`` tokens (at most TRL's max_completion_length)."""
+    """The run's rollouts, from the seed: enough prompts for every k of the run, prompts of
+    PROMPT_LENGTHS tokens, completions of ``--min-length - 2 .. --max-length - 6`` tokens (at most
+    TRL's max_completion_length)."""
     spec, b = config.batch_spec, config.batch_spec.batch_size
     ks = [k for k in config.ks if b % k == 0] or [1]
     g = generations(user_args, [b // k * int(user_args.get("steps_per_generation") or k) for k in ks])
     prompts = max(plan(k, b // k, user_args, g).prompts for k in ks)
     limit = int(user_args.get("max_completion_length") or max_completion_length())
-    longest = max(2, min(spec.max_length - PROMPT_LENGTH, limit))
+    longest = max(2, min(spec.max_length - PROMPT_LENGTHS[1], limit))
     return draw_rollouts(prompts=prompts, generations=g, vocab_size=loaded.vocab_size, pad_id=loaded.pad_id,
                          eos_id=loaded.eos_id, max_completion=longest,
-                         min_completion=min(longest, max(2, spec.min_length - PROMPT_LENGTH)), seed=spec.seed)
+                         min_completion=min(longest, max(2, spec.min_length - PROMPT_LENGTHS[0])), seed=spec.seed)
 
 
 class GRPOPath(StepPath):
@@ -279,8 +360,9 @@ class GRPOPath(StepPath):
                      "optimizer_step": case.step + 1, "steps_per_generation": config.steps_per_generation,
                      "num_generations": config.num_generations, "trainer_num_items": window.num_items,
                      "reference_loss": math.nan, "microbatch_losses": [math.nan] * k, "logged_loss": run.logged_loss}
-            out.append(Outcome(self.label, layout, math.nan, list(window.update), extra=extra,
-                               target=case.target, cause=case.cause or None))
+            note = case.unresolved
+            out.append(Outcome(self.label, layout, math.nan, list(window.update), note=note, extra=extra,
+                               target=case.target, cause=case.cause or None, weights=case.weights))
         return out
 
 

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..audit.config import CheckConfig
+from ..core.backwards import KeptBackwards
+from ..core.grads import trainable
 from ..core.layouts import Layout
-from ..stacks.grpo import Rollouts, audit_subclass, prompt_text, reward_func, rollout_func, silenced_experimental
+from ..stacks.grpo import (PROMPT_LENGTHS, Rollouts, audit_subclass, draw_rollouts, prompt_text, reward_func,
+                           rollout_func, silenced_experimental)
 from ..stacks.trl import arguments, arguments_class, tokenizer
+from .base import AuditContext
 from .probe import StepUpdates
 from .trainer_class import _no_progress_bars
 from .trainer_step import _common_settings, _quiet_and_cheap, prepared
@@ -49,6 +54,9 @@ class GRPORun:
     steps: list[StepWindow]
     config: object  # the GRPOConfig the trainer ran with
     logged_loss: float
+    left_pads: dict[int, int] = dataclasses.field(default_factory=dict)  # sequence id -> pads TRL put before its prompt
+    # each backward's gradient, in the order they ran (core/backwards.KeptBackwards): one per microbatch
+    backwards: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 def audited_steps(microbatches: int, steps_per_generation: int, num_iterations: int) -> int:
@@ -118,7 +126,7 @@ def build_trainer(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args:
             processing_class=tokenizer(vocab, ctx.batch.pad_id, eos), optimizers=(optimizer, schedule),
             rollout_func=rollout_func(rollouts))
     trainer.lossaudit_rollouts = rollouts
-    trainer.seen_seqs = []
+    trainer.seen_seqs, trainer.left_pads = [], {}
     return prepared(trainer)
 
 
@@ -152,14 +160,15 @@ def run_grpo(ctx, cls: type, rollouts: Rollouts, settings: dict, user_args: dict
         with _quiet_and_cheap(), _no_progress_bars(), tempfile.TemporaryDirectory(prefix="lossaudit-grpo-") as out:
             trainer = build_trainer(ctx, cls, rollouts, {**settings, "output_dir": out}, user_args)
             probe.watch(trainer.optimizer)
-            result = trainer.train()
+            with KeptBackwards(ctx.model, ctx.params) as kept:
+                result = trainer.train()
     finally:
         probe.restore()
     k = trainer.args.gradient_accumulation_steps
     seqs, counts = trainer.seen_seqs, [None if n is None else int(n) for n in trainer.seen_num_items]
     steps = [StepWindow(seqs[s * k:(s + 1) * k], update, counts[s * k:(s + 1) * k])
              for s, update in enumerate(probe.updates)]
-    return GRPORun(steps, trainer.args, float(result.training_loss))
+    return GRPORun(steps, trainer.args, float(result.training_loss), dict(trainer.left_pads), kept.gradients())
 
 
 def settings_for(ctx, microbatches: int, per_device: int, steps: int, out: str = "") -> dict:
@@ -168,3 +177,28 @@ def settings_for(ctx, microbatches: int, per_device: int, steps: int, out: str =
     groups = tuple(tuple(range(i * per_device, (i + 1) * per_device)) for i in range(microbatches))
     settings = _common_settings(ctx, Layout(microbatches, "contiguous", "right", groups), out)
     return {**settings, "max_steps": steps, "logging_strategy": "no"}
+
+
+def loss_type_run(loaded, loss_type: str, steps_per_generation: int, k: int, per_device: int, *, seed: int = 0,
+                  trainer_class: type | None = None, max_completion: int = 12,
+                  prompt_lengths: tuple[int, int] = PROMPT_LENGTHS, device: torch.device = torch.device("cpu"),
+                  **trainer_args):
+    """One GRPO run of ``loss_type`` on ``loaded`` (a loaded tiny model) outside the CLI: k
+    accumulation steps of ``per_device`` completions at ``steps_per_generation``, rollouts drawn
+    from ``seed`` (num_generations 4 or 2, as the CLI picks). Returns (ctx, rollouts, run), what
+    ``paths.grpo.judge_steps`` takes. The release table and the tests measure with it."""
+    import trl
+
+    user = {"loss_type": loss_type, "steps_per_generation": steps_per_generation, **trainer_args}
+    if loss_type == "luspo":
+        user.setdefault("importance_sampling_level", "sequence")
+    user["num_generations"] = generations(user, [per_device * steps_per_generation])
+    shape = plan(k, per_device, user, user["num_generations"])
+    rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
+                             vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
+                             max_completion=max_completion, seed=seed, prompt_lengths=prompt_lengths)
+    ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), device,
+                       CheckConfig(model=loaded.name), loaded)
+    run = run_grpo(ctx, trainer_class or trl.GRPOTrainer, rollouts,
+                   settings_for(ctx, k, per_device, shape.steps), user)
+    return ctx, rollouts, run

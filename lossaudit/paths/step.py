@@ -70,7 +70,10 @@ class StepFunctionPath(StepPath):
             run_rank, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
         if reason is not None:
             return [guard.judge.failed(self.label, layout, reason) for layout in layouts]
-        return [guard.judge.measure(self._outcome(layout, combine([steps[i] for steps in per_rank], self.data_parallel)))
+        unresolved = (f"per-microbatch weights not resolved: the step ran on {world_size} ranks (lossaudit's backward "
+                      "hooks run in one process); judged on its whole step")
+        return [guard.judge.measure(self._outcome(layout, combine([steps[i] for steps in per_rank], self.data_parallel),
+                                                  unresolved=unresolved))
                 for i, layout in enumerate(layouts)]
 
     def _outcome(self, layout: Layout, step: StackStep, projections=None, unresolved: str | None = None) -> Outcome:

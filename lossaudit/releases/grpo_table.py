@@ -18,21 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..audit.config import CheckConfig
 from ..audit.tolerance import Tolerance
 from ..core.errors import LossauditError
-from ..core.grads import trainable
 from ..models.loading import load_model
-from ..paths.base import AuditContext
 from ..paths.grpo import DECLARATIONS, judge_steps
-from ..paths.grpo_step import generations, plan, run_grpo, settings_for
-from ..stacks.grpo import draw_rollouts
+from ..paths.grpo_step import loss_type_run
 from .environments import Spec, default_cache, ensure, isolated_environ, parse_pin
 
 
 def measure(k: int, per_device: int, seed: int) -> list[dict]:
     """Every loss type lossaudit declares that the installed GRPOConfig names, at spg = k and 2k."""
-    import torch
     import trl
 
     help_text = next(f for f in dataclasses.fields(trl.GRPOConfig) if f.name == "loss_type").metadata["help"]
@@ -41,17 +36,8 @@ def measure(k: int, per_device: int, seed: int) -> list[dict]:
         for spg in (k, 2 * k):
             loaded = load_model("llama", seed=seed)
             loaded.model.train()
-            user = {"loss_type": loss_type, "steps_per_generation": spg}
-            if loss_type == "luspo":
-                user["importance_sampling_level"] = "sequence"
-            user["num_generations"] = generations(user, [per_device * spg])
-            shape = plan(k, per_device, user, user["num_generations"])
-            rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
-                                     vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
-                                     max_completion=12, seed=seed)
-            ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), torch.device("cpu"),
-                               CheckConfig(model="llama"), loaded)
-            run = run_grpo(ctx, trl.GRPOTrainer, rollouts, settings_for(ctx, k, per_device, shape.steps), user)
+            ctx, rollouts, run = loss_type_run(loaded, loss_type, spg, k, per_device, seed=seed,
+                                               trainer_class=trl.GRPOTrainer)
             for case in judge_steps(ctx, rollouts, run, Tolerance.measure("float32", [])):
                 rows.append({"trl": trl.__version__, "loss_type": loss_type, "k": k, "steps_per_generation": spg,
                              "step": case.step + 1, "tokens": case.tokens, "scale": case.diff.scale,

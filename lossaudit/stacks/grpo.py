@@ -1,9 +1,9 @@
 """TRL's ``GRPOTrainer`` on rollouts drawn from the seed: what ``--trainer-class trl:GRPOTrainer``
 runs (``paths/grpo.py`` judges it).
 
-The audit does not depend on sampling. ``draw_rollouts`` draws P prompts of one length (no left
-padding: the trainer's forward places positions without the attention mask) with G completions
-each, of varied length and ending with EOS, and one advantage per completion. TRL gets them
+The audit does not depend on sampling. ``draw_rollouts`` draws P prompts of varied length (TRL
+left-pads them to the longest of the generation batch) with G completions each, of varied length
+and ending with EOS, and one advantage per completion. TRL gets them
 through its own ``rollout_func`` hook (prompt and completion ids, no sampling log-probs), a reward
 function that returns the drawn advantages as rewards (so TRL's scoring runs), and, after its
 scoring, the drawn advantages themselves on the generation batch, with each row's sequence id
@@ -14,7 +14,8 @@ log-probabilities it keeps, ``num_items_in_batch``, the loss and its normalisati
 Every optimizer step of the run is read (``probe.StepUpdates``, SGD lr 1): the weights are put back
 after each step, so each step sees the weights its rollouts were scored with (ratio 1) and its
 gradient is ``J^T`` of the per-token loss ``-A_i * log p`` under the loss type's aggregation.
-Which sequences each microbatch held is read from ``compute_loss``'s inputs.
+Which sequences each microbatch held, and how many pads TRL put before each prompt, are read
+from ``compute_loss``'s inputs (the reference places each row as TRL's forward did).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ UNMODELLED = {
     "use_vllm": (lambda v: bool(v), "samples with vLLM (the audit gives the completions itself)"),
 }
 SEQ_KEY = "lossaudit_seq"  # the generation batch's column of sequence ids
-PROMPT_LENGTH = 4
+PROMPT_LENGTHS = (2, 6)  # shortest, longest prompt drawn: TRL left-pads them to the longest of the generation batch
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,11 @@ class Rollouts:
 
 
 def draw_rollouts(*, prompts: int, generations: int, vocab_size: int, pad_id: int, eos_id: int | None,
-                  max_completion: int, seed: int, min_completion: int = 2) -> Rollouts:
-    """Prompts of PROMPT_LENGTH tokens, completions of ``min_completion..max_completion`` tokens
-    (the last EOS when the model has one), advantages centred within each group; no pad id in the
-    text."""
+                  max_completion: int, seed: int, min_completion: int = 2,
+                  prompt_lengths: tuple[int, int] = PROMPT_LENGTHS) -> Rollouts:
+    """Prompts of ``prompt_lengths[0]..prompt_lengths[1]`` tokens, completions of
+    ``min_completion..max_completion`` tokens (the last EOS when the model has one), advantages
+    centred within each group; no pad id in the text."""
     g = torch.Generator().manual_seed(seed)
     avoid = {pad_id} | ({eos_id} if eos_id is not None else set())
     ok = [t for t in range(FIRST_TOKEN_ID, vocab_size) if t not in avoid]
@@ -79,13 +81,13 @@ def draw_rollouts(*, prompts: int, generations: int, vocab_size: int, pad_id: in
 
     samples, advantages = [], []
     for _ in range(prompts):
-        prompt = ids(PROMPT_LENGTH)
+        prompt = ids(int(torch.randint(prompt_lengths[0], prompt_lengths[1] + 1, (1,), generator=g)))
         for _ in range(generations):
             length = int(torch.randint(min_completion, max_completion + 1, (1,), generator=g))
             completion = ids(length)
             if eos_id is not None:
                 completion[-1] = eos_id
-            labels = torch.cat([torch.full((PROMPT_LENGTH,), IGNORE_INDEX), completion])
+            labels = torch.cat([torch.full((len(prompt),), IGNORE_INDEX), completion])
             samples.append(Sample(torch.cat([prompt, completion]), labels))
         group = torch.randn(generations, generator=g, dtype=torch.float64)
         advantages.append(group - group.mean())
@@ -161,7 +163,8 @@ _SUBCLASSES: dict[type, type] = {}
 
 def audit_subclass(cls: type) -> type:
     """``cls`` taking the drawn advantages after its scoring and recording which sequences each
-    ``compute_loss`` call held (``self.seen_seqs``, one list per microbatch, in order)."""
+    ``compute_loss`` call held (``self.seen_seqs``, one list per microbatch, in order) and the
+    pads TRL put before each sequence's prompt (``self.left_pads``: sequence id -> count)."""
     if cls not in _SUBCLASSES:
         class Audited(cls):
             def _generate_and_score_completions(self, inputs):
@@ -173,6 +176,8 @@ def audit_subclass(cls: type) -> type:
 
             def compute_loss(self, model, inputs, *args, **kwargs):
                 self.seen_seqs.append([int(i) for i in inputs[SEQ_KEY]])
+                pads = (inputs["prompt_mask"] == 0).sum(dim=1).tolist()
+                self.left_pads.update((int(i), int(n)) for i, n in zip(inputs[SEQ_KEY], pads))
                 self.seen_num_items.append(inputs.get("num_items_in_batch"))
                 return super().compute_loss(model, inputs, *args, **kwargs)
 

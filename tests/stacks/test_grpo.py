@@ -3,6 +3,7 @@ optimizer step of a generation batch judged against its loss type's own declarat
 paths/grpo.py), at steps_per_generation equal to and twice the accumulation steps."""
 
 import pytest
+import torch
 
 from stacks_common import needs
 
@@ -10,13 +11,11 @@ needs("trl")
 
 import trl  # noqa: E402
 
-from lossaudit.audit.config import CheckConfig  # noqa: E402
 from lossaudit.audit.tolerance import Tolerance  # noqa: E402
-from lossaudit.core.grads import compare_grads, trainable  # noqa: E402
-from lossaudit.paths.base import AuditContext  # noqa: E402
-from lossaudit.paths.grpo import DECLARATIONS, declared_weights, judge_steps, reference_gradient  # noqa: E402
-from lossaudit.paths.grpo_step import generations, plan, run_grpo, settings_for  # noqa: E402
-from lossaudit.stacks.grpo import draw_rollouts  # noqa: E402
+from lossaudit.core.grads import compare_grads  # noqa: E402
+from lossaudit.paths.grpo import (DECLARATIONS, declared_weights, gradient_deviation, judge_steps,  # noqa: E402
+                                  reference_gradient)
+from lossaudit.paths.grpo_step import loss_type_run  # noqa: E402
 
 from stacks_common import CPU, tiny_llama  # noqa: E402
 
@@ -45,18 +44,8 @@ def loaded():
 
 
 def grpo_run(loaded, loss_type: str, spg: int, k: int = K, cls=None, seed=0, **extra):
-    user = {"loss_type": loss_type, "steps_per_generation": spg, **extra}
-    if loss_type == "luspo":
-        user["importance_sampling_level"] = "sequence"
-    user["num_generations"] = generations(user, [PER_DEVICE * spg])
-    shape = plan(k, PER_DEVICE, user, user["num_generations"])
-    rollouts = draw_rollouts(prompts=shape.prompts, generations=user["num_generations"],
-                             vocab_size=loaded.vocab_size, pad_id=loaded.pad_id, eos_id=loaded.eos_id,
-                             max_completion=12, seed=seed)
-    ctx = AuditContext(loaded.model, rollouts.batch, None, trainable(loaded.model), CPU, CheckConfig(model="llama"),
-                       loaded)
-    run = run_grpo(ctx, cls or GRPO, rollouts, settings_for(ctx, k, PER_DEVICE, shape.steps), user)
-    return ctx, rollouts, run
+    return loss_type_run(loaded, loss_type, spg, k, PER_DEVICE, seed=seed, trainer_class=cls or GRPO, device=CPU,
+                         **extra)
 
 
 def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
@@ -69,11 +58,13 @@ def test_the_installed_trl_declares_the_loss_types_lossaudit_knows():
 def test_every_step_of_every_loss_type_against_its_declaration(loaded, loss_type, spg):
     """Measured (trl 1.16.0, transformers 5.25.0, CPU): every loss type reaches its declaration on
     every step, but the token-mean ones at steps_per_generation = 2k, whose two windows are divided
-    by the generation batch's average tokens per window (1.097x and 0.903x here: windows of 62 and 51
-    of its 113 tokens). trl 1.9.0 (tox -e trl190) divides them by all 113 (0.549x and 0.451x)."""
+    by the generation batch's average tokens per window (1.052x and 0.948x here: windows of 51 and 46
+    of its 97 tokens). trl 1.9.0 (tox -e trl190) divides them by all 97 (0.526x and 0.474x). Prompts
+    of 2 to 6 tokens, left-padded by TRL to the longest of the generation batch."""
     if loss_type not in loss_types():
         pytest.skip(f"trl {trl.__version__} has no loss_type={loss_type}")
     ctx, rollouts, run = grpo_run(loaded, loss_type, spg)
+    assert max(run.left_pads.values()) > 0  # prompts of different lengths: TRL left-padded some
     assert len(run.steps) == spg // K  # every step of the generation batch was read
     assert all(len(step.microbatches) == K and all(len(mb) == PER_DEVICE for mb in step.microbatches)
                for step in run.steps)
@@ -107,7 +98,7 @@ def test_a_window_over_two_generation_batches_is_a_mean_of_their_token_means(loa
     assert generation_tokens[0] != generation_tokens[1] and sorted(run.steps[0].num_items) == sorted([*generation_tokens] * 2)
     mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
                                        [1.0 / (2 * generation_tokens[m // 2]) for m, mb in enumerate(case.microbatches)
-                                        for _ in mb], run.config)
+                                        for _ in mb], run.config, run.left_pads)
     assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
     assert case.diff.rel_err > 1e-3 and "a mean of the window's 2 generation batches' token means" in case.cause
     assert len(lengths) >= sum(len(mb) for mb in case.microbatches)
@@ -148,12 +139,99 @@ def test_a_planted_window_bug_in_a_subclass_is_found(loaded):
     assert "average target tokens per window" not in case.cause and "x the token mean over the optimizer window" in case.cause
     mean_of_means = reference_gradient(ctx, rollouts, case.microbatches,
                                        [1.0 / (K * n) for n, mb in zip(case.tokens, case.microbatches) for _ in mb],
-                                       run.config)
+                                       run.config, run.left_pads)
     assert compare_grads(mean_of_means, run.steps[0].update).rel_err < 1e-5
     assert declared_weights(case.microbatches, rollouts, run.config)[0] == 1.0 / sum(case.tokens)
 
 
-def cli(*args):
+def padded_width_trainer():
+    class PaddedWidthGRPOTrainer(GRPO):
+        """Planted bug that only left padding shows: the generation batch's target tokens counted as
+        each row's attention-mask tokens less the *padded* prompt width (not its own prompt's), so
+        every pad before a shorter prompt is taken off the count."""
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            attended = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1).sum(dim=1)
+            out["num_items_in_batch"] = (attended - out["prompt_ids"].size(1)).sum()
+            return out
+
+    return PaddedWidthGRPOTrainer
+
+
+@pytest.mark.skipif(GRPO is None or "dapo" not in loss_types(), reason="no GRPOTrainer with dapo")
+def test_a_count_that_takes_the_left_pads_off_is_found_on_prompts_of_different_lengths(loaded):
+    """Must find: on the left-padded batch the planted count is short by the generation batch's left
+    pads, so the step is tokens / (tokens - pads) its token mean; with prompts of one length (the
+    rollouts before prompts varied) the same trainer is exact, which is why the batch must vary them."""
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=padded_width_trainer())
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    pads = sum(run.left_pads[i] for i in case.microbatches[0] + case.microbatches[1])
+    assert pads > 0 and TOLERANCE.exceeded({"grad": case.diff.rel_err})
+    assert case.diff.scale == pytest.approx(sum(case.tokens) / (sum(case.tokens) - pads), rel=1e-5)
+    # named as what it is: num_items_in_batch short of the generation batch's (here the window's) tokens
+    assert (f"num_items_in_batch {sum(case.tokens) - pads} is not the target tokens of its generation batch "
+            f"({sum(case.tokens)})") in case.cause and f"gradient {case.diff.scale:.4g}x its own token mean" in case.cause
+    ctx, rollouts, run = grpo_run(loaded, "dapo", K, cls=padded_width_trainer(), prompt_lengths=(4, 4))
+    (case,) = judge_steps(ctx, rollouts, run, TOLERANCE)
+    assert set(run.left_pads.values()) == {0} and case.diff.rel_err < 1e-5 and not case.cause
+
+
+@pytest.fixture(scope="module")
+def loaded_bf16():
+    loaded = tiny_llama()
+    loaded.model.to(torch.bfloat16)
+    return loaded
+
+
+HEAVY = pytest.mark.heavy  # more layouts of the same check: the default tier keeps two
+BF16 = Tolerance.measure("bfloat16", [])  # the floors: what a bf16 run's weights tolerance is (4e-3, cap 8e-3)
+
+
+@pytest.mark.skipif(GRPO is None, reason="no GRPOTrainer")
+@pytest.mark.parametrize("loss_type, k, seed", [("dapo", 4, 1), ("bnpo", 2, 1), pytest.param("dapo", 2, 0, marks=HEAVY),
+                                                pytest.param("grpo", 4, 0, marks=HEAVY)])
+def test_the_stock_trainer_is_clean_in_bf16_microbatch_by_microbatch(loaded_bf16, loss_type, k, seed):
+    """Measured (trl 1.16.0, CPU, bf16 tiny llama): each microbatch's backward within 1e-4 of its
+    declared share (0 where the bf16 gradients are bitwise the reference's), scale within 2e-4."""
+    ctx, rollouts, run = grpo_run(loaded_bf16, loss_type, k, k=k, seed=seed)
+    for case in judge_steps(ctx, rollouts, run, BF16):
+        assert case.weights is not None and len(case.weights) == k and not case.unresolved
+        assert max(abs(w - 1) for w in case.weights) < 1e-3 and not case.cause, (case.weights, case.diff)
+        assert not BF16.exceeded(gradient_deviation(case.diff, case.weights))
+
+
+@pytest.mark.skipif(GRPO is None, reason="no GRPOTrainer")
+@pytest.mark.parametrize("loss_type, k, seed", [("dapo", 4, 1), ("grpo", 2, 0), pytest.param("dapo", 2, 0, marks=HEAVY),
+                                                pytest.param("grpo", 4, 0, marks=HEAVY),
+                                                pytest.param("dapo", 4, 3, marks=HEAVY)])
+def test_a_one_percent_reweighting_is_found_in_bf16(loaded_bf16, loss_type, k, seed):
+    """Must find, in bf16: 1 % of the weight moved between a window's microbatches (a count 1 %
+    short, then 1 % long). The step's scale and direction alone miss it in bf16 (k=4, seed 1: |scale
+    - 1| 1.4e-3 against 2e-3, 1 - cosine 5.5e-5 against 6.2e-5: the CLI said "match" before the
+    microbatches were resolved); each microbatch's weight reads 0.99 / 1.01 within 0.35 %."""
+    import stack_modules
+
+    ctx, rollouts, run = grpo_run(loaded_bf16, loss_type, k, k=k, seed=seed, cls=stack_modules.ReweightedGRPOTrainer)
+    (case,) = judge_steps(ctx, rollouts, run, BF16)
+    planted = [1 / 0.99 if m % 2 == 0 else 1 / 1.01 for m in range(k)]
+    assert case.weights == pytest.approx(planted, abs=3.5e-3)
+    assert "weights" in BF16.exceeded(gradient_deviation(case.diff, case.weights))
+    assert "each microbatch's gradient x its declared share" in case.cause
+
+
+@pytest.mark.skipif(GRPO is None, reason="no GRPOTrainer")
+def test_the_cli_finds_in_bf16_the_reweighting_it_once_called_clean(tmp_path):
+    status, _ = cli("--dtype", "bfloat16", "--microbatches", "4", "--seed", "1", "--out", str(tmp_path / "r"),
+                    trainer_class="stack_modules:ReweightedGRPOTrainer")
+    import json
+
+    (case,) = json.loads((tmp_path / "r" / "report.json").read_text())["cases"]
+    assert status == 1 and case["verdict"] == "diverge" and len(case["microbatch_weights"]) == 4
+    assert "max |microbatch weight - 1|" in case["detail"] and case["precision"] is None
+
+
+def cli(*args, trainer_class="trl:GRPOTrainer"):
     """lossaudit's CLI in this process: (exit status, stderr)."""
     import contextlib
     import io
@@ -162,7 +240,7 @@ def cli(*args):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = main(["check", "llama", "--path", "trainer", "--trainer-class", "trl:GRPOTrainer", *args])
+        status = main(["check", "llama", "--path", "trainer", "--trainer-class", trainer_class, *args])
     return status, err.getvalue()
 
 
