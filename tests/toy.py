@@ -106,3 +106,14 @@ def toy_task_batch(task: str, batch_size: int, *, max_length: int = 12, seed: in
 
     spec = BatchSpec(batch_size, max_length, 2, True, empty, seed)
     return make_batch(spec, vocab_size=VOCAB, pad_id=0, task=task, num_labels=CLASSES, decoder_start_id=1)
+
+
+class ToyLMOutputs(ToyLM):
+    """ToyLM returning transformers' ModelOutput, as a transformers model does: FSDP2 finds the
+    backward through a module's outputs, and ToyLM's SimpleNamespace hides them (no pytree)."""
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        out = super().forward(*args, **kwargs)
+        return CausalLMOutput(loss=out.loss, logits=out.logits)

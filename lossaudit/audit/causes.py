@@ -255,16 +255,33 @@ def pair_cause(m: "Measured", reference: Reference, tol: Tolerance) -> str:
 
 
 def aux_cause(m: "Measured", carried: float) -> str:
-    """How the step's aux loss compares with the mean over microbatches it should carry."""
-    k, mean = len(m.layout.groups), m.aux_target.mean  # microbatches over all ranks
+    """How the step's aux loss compares with the mean over microbatches it should carry (on N
+    ranks: over every rank's microbatches). A factor that fits more than one story says each."""
+    total, mean = len(m.layout.groups), m.aux_target.mean  # microbatches over all ranks
     ratio = carried / mean if mean else math.nan
-    if k > 1 and abs(ratio - k) <= 1e-3 * k:
-        return f"aux loss summed over {k} microbatches: {k}x their mean"
     if abs(ratio - 1) <= 1e-3:
         return ""
     if carried == 0:
         return "the step carries no router aux loss"
+    named = [text for factor, text in _aux_factors(total, m.layout.world_size) if abs(ratio - factor) <= 1e-3 * factor]
+    if named:
+        return " or ".join(named)
     return f"aux loss is {ratio:.4g}x its mean over microbatches"
+
+
+def _aux_factors(total: int, world_size: int) -> list[tuple[int, str]]:
+    """(factor, what carries it) for an aux loss off by a whole factor: summed over microbatches,
+    multiplied by the world size (transformers#48690: the loss x world size that undoes the
+    ranks' average also reaches the aux term), or both."""
+    if world_size == 1:
+        return [(total, f"aux loss summed over {total} microbatches: {total}x their mean")] if total > 1 else []
+    k, n = total // world_size, world_size  # microbatches per rank, ranks
+    world = f"multiplied by the world size {n} (transformers#48690)"
+    factors = [(n, f"aux loss {world}: {n}x its mean over microbatches")]
+    if k > 1:
+        factors += [(k, f"aux loss summed over each rank's {k} microbatches: {k}x their mean"),
+                    (k * n, f"aux loss summed over each rank's {k} microbatches and {world}: {k * n}x their mean")]
+    return factors
 
 
 def nonfinite(m: "Measured", reference: Reference, batch: Batch, tokens: str) -> tuple[str, str]:

@@ -108,6 +108,14 @@ def is_leader() -> bool:
     return launch is None or launch.rank == 0
 
 
+def closing_barrier() -> None:
+    """Under a launcher, wait until every process has reached the end of its run: a rank that
+    exits first with findings (status 1) makes torchrun end the others, the leader included,
+    perhaps before it has written the report. Nothing outside a launched group."""
+    if launched() is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier(group=_OBJECT_GROUPS.get("gloo"))
+
+
 def run_ranks(fn: RankFn, payload: Any, world_size: int, *, device_type: str = "cpu",
               timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Each rank's return value (``fn`` must be a module-level function: it is pickled)."""
@@ -192,6 +200,12 @@ class PortableModel:
         model.load_state_dict(self.state)
         dtype = next(iter(self.state.values())).dtype if self.state else None
         return model.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
+
+
+def fresh(model: PortableModel, device: torch.device) -> torch.nn.Module:
+    """A copy of ``model`` of its own (a PortableModel holding a module builds that very module):
+    for a wrapper that changes the model in place (FSDP2 shards it)."""
+    return copy.deepcopy(model).build(device)
 
 
 def _join(context, workdir: Path, timeout_s: float) -> None:

@@ -204,9 +204,9 @@ OPTIONS: tuple[Option, ...] = (
            "NAME[,NAME...]"),
     Option("world_size", "int", 1, "data-parallel ranks", "--world-size", parse=parse_int, check=POSITIVE,
            metavar="N"),
-    Option("data_parallel", "str", "ddp", "how --path step wraps the model on --world-size N ranks: ddp "
-           "(DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard); zero1, zero2, zero3: "
-           "DeepSpeed ZeRO on --path trainer and accelerate", "--data-parallel",
+    Option("data_parallel", "str", "ddp", "how the step, trainer and accelerate paths wrap the model on "
+           "--world-size N ranks: ddp (DistributedDataParallel) or fsdp2 (torch.distributed.fsdp.fully_shard); "
+           "zero1, zero2, zero3: DeepSpeed ZeRO on --path trainer and accelerate", "--data-parallel",
            check=one_of(DATA_PARALLEL), metavar="WRAPPER"),
     Option("batch_size", "int", 8, "sequences per optimizer step", "--batch-size", parse=parse_int,
            check=POSITIVE, metavar="N"),

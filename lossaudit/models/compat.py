@@ -60,6 +60,8 @@ AUDIT_OWNED = {
     "max_grad_norm": _STEP,
     "optim": _STEP,
     "optim_args": _STEP,
+    "fsdp": "set by the audit: use --data-parallel fsdp2 (the Trainer's FSDP2 on --world-size N)",
+    "fsdp_config": "set by the audit: use --data-parallel fsdp2 (the Trainer's FSDP2 on --world-size N)",
     # on N ranks only a logging step gathers the loss over ranks; the audit logs at its one step
     "logging_strategy": "set by the audit: the logged loss is read at the audited step",
     "logging_steps": "set by the audit: the logged loss is read at the audited step",

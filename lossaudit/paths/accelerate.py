@@ -21,7 +21,6 @@ With ``--world-size N`` the steps run on N spawned ranks (``lossaudit.audit.dist
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -29,12 +28,13 @@ from typing import Callable
 import torch
 
 from ..core.batch import Batch
-from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, fresh, run_ranks
 from ..core.forward import model_inputs
 from ..core.layouts import Layout, Microbatch, collate
 from ..core.registry import Registry
 from ..core.wrapped import virtual_tokens
 from ..core.tokens import TASKS, count_targets, prepend_ignored, token_losses
+from .fsdp2 import CPU_NOTE, FullGradient, plugin, shard_on_cpu, sharded
 from .base import PATHS, Label, Outcome, PathSpec, StepPath
 from ..stacks.deepspeed import ZERO_STAGES, FullGradients, zero_config
 from .probe import UpdateProbe
@@ -108,12 +108,14 @@ def accumulate_loop(accelerator, model, optimizer, batches, loss_fn) -> list[tor
 
 
 def manual_loop(accelerator, model, optimizer, batches, loss_fn) -> list[torch.Tensor]:
-    """The guide's variable-size skeleton: no_sync on all but the last microbatch, one step."""
+    """The guide's variable-size skeleton: no_sync on all but the last microbatch, one step. The
+    guide calls DDP's ``model.no_sync``; ``accelerator.no_sync(model)`` is that under DDP and
+    FSDP2's ``set_requires_gradient_sync(False)`` under FSDP2, which has no ``no_sync``."""
     losses = []
     for i, (inputs, labels) in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext if last or accelerator.num_processes == 1 else model.no_sync
-        with sync():
+        sync = contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)
+        with sync:
             loss = loss_fn(model, inputs, labels)
             accelerator.backward(loss)
         losses.append(loss.detach())
@@ -135,18 +137,30 @@ class StepOutcome:
     gradient: list[tuple[str, torch.Tensor | None]]  # minus the applied update, per parameter
     loss: float  # what the update is the gradient of: sum of backward's losses / (k * ranks)
     optimizer_steps: int
+    note: str = ""  # what the audit did to run the step as asked (FSDP2 on the CPU)
 
 
 def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Recipe, *, k: int, task: str,
-             device: torch.device, zero: int | None = None) -> StepOutcome:
-    """One optimizer step of ``recipe`` on this process's k microbatches (``zero``: under
-    DeepSpeed ZeRO of that stage, accelerate's DeepSpeedPlugin; it trains the model it is given)."""
+             device: torch.device, data_parallel: str = "ddp") -> StepOutcome:
+    """One optimizer step of ``recipe`` on this process's k microbatches. Under FSDP2
+    (``data_parallel="fsdp2"``, on ranks) the model is sharded in place: give it a fresh one; under
+    DeepSpeed ZeRO (``zero1``..``zero3``, accelerate's DeepSpeedPlugin) it trains the model it is given."""
+    zero = ZERO_STAGES.get(data_parallel)
     probe = (UpdateProbe if zero is None else FullGradients)(model)
-    accelerator = _accelerator(k, device, zero, len(microbatches[0].labels))
+    fsdp_plugin = plugin() if data_parallel == "fsdp2" else None
+    accelerator = _accelerator(k, device, zero, len(microbatches[0].labels), fsdp_plugin)
+    note = CPU_NOTE if fsdp_plugin is not None and shard_on_cpu(accelerator, fsdp_plugin) else ""
     try:
         optimizer = torch.optim.SGD([p for _, p in probe.params], lr=1.0)  # no momentum, decay, clipping
-        probe.watch(optimizer)
+        if fsdp_plugin is None:
+            probe.watch(optimizer)
+        else:  # the full gradient, read before the step; FSDP2 swaps the parameters for sharded ones
+            reader = FullGradient(model, keep=True)
+            reader.watch(optimizer)
         prepared, optimizer = accelerator.prepare(model, optimizer)
+        if fsdp_plugin is not None and not sharded(prepared):
+            raise RuntimeError(f"--data-parallel fsdp2: accelerate did not shard the model (distributed type "
+                               f"{accelerator.distributed_type})")
         # inputs are built for the unwrapped model: DDP's forward(*args, **kwargs) hides which it takes
         batches = [(model_inputs(model, mb, device), mb.labels.to(device)) for mb in microbatches]
         local = sum(count_targets(prepend_ignored(mb.labels, virtual_tokens(model)), task) for mb in microbatches)
@@ -155,14 +169,18 @@ def run_step(model: torch.nn.Module, microbatches: list[Microbatch], recipe: Rec
         loss_fn = partial(_call, recipe.loss, task=task, counts=counts)
         losses = LOOPS[recipe.loop](accelerator, prepared, optimizer, batches, loss_fn)
         summed = accelerator.reduce(torch.stack([x.to(torch.float64) for x in losses]).sum(), "sum")
-        return StepOutcome(probe.gradient(), float(summed) / (k * counts.world_size), probe.steps)
+        loss = float(summed) / (k * counts.world_size)
+        if fsdp_plugin is not None:
+            return StepOutcome(reader.gradient, loss, reader.steps, "; ".join(n for n in (note, reader.note) if n))
+        return StepOutcome(probe.gradient(), loss, probe.steps)
     finally:
         probe.restore()
         accelerator.sync_gradients = True  # GradientState is process-wide: leave no half-open window
 
 
-def _accelerator(k: int, device: torch.device, zero: int | None, micro_batch: int):
-    """The Accelerator of one step; under ZeRO with accelerate's DeepSpeedPlugin.
+def _accelerator(k: int, device: torch.device, zero: int | None, micro_batch: int, fsdp_plugin=None):
+    """The Accelerator of one step; with ``fsdp_plugin`` (FSDP2), or under ZeRO with accelerate's
+    DeepSpeedPlugin.
 
     accelerate 1.16 does not run DeepSpeed on the CPU by itself: ``Accelerator(cpu=True)`` turns
     DeepSpeed off, and without it accelerate finds no device backend and counts 1 process while
@@ -172,7 +190,8 @@ def _accelerator(k: int, device: torch.device, zero: int | None, micro_batch: in
     from accelerate import Accelerator
 
     if zero is None:
-        return Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k)
+        return Accelerator(cpu=device.type == "cpu", device_placement=False, gradient_accumulation_steps=k,
+                           fsdp_plugin=fsdp_plugin)
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import DeepSpeedPlugin
@@ -195,21 +214,22 @@ class RankJob:
     batch: Batch
     layouts: list[Layout]
     recipes: list[Recipe]
-    zero: int | None = None  # DeepSpeed ZeRO stage (--data-parallel zeroN), None: DDP
+    data_parallel: str = "ddp"  # accelerate's DDP, its FSDP2 plugin (paths/fsdp2.py), or DeepSpeed ZeRO (zeroN)
 
 
 def rank_steps(rank: int, world_size: int, job: RankJob, device: torch.device) -> list[StepOutcome] | None:
-    """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches."""
+    """Body of one data-parallel rank: every (layout, recipe) step on this rank's microbatches
+    (under FSDP2, which shards the model in place, and DeepSpeed, which trains it, each on a fresh copy)."""
     model = None
     outcomes = []
     for layout in job.layouts:
         mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
         for recipe in job.recipes:
-            if model is None or job.zero is not None:  # DeepSpeed trains (ZeRO-3: partitions) its model
-                model = copy.deepcopy(job.model).build(device)  # a module travels as itself: a copy each time
+            if model is None or job.data_parallel != "ddp":
+                model = fresh(job.model, device)
                 model.train()
             outcomes.append(run_step(model, mbs, recipe, k=layout.microbatches, task=job.batch.task, device=device,
-                                     zero=job.zero))
+                                     data_parallel=job.data_parallel))
     if rank != 0:
         return None  # every rank holds the same update after the all-reduce
     for outcome in outcomes:  # it travels back through the host
@@ -224,10 +244,11 @@ class AcceleratePath(StepPath):
 
     name = "accelerate"
 
-    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S, zero: int | None = None):
+    def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S, data_parallel: str = "ddp"):
         self.recipe = recipe
+        self.data_parallel = data_parallel  # on N ranks: accelerate's DDP or its FSDP2 plugin
         self.timeout_s = timeout_s
-        self.zero = zero  # DeepSpeed ZeRO stage on ranks (--data-parallel zeroN)
+        self.zero = ZERO_STAGES.get(data_parallel)  # DeepSpeed ZeRO stage on ranks (--data-parallel zeroN)
         self.label = Label("accelerate", recipe.name, expected=recipe.expected, cause=recipe.doc if recipe.expected else "")
 
     def run(self, ctx, layout):
@@ -244,8 +265,8 @@ class AcceleratePath(StepPath):
         runs = [layout for layout in layouts if layout not in refused]
         cases = {id(layout): guard.judge.failed(self.label, layout, MANUAL_UNDER_ZERO) for layout in refused}
         if runs:
-            say(f"accelerate:{self.recipe.name}: {len(runs)} layouts on {world_size} ranks")
-            job = RankJob(PortableModel.of(ctx.model), ctx.batch, runs, [self.recipe], self.zero)
+            say(f"accelerate:{self.recipe.name}: {len(runs)} layouts on {world_size} ranks ({self.data_parallel})")
+            job = RankJob(PortableModel.of(ctx.model), ctx.batch, runs, [self.recipe], self.data_parallel)
             outcomes, reason = guard.call(f"the accelerate path on {world_size} ranks", lambda: run_ranks(
                 rank_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
             for i, layout in enumerate(runs):
@@ -259,18 +280,21 @@ class AcceleratePath(StepPath):
 
     def _outcome(self, ctx, layout: Layout, outcome: StepOutcome) -> Outcome:
         per_rank = layout.per_rank(ctx.batch.group_targets(layout.groups))
-        note = ""
+        notes = [outcome.note] if outcome.note else []
         if outcome.optimizer_steps != 1:
-            note = (f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
-                    f"accumulated microbatches (once expected)")
-        return Outcome(self.label, layout, outcome.loss, outcome.gradient, note=note,
-                       extra={"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps,
-                              **({} if self.zero is None else {"deepspeed_zero_stage": self.zero})})
+            notes.append(f"the optimizer stepped {outcome.optimizer_steps} times for {layout.microbatches} "
+                         f"accumulated microbatches (once expected)")
+        extra = {"rank_tokens": per_rank, "optimizer_steps": outcome.optimizer_steps}
+        if layout.world_size > 1:
+            extra["data_parallel"] = self.data_parallel
+        if self.zero is not None:
+            extra["deepspeed_zero_stage"] = self.zero
+        return Outcome(self.label, layout, outcome.loss, outcome.gradient, note="; ".join(notes), extra=extra)
 
 
 PATHS.register(
     "accelerate",
-    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n), zero=ZERO_STAGES.get(config.data_parallel))
+    PathSpec("accelerate", lambda config: [AcceleratePath(RECIPES.get(n), data_parallel=config.data_parallel)
                                            for n in DEFAULT_RECIPES], TASKS,
              "a plain PyTorch loop with Accelerator.accumulate(): naive and token-count recipes",
              requires=("accelerate",)),

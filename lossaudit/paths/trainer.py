@@ -13,7 +13,6 @@ logged loss come from rank 0; what ``compute_loss`` was given comes from every r
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from ..core.batch import Batch
 from ..models.compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
 from ..audit.config import CheckConfig, parse_value
-from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, run_ranks
+from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, fresh, run_ranks
 from ..core.errors import UsageError
 from ..core.grads import trainable
 from ..core.layouts import Layout, group
@@ -65,22 +64,26 @@ class RankJob:
     config: CheckConfig
     steps: list[tuple[Layout, str | None]]  # (layout, --loss-fn spec or None), in order
     user_args: dict
+    data_parallel: str = "ddp"  # the Trainer's DDP, its own FSDP2 (paths/fsdp2.py), or DeepSpeed (user_args)
 
 
 def rank_trainer_steps(rank: int, world_size: int, job: RankJob, device) -> list[StepResult | str]:
     """Body of one rank: every Trainer step on this rank's microbatches, in the job's order.
-    A step the Trainer cannot express is its one-line reason (the same on every rank)."""
+    A step the Trainer cannot express is its one-line reason (the same on every rank). FSDP2
+    shards the model in place and DeepSpeed trains (ZeRO-3: partitions) the model it is given:
+    each of their steps gets a fresh copy."""
     fns = {spec: resolve_loss_fn(spec) for _, spec in job.steps if spec}
-    fresh = "deepspeed" in job.user_args  # DeepSpeed trains (ZeRO-3: partitions) the model it is given
-    ctx = None
+    renew = job.data_parallel == "fsdp2" or "deepspeed" in job.user_args
     results: list[StepResult | str] = []
+    ctx = None
     for layout, spec in job.steps:
-        if ctx is None or fresh:
-            model = copy.deepcopy(job.model).build(device)  # a module travels as itself: a copy each time
+        if ctx is None or renew:
+            model = fresh(job.model, device)
             model.train()
             ctx = AuditContext(model, job.batch, None, trainable(model), device, job.config)
         try:
-            step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank)
+            step = trainer_step(ctx, layout, user_args=job.user_args, compute_loss_func=fns.get(spec), rank=rank,
+                                data_parallel=job.data_parallel)
         except StepUnavailable as exc:
             results.append(str(exc))
             continue
@@ -98,8 +101,9 @@ class TrainerPath(StepPath):
     name = "trainer"
 
     def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 trainer_class: type | None = None, axolotl=None):
+                 trainer_class: type | None = None, axolotl=None, data_parallel: str = "ddp"):
         self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
+        self.data_parallel = data_parallel  # on N ranks: the Trainer's DDP or its own FSDP2
         self.fn = resolve_loss_fn(spec) if spec else None
         # --trainer-class: the user's Trainer subclass instead of the stock one (its name in the
         # reduction column; judged as cross entropy: whether it trains a MoE aux loss is its own)
@@ -129,7 +133,9 @@ class TrainerPath(StepPath):
                 return [GRPOPath(trainer_class, user_args)]
             return [cls(user_args, trainer_class=trainer_class)]
         _check_values(user_args)
-        return [cls(user_args)] + ([cls(user_args, config.loss_fn)] if config.loss_fn else [])
+        dp = config.data_parallel
+        return [cls(user_args, data_parallel=dp)] + ([cls(user_args, config.loss_fn, data_parallel=dp)]
+                                                     if config.loss_fn else [])
 
     def run_resolved(self, ctx, layout: Layout):
         """axolotl trains a model of its own loading: the audited model's backwards (``core/backwards.py``)
@@ -163,8 +169,8 @@ class TrainerPath(StepPath):
             reason = f"{what} runs in one process (--world-size 1)"
             return [guard.judge.failed(self.label, layout, reason) for layout in self.with_full_batch(ctx, layouts)]
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
-        say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks")
-        job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args)
+        say(f"trainer: {len(steps)} Trainer steps on {world_size} ranks ({self.data_parallel})")
+        job = RankJob(PortableModel.of(ctx.model), ctx.batch, ctx.config, steps, self.user_args, self.data_parallel)
         per_rank, reason = guard.call(f"the Trainer step on {world_size} ranks", lambda: run_ranks(
             rank_trainer_steps, job, world_size, device_type=ctx.device.type, timeout_s=self.timeout_s))
         if reason is not None:
@@ -194,6 +200,7 @@ class TrainerPath(StepPath):
         if layout.world_size > 1:
             extra["rank_tokens"] = layout.per_rank(counts)
             extra["trainer_average_tokens_across_devices"] = step.average_tokens
+            extra["data_parallel"] = self.data_parallel
         # num_items_in_batch counts tokens: no part of a pair objective (DPO divides by the pairs)
         note = "" if ctx.objective.pairwise else "; ".join(x for x in (step.note, _note(ranks, layout, counts)) if x)
         return Outcome(self.label, layout, step.logged_loss, step.update.items(), note=note, extra=extra)

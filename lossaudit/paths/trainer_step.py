@@ -29,6 +29,7 @@ from ..core.forward import model_inputs
 from ..core.layouts import Layout, collate
 from .base import AuditContext, Unavailable
 from ..stacks.deepspeed import FullGradients
+from .fsdp2 import CPU_NOTE, FullGradient, settings as fsdp2_settings, sharded, trainer_shard_on_cpu
 from .probe import UpdateProbe
 
 
@@ -43,7 +44,9 @@ class StepResult:
     num_items: list[int | None]  # num_items_in_batch the Trainer gave compute_loss, per microbatch
     accepts_loss_kwargs: bool | None  # Trainer.model_accepts_loss_kwargs (None before 4.46)
     average_tokens: bool | None = None  # args.average_tokens_across_devices (None: the release lacks it)
-    note: str = ""  # what the step's own path found that explains its update (stacks.packing.explain)
+    # what the step's own path found or did that explains its update (stacks.packing.explain; the
+    # audit running the Trainer's FSDP2 on the CPU, paths/fsdp2.py)
+    note: str = ""
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -85,6 +88,10 @@ def _trainer_class():
             return torch.utils.data.DataLoader(
                 self.train_dataset, batch_size=self.args.train_batch_size, collate_fn=self.data_collator,
                 sampler=torch.utils.data.SequentialSampler(self.train_dataset), num_workers=0)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.sharded_on_cpu = trainer_shard_on_cpu(self)  # --data-parallel fsdp2 on the CPU
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             self.seen_num_items.append(given(kwargs.get("num_items_in_batch")))
@@ -151,11 +158,15 @@ def _common_settings(ctx: AuditContext, layout: Layout, out: str) -> dict:
 
 
 def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: dict,
-           compute_loss_func: Callable | None):
-    args = training_arguments(_settings(ctx, layout, out), user_args)
-    optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+           compute_loss_func: Callable | None, data_parallel: str = "ddp"):
     kwargs = {}
+    settings = _settings(ctx, layout, out)
+    if data_parallel == "fsdp2":  # the Trainer builds its own SGD under FSDP (it refuses one passed in)
+        args = training_arguments({**settings, **fsdp2_settings()}, user_args)
+    else:
+        args = training_arguments(settings, user_args)
+        optimizer = torch.optim.SGD([p for _, p in ctx.params], lr=1.0, momentum=0.0, weight_decay=0.0)
+        kwargs["optimizers"] = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0))
     if compute_loss_func is not None:
         kwargs["compute_loss_func"] = compute_loss_func
     trainer = _trainer_class()(
@@ -163,7 +174,6 @@ def _build(ctx: AuditContext, layout: Layout, rank: int, out: str, user_args: di
         args=args,
         train_dataset=_Indices([i for g in layout.rank_groups(rank) for i in g]),
         data_collator=_Collator(ctx, layout.padding),
-        optimizers=(optimizer, schedule),
         **kwargs,
     )
     return prepared(trainer)
@@ -198,16 +208,39 @@ def _quiet_and_cheap():
 
 
 def trainer_step(
-    ctx: AuditContext, layout: Layout, *, user_args: dict, compute_loss_func: Callable | None = None, rank: int = 0
+    ctx: AuditContext, layout: Layout, *, user_args: dict, compute_loss_func: Callable | None = None, rank: int = 0,
+    data_parallel: str = "ddp",
 ) -> StepResult:
     """Run one Trainer step on ``layout`` (this process is data-parallel rank ``rank`` of
-    ``layout.world_size``); the model's weights are restored afterwards."""
+    ``layout.world_size``); the model's weights are restored afterwards, except under FSDP2
+    (``data_parallel="fsdp2"``), which shards the model in place: give it a fresh one."""
     if compute_loss_func is not None and not trainer_takes("compute_loss_func"):
         raise StepUnavailable(f"transformers {transformers_version()} Trainer has no compute_loss_func (4.46+)")
     per_device_batch(layout)
+    build = lambda out: _build(ctx, layout, rank, out, user_args, compute_loss_func, data_parallel)  # noqa: E731
+    if data_parallel == "fsdp2":
+        return train_sharded_step(build, keep=rank == 0)
     # under DeepSpeed the engine steps on its own partitions: its full gradient is read before the step
     probe = FullGradients if "deepspeed" in user_args else UpdateProbe
-    return train_one_step(ctx, lambda out: _build(ctx, layout, rank, out, user_args, compute_loss_func), probe=probe)
+    return train_one_step(ctx, build, probe=probe)
+
+
+def train_sharded_step(build: Callable[[str], object], *, keep: bool) -> StepResult:
+    """``build(output_dir)``'s Trainer (its own FSDP2) trains one step; the full gradient is read
+    before its optimizer steps (``fsdp2.FullGradient``), kept where ``keep``."""
+    with _quiet_and_cheap(), tempfile.TemporaryDirectory(prefix="lossaudit-trainer-") as out:
+        trainer = build(out)
+        reader = FullGradient(trainer.model, keep)  # sharded in place: the same module
+        trainer.add_callback(reader.callback)
+        result = trainer.train()
+    if not sharded(trainer.model):
+        raise StepUnavailable("--data-parallel fsdp2: the Trainer did not shard the model (no FSDPModule after "
+                              f"its step; accelerate's distributed type {trainer.accelerator.distributed_type})")
+    return StepResult(dict(reader.gradient), float(result.training_loss), _given(trainer),
+                      getattr(trainer, "model_accepts_loss_kwargs", None),
+                      getattr(trainer.args, "average_tokens_across_devices", None),
+                      "; ".join(n for n in (CPU_NOTE if getattr(trainer, "sharded_on_cpu", False) else "",
+                                            reader.note) if n))
 
 
 def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=contextlib.nullcontext,
@@ -224,7 +257,10 @@ def train_one_step(ctx: AuditContext, build: Callable[[str], object], quiet=cont
             update = dict(probe.gradient())  # None everywhere if the Trainer never stepped
     finally:
         probe.restore()
-    num_items = [None if n is None else int(n) for n in trainer.seen_num_items]
-    return StepResult(update, float(result.training_loss), num_items,
+    return StepResult(update, float(result.training_loss), _given(trainer),
                       getattr(trainer, "model_accepts_loss_kwargs", None),
                       getattr(trainer.args, "average_tokens_across_devices", None))
+
+
+def _given(trainer) -> list[int | None]:
+    return [None if n is None else int(n) for n in trainer.seen_num_items]

@@ -28,7 +28,8 @@ from .trl import arguments_class, check_arguments, resolve_trainer_class
 PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
                 ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"))
 ONE_PROCESS = ("--trainer-class", "--axolotl-config")  # --step runs on ranks (stacks/ranks.py)
-RANKED_PATHS = ("accelerate", "trainer", "lightning")  # step paths other than step: they run DDP only
+RANKED_PATHS = ("accelerate", "trainer", "lightning")  # step paths other than step that run on ranks
+SHARDED_PATHS = ("step", "trainer", "accelerate")  # what --data-parallel fsdp2 runs (stacks/ranks.py, paths/fsdp2.py)
 
 
 def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -> list[str]:
@@ -51,17 +52,20 @@ def stack_problems(config, value_problems: Callable[[tuple, type], list[str]]) -
 
 
 def _data_parallel(config) -> list[str]:
-    """``--data-parallel fsdp2`` wraps the user's step on several ranks; nothing else runs under it yet."""
+    """``--data-parallel fsdp2`` shards the model on several ranks: a user's step (``--path step``),
+    the Trainer's own FSDP2 (``--path trainer``; --trainer-class and --axolotl-config run in one
+    process) and accelerate's FSDP2 plugin (``--path accelerate``); Lightning runs DDP only."""
     if getattr(config, "data_parallel", "ddp") != "fsdp2":
         return []
     problems = []
     if not (isinstance(config.world_size, int) and config.world_size > 1):
         problems.append("--data-parallel fsdp2: shards over ranks; give --world-size 2 or more")
-    others = RANKED_PATHS if config.paths is None else [p for p in config.paths if p in RANKED_PATHS]
+    others = [p for p in RANKED_PATHS if p not in SHARDED_PATHS]
+    others = others if config.paths is None else [p for p in config.paths if p in others]
     if others:
-        problems.append(f"--data-parallel fsdp2: only --path step runs under FSDP2 so far, not --path "
-                        f"{','.join(others)}{' (selected by default)' if config.paths is None else ''}: "
-                        f"select --path step")
+        problems.append(f"--data-parallel fsdp2: only --path {','.join(SHARDED_PATHS)} run under FSDP2 so far, "
+                        f"not --path {','.join(others)}{' (selected by default)' if config.paths is None else ''}: "
+                        f"select --path {' or '.join(SHARDED_PATHS)}")
     return problems
 
 

@@ -24,13 +24,12 @@ reports no loss (NaN): it is judged on its gradient alone.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ..audit.distributed import PortableModel
+from ..audit.distributed import PortableModel, fresh
 from ..core.batch import Batch
 from ..core.grads import trainable
 from ..core.layouts import Layout, collate
@@ -144,7 +143,7 @@ def run_rank(rank: int, world_size: int, job: StepJob, device: torch.device) -> 
     fn = job.step if callable(job.step) else load_callable(job.step, "step function")
     steps = []
     for layout in job.layouts:
-        model = copy.deepcopy(job.model).build(device)
+        model = fresh(job.model, device)
         model.train()
         mbs = [collate(job.batch, g, layout.padding) for g in layout.rank_groups(rank)]
         steps.append(rank_step(model, mbs, fn, job.data_parallel, rank, world_size, device))

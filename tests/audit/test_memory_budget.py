@@ -4,7 +4,6 @@ step misses its target) is computed for each finding and freed after it, with th
 numbers as when it is kept."""
 
 import dataclasses
-import math
 
 import pytest
 

@@ -678,7 +678,7 @@ STACK_USAGE = [
     (("--peft", "xlora"), "--peft xlora"),
     (("--peft", "no_such_method"), "--peft no_such_method"),
     (("--step", "hostile:sgd", "--data-parallel", "fsdp2"), "--data-parallel fsdp2: shards over ranks"),
-    (("--step", "hostile:sgd", "--data-parallel", "fsdp2", "--world-size", "2"), "not --path accelerate,trainer"),
+    (("--step", "hostile:sgd", "--data-parallel", "fsdp2", "--world-size", "2"), "not --path lightning"),
     (("--step", "hostile:sgd", "--data-parallel", "zero3"), "--data-parallel zero3: DeepSpeed runs on ranks here"),
     (("--step", "hostile:sgd", "--data-parallel", "zero4"), "--data-parallel: must be one of ddp, fsdp2, zero1, zero2, zero3"),
     (("--trainer-class", "hostile:ExitingTrainer", "--world-size", "2"), "--world-size 2"),

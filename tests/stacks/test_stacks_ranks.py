@@ -83,8 +83,8 @@ def test_a_step_that_returns_nothing_is_judged_on_its_gradient():
 
 @pytest.mark.parametrize("options,line", [
     (dict(path="step", data_parallel="fsdp2"), "--data-parallel fsdp2: shards over ranks; give --world-size 2"),
-    (dict(path="accelerate", data_parallel="fsdp2", world_size=2), "only --path step runs under FSDP2 so far, "
-                                                                      "not --path accelerate"),
+    (dict(path="lightning", data_parallel="fsdp2", world_size=2), "only --path step,trainer,accelerate run under "
+                                                                     "FSDP2 so far, not --path lightning"),
     (dict(path="step", data_parallel="zero4", world_size=2), "--data-parallel: must be one of ddp, fsdp2, zero1"),
 ])
 def test_what_cannot_run_under_fsdp2_is_refused(options, line):
@@ -135,3 +135,25 @@ def test_in_bf16_a_per_rank_count_is_found_and_the_gathered_count_is_clean(data_
     assert ((cases["loss"] - cases["reference_loss"]).abs() < 1e-2 * cases["reference_loss"]).all()
     # what a step on ranks cannot show (no per-microbatch weights) is said, on a clean case too
     assert all("per-microbatch weights not resolved: the step ran on 2 ranks" in d for d in cases["detail"])
+
+
+@pytest.mark.heavy  # two torchrun launches of 2 processes, about 30 s each here
+def test_under_torchrun_a_sharded_step_runs_in_the_launchers_group(tmp_path):
+    """torchrun --nproc-per-node 2 -m lossaudit check ... --data-parallel fsdp2: no --world-size, the
+    launcher's 2 processes are the ranks; the gathered count is clean and a per-rank count is found."""
+    import json
+
+    from test_launcher import TORCHRUN, finish, started
+
+    for step, status in (("gathered_count_step", 0), ("per_rank_count_step", 1)):
+        out = tmp_path / step
+        code, stdout, stderr = finish(started(
+            TORCHRUN + ["-m", "lossaudit", "check", "llama", "--path", "step", "--step", f"rank_steps:{step}",
+                        "--data-parallel", "fsdp2", "--batch-size", "4", "--max-length", "12", "--microbatches", "1",
+                        "--groupings", "imbalanced", "--paddings", "right", "--out", str(out)]))
+        assert code == status, stderr[-2000:]
+        cases = json.loads((out / "report.json").read_text())["cases"]
+        assert [(c["world_size"], c["data_parallel"]) for c in cases] == [(2, "fsdp2")]
+        if status:
+            assert "per-rank normalisation" in cases[0]["detail"]
+        assert stdout.count("report: ") == 1  # written once, by rank 0

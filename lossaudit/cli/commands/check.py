@@ -189,7 +189,7 @@ def absolute(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...audit.distributed import is_leader, joined_world_size
+    from ...audit.distributed import closing_barrier, is_leader, joined_world_size
     from ...audit.harness import audit
     from ...report.render import write_report
     from ...report.terminal import print_summary, progress, use_color
@@ -200,15 +200,20 @@ def run(args: argparse.Namespace) -> int:
     baseline = check_baseline(args, config)
     replacing = baseline is not None and args.replace_baseline
     if not is_leader():  # under a launcher, rank 0 writes and prints the report
-        return audit(config).exit_status
-    with claimed_out(args, config, args.overwrite or replacing) as out:
-        with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
-            report = audit(config, say)
-        written = write_report(report, out)
-    print_summary(report, written, color=use_color(sys.stdout, args.color))
-    if baseline is None:
-        return report.exit_status
-    return gate_status(report, baseline, args, out)
+        status = audit(config).exit_status
+        closing_barrier()  # after the leader has written: an early exit 1 would make torchrun end it
+        return status
+    try:
+        with claimed_out(args, config, args.overwrite or replacing) as out:
+            with progress(color=use_color(sys.stderr, args.color), stream=sys.stderr) as say:
+                report = audit(config, say)
+            written = write_report(report, out)
+        print_summary(report, written, color=use_color(sys.stdout, args.color))
+        if baseline is None:
+            return report.exit_status
+        return gate_status(report, baseline, args, out)
+    finally:
+        closing_barrier()
 
 
 def refuse_unknown_paths(config) -> None:
