@@ -111,8 +111,8 @@ def test_accelerates_manual_loop_is_an_error_case_only_where_it_accumulates_unde
     batch = make_batch(BatchSpec(batch_size=4), vocab_size=100, pad_id=0)
     k1, k2 = plan_layouts(batch, (1, 2), paddings=("right",), groupings=("contiguous",), world_size=2)
     manual, accumulated = RECIPES.get("token_count"), RECIPES.get("token_count_accumulate")
-    assert AcceleratePath(manual, zero=2)._zero_refuses(k2) and not AcceleratePath(manual, zero=2)._zero_refuses(k1)
-    assert not AcceleratePath(manual)._zero_refuses(k2) and not AcceleratePath(accumulated, zero=3)._zero_refuses(k2)
+    assert AcceleratePath(manual, data_parallel="zero2")._zero_refuses(k2) and not AcceleratePath(manual, data_parallel="zero2")._zero_refuses(k1)
+    assert not AcceleratePath(manual)._zero_refuses(k2) and not AcceleratePath(accumulated, data_parallel="zero3")._zero_refuses(k2)
     assert "no_sync" in MANUAL_UNDER_ZERO and "accelerator.accumulate()" in MANUAL_UNDER_ZERO
 
 
