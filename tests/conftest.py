@@ -6,7 +6,15 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/toy.py, tests/planted.py
 FOLDERS = ("audit", "benchmarks", "cli", "core", "gate", "models", "paths", "releases", "report", "stacks", "sweep")
 sys.path[1:1] = [os.path.join(os.path.dirname(__file__), folder) for folder in FOLDERS]
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Tests send Ctrl-C (SIGINT) to the CLI processes they start. A suite run as a background job (a
+# non-interactive shell's `cmd &`, some CI runners) inherits SIGINT ignored, and so would every
+# child: the interrupt would be lost and the child run on. Take it as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Cases of a parametrized matrix that belong to the heavy tier (`-m heavy`; deselected by default):
 # the default tier keeps one or two cases of each matrix, so every feature still runs there. Whole

@@ -146,9 +146,6 @@ BUILD = textwrap.dedent("""
     from lossaudit.releases.candidate import Resolution
 
     signal.signal(signal.SIGTERM, _terminate)  # as the CLI does
-    # Ctrl-C raises KeyboardInterrupt as in a terminal, even when this suite runs as a background
-    # job, whose children inherit SIGINT ignored (a non-interactive shell's `cmd &`)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     answer = {"ok": Resolution(0, "", {"install": []}),
               "fail": Resolution(1, "ERROR: No matching distribution found for x==1", None)}[sys.argv[3]]
     spec = envs.Spec.make({"x": sys.argv[2]}, {}, envs.source_directory())
