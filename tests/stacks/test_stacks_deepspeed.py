@@ -196,7 +196,7 @@ def test_accelerate_under_zero_the_documented_recipe_is_clean_and_a_one_process_
     ctx = toy_context(batch, ToyLM().float())  # DeepSpeed refuses float64 parameters
     layouts = plan_layouts(batch, (1, 2, 4), paddings=("right",), groupings=("imbalanced",), world_size=2)
     recipes = [RECIPES.get("token_count_accumulate"), Recipe("one_process", planted.one_process_count, "accumulate")]
-    cases = judged(ctx, layouts, [AcceleratePath(r, timeout_s=300, zero=stage) for r in recipes])
+    cases = judged(ctx, layouts, [AcceleratePath(r, timeout_s=300, data_parallel=f"zero{stage}") for r in recipes])
     assert not no_children_left()
     for m, verdict, detail in cases:
         k = m.layout.microbatches
