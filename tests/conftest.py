@@ -56,6 +56,18 @@ HEAVY_CASES = {
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+@pytest.fixture(scope="session")
+def env_cache(request, tmp_path_factory):
+    """Isolated environments kept between runs of the suite (upgrade, GRPO's old trl, axolotl's lean
+    one): LOSSAUDIT_TEST_ENV_CACHE, else pytest's cache, else a temporary folder."""
+    from pathlib import Path
+
+    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
+        return Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.nodeid in HEAVY_CASES:

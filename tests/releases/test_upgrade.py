@@ -38,15 +38,6 @@ def lossaudit(*args):
                           env=env, timeout=900)
 
 
-@pytest.fixture(scope="session")
-def env_cache(request, tmp_path_factory):
-    """Environments kept between runs of the suite: LOSSAUDIT_TEST_ENV_CACHE, else pytest's cache."""
-    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
-        return Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
-
-
 @pytest.fixture
 def cli(capsys):
     def run(*args):

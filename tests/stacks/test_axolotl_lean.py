@@ -8,7 +8,6 @@ tests, building included (wheels in pip's cache; 644 MB installed). Skipped wher
 directly)."""
 
 import importlib.util
-import os
 import subprocess
 import sys
 import sysconfig
@@ -25,16 +24,11 @@ pytestmark = [pytest.mark.heavy,
 
 
 @pytest.fixture(scope="module")
-def lean(request, tmp_path_factory) -> Path:
+def lean(env_cache) -> Path:
     """The environment's interpreter (built once per cache, kept between runs)."""
     from lossaudit.releases.environments import isolated_environ
 
-    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
-        cache = Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
-    else:
-        cache = getattr(request.config, "cache", None)
-        cache = cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
-    env = cache / f"axolotl-0.21.0-lean-py{sys.version_info.major}{sys.version_info.minor}"
+    env = env_cache / f"axolotl-0.21.0-lean-py{sys.version_info.major}{sys.version_info.minor}"
     python = env / "bin" / "python"
     if not (env / "built").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)

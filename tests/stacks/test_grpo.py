@@ -276,18 +276,6 @@ def test_settings_the_reference_does_not_model_are_usage_errors(tmp_path, args, 
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def env_cache(request, tmp_path_factory):
-    """Isolated environments kept between runs (as tests/releases/test_upgrade.py keeps them)."""
-    import os
-    from pathlib import Path
-
-    if os.environ.get("LOSSAUDIT_TEST_ENV_CACHE"):
-        return Path(os.environ["LOSSAUDIT_TEST_ENV_CACHE"])
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("lossaudit-envs") if cache is not None else tmp_path_factory.mktemp("envs")
-
-
 def _installed_or(name: str, fallback: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
