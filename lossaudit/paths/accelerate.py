@@ -246,10 +246,14 @@ class AcceleratePath(StepPath):
 
     def __init__(self, recipe: Recipe, *, timeout_s: float = DEFAULT_TIMEOUT_S, data_parallel: str = "ddp"):
         self.recipe = recipe
-        self.data_parallel = data_parallel  # on N ranks: accelerate's DDP or its FSDP2 plugin
+        self.data_parallel = data_parallel  # on N ranks: accelerate's DDP, its FSDP2 plugin or DeepSpeed ZeRO
         self.timeout_s = timeout_s
-        self.zero = ZERO_STAGES.get(data_parallel)  # DeepSpeed ZeRO stage on ranks (--data-parallel zeroN)
         self.label = Label("accelerate", recipe.name, expected=recipe.expected, cause=recipe.doc if recipe.expected else "")
+
+    @property
+    def zero(self) -> int | None:
+        """The DeepSpeed ZeRO stage on ranks (--data-parallel zeroN), None otherwise."""
+        return ZERO_STAGES.get(self.data_parallel)
 
     def run(self, ctx, layout):
         """One layout in this process (world size 1)."""
