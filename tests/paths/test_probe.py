@@ -8,7 +8,8 @@ from lossaudit.audit.config import CheckConfig
 from lossaudit.audit.harness import prepare
 from lossaudit.core.layouts import plan_layouts
 from lossaudit.audit.memory import LiveTensorBytes
-from lossaudit.paths.probe import UpdateProbe
+import lossaudit.paths.probe as probe_module
+from lossaudit.paths.probe import UpdateProbe, plain_sgd
 from lossaudit.paths.trainer_step import trainer_step
 
 
@@ -66,18 +67,23 @@ def test_a_second_step_is_counted_and_the_last_one_read():
     assert all(torch.equal(g, 2 * grads[n]) for n, g in probe.gradient())
 
 
-def test_a_step_that_fails_after_the_weights_were_parked_gets_them_back():
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_a_step_that_fails_after_the_probe_acted_leaves_the_weights(momentum):
+    """With momentum the weights were parked (zeros stepped) when the step failed: restore puts
+    them back. Plain SGD: the gradients were taken and the weights never touched."""
     model, grads = model_and_grads()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     probe = UpdateProbe(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=momentum)
     probe.watch(optimizer)
     optimizer.register_step_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("planted")))
     for n, p in model.named_parameters():
         p.grad = grads[n]
     with pytest.raises(RuntimeError, match="planted"):
         optimizer.step()
-    assert probe.steps == 1 and not any(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    parked = not any(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    untouched = all(torch.equal(p.detach(), before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert probe.steps == 1 and probe.took_grad == (momentum == 0) and (untouched if momentum == 0 else parked)
     probe.restore()
     assert all(torch.equal(p.detach(), before[n]) and p.grad is None for n, p in model.named_parameters())
 
@@ -144,3 +150,91 @@ def test_a_real_trainer_step_leaves_the_very_weight_tensors_and_reads_counts_aft
         u = step.update[n]
         assert u.device == p.device and u.dtype == p.dtype and u.data_ptr() != p.data_ptr()
     assert len(step.num_items) == 4 and all(n is None or type(n) is int for n in step.num_items)
+
+
+def zeros_trick(monkeypatch):
+    """The probe as it reads any optimizer: the weights parked and zeros stepped."""
+    monkeypatch.setattr(probe_module, "plain_sgd", lambda optimizer, params: False)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
+    lambda ps: torch.optim.SGD(ps, lr=1.0, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.5),
+    lambda ps: torch.optim.SGD(ps, lr=1.0, maximize=True),
+    lambda ps: torch.optim.Adam(ps, lr=1.0),
+    lambda ps: type("MySGD", (torch.optim.SGD,), {})(ps, lr=1.0),
+    lambda ps: torch.optim.SGD([{"params": ps[:1]}, {"params": ps[1:], "nesterov": True, "momentum": 0.5}], lr=1.0),
+    lambda ps: torch.optim.SGD(ps[1:], lr=1.0),  # a trainable parameter the optimizer does not hold
+], ids=["momentum", "weight_decay", "lr", "maximize", "adam", "subclass", "nesterov_group", "missing_param"])
+def test_an_optimizer_that_is_not_plain_sgd_is_stepped_from_zeros(optimizer):
+    """Only where the update is -grad by construction is the gradient taken: otherwise the
+    update is what the optimizer does from zero weights (Adam's, here, is not -grad)."""
+    model, grads = model_and_grads()
+    params = list(model.parameters())
+    opt = optimizer(params)
+    assert not plain_sgd(opt, list(model.named_parameters()))
+    probe = UpdateProbe(model)
+    probe.watch(opt)
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    opt.step()
+    update = dict(probe.gradient())
+    assert not probe.took_grad
+    # the same optimizer's step from zero weights, by hand
+    zeros = {n: torch.zeros_like(p, requires_grad=True) for n, p in model.named_parameters()}
+    by_hand = optimizer(list(zeros.values()))
+    for n, z in zeros.items():
+        z.grad = grads[n].clone()
+    by_hand.step()
+    for n, z in zeros.items():
+        assert torch.equal(update[n], -z.detach()), n
+
+
+def test_plain_sgd_takes_the_gradient_and_allocates_nothing():
+    model, grads = model_and_grads()
+    opt = torch.optim.SGD([{"params": list(model.parameters())[:1]}, {"params": list(model.parameters())[1:]}],
+                          lr=torch.tensor(1.0))
+    assert plain_sgd(opt, list(model.named_parameters()))
+    with LiveTensorBytes() as meter:
+        meter.count_existing(model)
+        for g in grads.values():
+            meter.count_existing(g)
+        start = meter.live
+        probe = UpdateProbe(model)
+        probe.watch(opt)
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        opt.step()
+        assert meter.peak == start  # no tensor made: the update is the gradient itself
+        update = dict(probe.gradient())
+    assert probe.took_grad and all(update[n] is grads[n] for n in grads)
+
+
+def test_the_taken_gradient_is_the_zeros_tricks_update_on_a_real_trainer_step(monkeypatch):
+    """Through transformers.Trainer (lossaudit's plain SGD): the gradient taken as the update
+    equals, value for value, the update read by stepping zeros (bit for bit but the sign of a
+    zero: the zeros trick writes -0 where the gradient is +0), in float32 and bfloat16, and the
+    weights are the very same tensors, unchanged, either way."""
+    for dtype in ("float32", "bfloat16"):
+        ctx = prepare(CheckConfig(model="llama", microbatches=(2,), dtype=dtype))
+        layout = plan_layouts(ctx.batch, (2,), paddings=("right",), groupings=("contiguous",))[0]
+        before = {n: p.detach().clone() for n, p in ctx.params}
+        said = []
+        with monkeypatch.context() as patch:
+            patch.setattr(probe_module, "plain_sgd", lambda *a: said.append(plain_sgd(*a)) or said[-1])
+            taken = trainer_step(ctx, layout, user_args={})
+        assert said == [True]  # the Trainer's one step, lossaudit's SGD: the gradient taken
+        with monkeypatch.context() as patch:
+            zeros_trick(patch)
+            stepped = trainer_step(ctx, layout, user_args={})
+        assert taken.update.keys() == stepped.update.keys() == before.keys()
+        nonzero = 0
+        for n, p in ctx.params:
+            a, b = taken.update[n], stepped.update[n]
+            assert a.dtype == b.dtype == p.dtype and torch.equal(a, b), n
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            assert torch.equal(a.view(bits)[a != 0], b.view(bits)[b != 0]), n  # bit for bit
+            assert torch.equal(p.detach(), before[n]) and p.grad is None
+            nonzero += int((a != 0).sum())
+        assert nonzero > 0 and taken.logged_loss == stepped.logged_loss
