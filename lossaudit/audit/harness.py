@@ -33,8 +33,8 @@ from ..core.moe import AuxAccumulator
 from ..core.objective import Objective
 from ..core.pairs import MIN_PAIR_LENGTH, make_pair_batch, pair_layouts
 from ..paths import PATHS, AuditContext, Contribution, LogitPath, MicrobatchView, Outcome, StepPath
-from .memory import ResidentMeter, resident_bytes
-from .passes import param_blocks, plan_for, unheld
+from .memory import ResidentMeter, release_free_heap, resident_bytes
+from .passes import Footprint, param_blocks, plan_for, unheld
 from ..paths.grpo import grpo_batch
 from ..paths.pairs import PairMeanPath
 from ..paths.reduction import ReductionPath
@@ -102,6 +102,7 @@ def cpu_meter(model: torch.nn.Module) -> ResidentMeter:
     held before, the model's weights counted as the audit's (as a device counts them) when the
     caller built it already."""
     held = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu")
+    release_free_heap()  # what the audit allocates into memory freed before it shows
     return ResidentMeter(start=max(resident_bytes() - held, 0))
 
 
@@ -405,15 +406,18 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration(ctx.objective)]
     guard = Guard(Judge(ctx))
     # more than one pass, or blocks of parameters, where the sums would not fit the memory
-    runs, blocks = plan_for(ctx, logit_paths + hidden)
+    runs, blocks = plan_for(ctx, logit_paths + hidden, bool(step_paths))
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
     if (over := unheld(ctx, runs, bool(step_paths), blocks)) is not None:
         raise UsageError(over)
+    footprint = Footprint.of(ctx, bool(step_paths))
     if blocks and blocks > 1:
-        say(f"the parameters run in {blocks} blocks to fit --max-memory: each layout's microbatches run "
+        say(f"the parameters run in {blocks} blocks to fit {footprint.describe()}: each layout's microbatches run "
             f"{blocks} times, one block's gradient sums held at a time")
+    if footprint is not None and footprint.default:  # keep another objective's reference where the target has room
+        guard.judge.keep_others = footprint.step_bytes() + footprint.pb <= footprint.budget
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")

@@ -102,6 +102,9 @@ class Judge:
         self.seen: dict[int, list[Measured]] = {}  # id(label) -> its cases, to find a step's own k=1
         self._precision: PrecisionReference | None | bool = False  # False: not taken yet
         self._others: list[tuple[Objective, Reference, dict]] | None = None  # other_objectives()
+        # other_objectives' references kept for the run: without a budget (--max-memory, a CUDA
+        # device); the harness decides again where the default memory target has room for one
+        self.keep_others = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device) is None
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -188,7 +191,8 @@ class Judge:
     def other_objectives(self) -> Iterator[tuple[Objective, Reference, dict]]:
         """The token aggregations the run does not declare, each with its float64 reference,
         computed when a step first misses its target: kept for the run's later findings, or,
-        under a memory budget (--max-memory, a CUDA device), computed for each finding and freed
+        under a memory budget (--max-memory, a CUDA device, the default target where it has no
+        room for one: harness.run_paths), computed for each finding and freed
         after it (a reference is a whole model's gradient, which no budget planned for)."""
         if self._others is not None:
             yield from self._others
@@ -196,7 +200,7 @@ class Judge:
         declared, ctx = self.ctx.objective, self.ctx
         if declared.pairwise or ctx.reference is None:
             return
-        keep = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device) is None
+        keep = self.keep_others
         others = []
         for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean())):
             if other.aggregation != declared.aggregation:

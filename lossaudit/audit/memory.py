@@ -22,9 +22,9 @@ the backward. ``audit_peak_bytes`` predicts the audit's peak from a measured T; 
   activations leave free;
 - the comparison widens pieces of at most ``grads.chunk`` elements (2^24 on a GPU, 2^20 on
   the CPU): a few of those;
-- while a step path runs (``trainer``, ``accelerate``): the update the optimizer writes into
-  zeros while the weights are parked (``paths/probe.py``: ``P x b``, on the model's device;
-  the parked weights are the model's own tensors, not a copy).
+- while a step path runs (``trainer``, ``accelerate``): the reference beside the step's own
+  peak. The update the probe reads is the step's gradient itself (``paths/probe.py``: lossaudit's
+  step paths step plain SGD, whose update is -grad), no tensor beyond it.
 
 The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
 microbatch's forward: with k=1 that microbatch is the full batch.
@@ -36,6 +36,7 @@ activations do; ``benchmarks/bench_audit.py`` measures the same on the CPU shape
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 import weakref
@@ -99,12 +100,11 @@ def arriving_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
 
 
 def step_phase_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
-    """Beyond the training step while a step path runs: reference + the update the probe reads
-    (the logit paths' sums are freed by then)."""
+    """Beyond the training step while a step path runs: the reference (the logit paths' sums are
+    freed by then; the update the probe reads is the step's own gradient)."""
     if not s.step_path:
         return 0
-    pb = s.parameters * s.param_bytes
-    return pb + pb + arriving_bytes(s, train_step_peak) + comparison_bytes(s)
+    return s.parameters * s.param_bytes + arriving_bytes(s, train_step_peak) + comparison_bytes(s)
 
 
 def comparison_bytes(s: AuditShape) -> int:
@@ -178,6 +178,16 @@ def reset_resident_peak() -> bool:
         return False
 
 
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    what is allocated afterwards into memory freed before then shows in the resident set, so a
+    peak measured in a process that has run before (a test suite, a notebook) is not read low."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class ResidentMeter:
     """What a process holds on the CPU beyond ``start`` (its resident memory when the meter was
     made, by default): the measure of ``--max-memory`` on the CPU, where RAM is the limit.
@@ -185,7 +195,10 @@ class ResidentMeter:
     ``MALLOC_MMAP_THRESHOLD_`` (bytes) for a peak that is not an allocator's cache."""
 
     def __init__(self, start: int | None = None):
-        self.start = resident_bytes() if start is None else start
+        if start is None:
+            release_free_heap()
+            start = resident_bytes()
+        self.start = start
         self.resettable = reset_resident_peak()
 
     def peak(self) -> int:

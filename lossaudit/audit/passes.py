@@ -19,6 +19,14 @@ from .memory import GIB, comparison_bytes, model_loss_bytes, shape_of
 from ..paths.base import LogitPath
 
 DEVICE_SHARE = 0.94  # of a CUDA device's memory, by default: an 80 GB card's 79.2 GiB gives 74.5 GiB
+# without --max-memory the logit paths are planned within this times the reference's measured
+# peak (its full-batch forward and backward: about a training step's), or within what the step
+# paths, which cannot be split, need where that is more; on CUDA within DEVICE_SHARE too
+DEFAULT_HEADROOM = 1.4
+# ... but never planned tighter than this beyond it: below, the memory is not worth a layout's
+# passes again, and on the CPU a small model's resident peak is the allocator's noise (the tiny
+# llama's reference measured 20 MiB in a fresh process, 6 MiB in a warm one)
+DEFAULT_SLACK = 256 * 2 ** 20
 
 
 def sum_groups(paths: list[LogitPath]) -> list[list[LogitPath]]:
@@ -42,8 +50,8 @@ def plan(paths: list[LogitPath], per_pass: int | None) -> list[list[LogitPath]]:
 
 
 def budget_bytes(max_memory_gib: float | None, device: torch.device) -> int | None:
-    """What the audit may hold on ``device``: ``--max-memory``, else on CUDA a share of the
-    device's memory, else no limit."""
+    """What the audit may not exceed on ``device``: ``--max-memory``, else on CUDA a share of
+    the device's memory, else no limit (the default plan's target is ``Footprint.of``'s)."""
     if max_memory_gib is not None:
         return int(max_memory_gib * GIB)
     if device.type == "cuda":
@@ -82,38 +90,54 @@ def block_bytes(params, n: int) -> int:
     return max(sum(params[i][1].numel() * params[i][1].element_size() for i in block) for block in param_blocks(params, n))
 
 
-def blocks_for(ctx, runs: list[list[LogitPath]]) -> int | None:
+def blocks_for(ctx, runs: list[list[LogitPath]], budget: int | None = None, f: "Footprint | None" = None) -> int | None:
     """Blocks of parameters each layout's passes run in (harness.run_layout): 1, unless the
-    largest pass would not fit ``--max-memory`` (on CUDA, by default, the device's memory); then
-    the fewest that fit, each costing the layout's forwards and backwards once more. None: no
-    number of blocks fits. An MoE aux target runs in one block."""
-    f = Footprint.of(ctx)
+    largest pass would not fit ``budget`` (by default the Footprint's: ``--max-memory``, or
+    without it DEFAULT_HEADROOM x the reference's peak); then the fewest that fit, each costing
+    the layout's forwards and backwards once more. None: no number of blocks fits. An MoE aux
+    target runs in one block."""
+    f = f or Footprint.of(ctx)
     runs = [paths for paths in runs if paths]
     if f is None or not runs:
         return 1
+    budget = f.budget if budget is None else budget
     most = 1 if ctx.reference.aux else len(ctx.params)
     smallest = block_bytes(ctx.params, most)
     for n in range(1, most + 1):
-        if all(f.pass_bytes(ctx, paths, n) <= f.budget for paths in runs):
+        if all(f.pass_bytes(ctx, paths, n) <= budget for paths in runs):
             return n
         if block_bytes(ctx.params, n) <= smallest:  # no smaller block to be had
             break
     return None
 
 
-def plan_for(ctx, paths: list[LogitPath]) -> tuple[list[list[LogitPath]], int | None]:
+def plan_for(ctx, paths: list[LogitPath], step_paths: bool = False) -> tuple[list[list[LogitPath]], int | None]:
     """The run's passes and blocks of parameters: the plan that fits the budget with the fewest
     runs over each layout (passes x blocks; fewer passes first where two tie). Blocks None:
-    nothing fits (the smallest pass in the smallest blocks is then what ``unheld`` says)."""
-    if Footprint.of(ctx) is None or not paths:
+    nothing fits (the smallest pass in the smallest blocks is then what ``unheld`` says).
+
+    Without --max-memory the budget is a target (``Footprint.of``): where no plan meets it, the
+    plan that fits the device's share on CUDA, and on the CPU, where nothing else bounds it, the
+    fastest (one pass, one block)."""
+    f = Footprint.of(ctx, step_paths)
+    if f is None or not paths:
         return [paths], 1
+    best = _fewest_runs(ctx, paths, f, f.budget)
+    if best is None and f.default:
+        if f.limit is None:
+            return [paths], 1
+        best = _fewest_runs(ctx, paths, f, f.limit)
+    return best if best is not None else (plan(paths, 1), None)
+
+
+def _fewest_runs(ctx, paths, f: "Footprint", budget: int):
     best = None
     for per_pass in range(len(sum_groups(paths)), 0, -1):
         runs = plan(paths, per_pass)
-        blocks = blocks_for(ctx, runs)
+        blocks = blocks_for(ctx, runs, budget, f)
         if blocks is not None and (best is None or len(runs) * blocks < len(best[0]) * best[1]):
             best = (runs, blocks)
-    return best if best is not None else (plan(paths, 1), None)
+    return best
 
 
 def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
@@ -130,21 +154,30 @@ def passes_for(ctx, paths: list[LogitPath]) -> list[list[LogitPath]]:
 class Footprint:
     """What a pass holds, estimated from the reference's measured peak (``base``: weights, the
     gradient it built and the full batch's activations; on CUDA max_memory_allocated, on the
-    CPU what the process held, audit.memory.ResidentMeter), against ``budget``."""
+    CPU what the process held, audit.memory.ResidentMeter), against ``budget``: what the plan
+    aims at. ``limit``: what the run may not exceed (refused before any layout runs where it
+    cannot fit): --max-memory, which is then the budget too; without it (``default``) the
+    device's share on CUDA, and nothing on the CPU."""
 
-    def __init__(self, budget: int, base: int, pb: int, transient: int, losses: int = 0):
+    def __init__(self, budget: int, base: int, pb: int, transient: int, losses: int = 0, *, default: bool = False,
+                 limit: int | None = None):
         self.budget, self.base, self.pb, self.transient, self.losses = budget, base, pb, transient, losses
+        self.default = default
+        self.limit = limit if default else budget
 
     @classmethod
-    def of(cls, ctx) -> "Footprint | None":
-        budget = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device)
-        if budget is None:
-            return None
+    def of(cls, ctx, step_paths: bool = False) -> "Footprint | None":
+        """The run's footprint; ``step_paths``: a step path runs (the default budget holds it).
+        None: no budget, nor a measured reference peak to plan a default one from."""
+        given = getattr(ctx.config, "max_memory", None)
+        limit = budget_bytes(given, ctx.device)
         pb = sum(p.numel() * p.element_size() for _, p in ctx.params)
         if ctx.device.type == "cuda":
             base = torch.cuda.max_memory_allocated(ctx.device)  # the reference's full-batch step, or more
         elif getattr(ctx, "memory", None) is not None:  # what the process held at the reference's peak
             base = ctx.memory.peak()
+        elif given is None:  # nothing measured to plan a default from
+            return None
         else:  # activations are not counted: the weights and the reference gradient only
             base = sum(p.numel() * p.element_size() for p in ctx.model.parameters()) + pb
         # a microbatch's gradient of the largest tensor arrives while its sum holds one already,
@@ -159,7 +192,15 @@ class Footprint:
         # them a pass came 25 MiB above its estimate)
         batch = ctx.batch
         losses = 8 * len(batch) * max(batch.lengths, default=0) * (getattr(ctx.loaded, "vocab_size", 0) or 0)
-        return cls(budget, base, pb, transient, losses)
+        f = cls(limit or 0, base, pb, transient, losses)
+        if given is not None:
+            return f
+        # no --max-memory: DEFAULT_HEADROOM x the reference's peak (at least DEFAULT_SLACK above
+        # it), never below what a step path (which cannot be split) needs, within the device's
+        # share on CUDA
+        target = max(int(DEFAULT_HEADROOM * base), base + DEFAULT_SLACK, f.step_bytes() if step_paths else 0)
+        return cls(target if limit is None else min(target, limit), base, pb, transient, losses, default=True,
+                   limit=limit)
 
     @staticmethod
     def logits(ctx, paths) -> int:
@@ -178,24 +219,35 @@ class Footprint:
         return self.base + (sums + own) * held + self.logits(ctx, paths) + self.transient + self.losses
 
     def step_bytes(self) -> int:
-        """A step path's: the reference's peak, the reference kept beside the step's own gradient,
-        the update the probe reads (paths/probe.py)."""
-        return self.base + 2 * self.pb + self.transient
+        """A step path's: the reference's peak (the step's own, about a training step's) and the
+        reference kept beside it. The update the probe reads is the step's own gradient
+        (paths/probe.py: lossaudit's step paths step plain SGD), no tensor beyond it."""
+        return self.base + self.pb + self.transient
+
+    def describe(self) -> str:
+        """What the budget is, for the run's stderr."""
+        if not self.default:
+            return f"--max-memory ({self.budget / GIB:.2f} GiB)"
+        return (f"the default memory target of {self.budget / GIB:.2f} GiB ({DEFAULT_HEADROOM}x the reference's "
+                f"measured peak of {self.base / GIB:.2f} GiB, or what a step path needs; --max-memory sets another)")
 
 
 def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool, blocks: int | None = 1) -> str | None:
-    """A line saying that ``--max-memory`` cannot hold this audit and the least it needs (None
-    where every pass fits): the smallest pass is one sum (and a kept gradient) of the smallest
-    block of parameters to be had (``blocks`` None: none fits), and a step path cannot be split."""
-    f = Footprint.of(ctx)
-    if f is None:
+    """A line saying that the memory the run may hold (--max-memory; without it on CUDA the
+    device's share) cannot hold this audit and the least it needs (None where every pass fits,
+    or nothing limits the run): the smallest pass is one sum (and a kept gradient) of the
+    smallest block of parameters to be had (``blocks`` None: none fits), and a step path cannot
+    be split."""
+    f = Footprint.of(ctx, step_paths)
+    if f is None or f.limit is None:
         return None
     fewest = len(ctx.params) if blocks is None else blocks
     least = [f.pass_bytes(ctx, paths, fewest) for paths in runs if paths] + ([f.step_bytes()] if step_paths else [])
     need = max(least, default=0)
-    if need <= f.budget:
+    if need <= f.limit:
         return None
-    return (f"the memory budget of {f.budget / GIB:.2f} GiB (--max-memory) cannot hold this audit: it needs at least "
+    what = "--max-memory" if not f.default else f"{DEVICE_SHARE:.0%} of the device's memory; --max-memory"
+    return (f"the memory budget of {f.limit / GIB:.2f} GiB ({what}) cannot hold this audit: it needs at least "
             f"{need / GIB:.2f} GiB (the reference's peak {f.base / GIB:.2f} GiB and parameter-sized tensors of "
-            f"{f.pb / GIB:.2f} GiB{'; a step path holds two of them' if step_paths else ''}): raise --max-memory, or "
-            f"lower --batch-size or --num-layers")
+            f"{f.pb / GIB:.2f} GiB{'; a step path holds one beside that peak' if step_paths else ''}): raise "
+            f"--max-memory, or lower --batch-size or --num-layers")
