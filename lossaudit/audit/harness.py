@@ -418,6 +418,8 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
             f"{blocks} times, one block's gradient sums held at a time")
     if footprint is not None and footprint.default:  # keep another objective's reference where the target has room
         guard.judge.keep_others = footprint.step_bytes() + footprint.pb <= footprint.budget
+    if footprint is not None and not guard.judge.keep_others:  # else take it in blocks where a whole one does not fit
+        guard.judge.other_blocks = footprint.other_blocks(ctx)
     measured: list[Measured] = []
     for i, layout in enumerate(layouts):
         say(f"[{i + 1}/{len(layouts)}] {layout.name}")

@@ -14,15 +14,17 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from . import causes, precision
 from ..core.errors import LossauditError, RankFailure
 from .faults import must_propagate, one_line
 from ..core.forward import forward
-from ..core.grads import GradDiff, compare_grads, dots
+from ..core.grads import GradDiff, compare_grads, difference_rows, dots, raw_products, summarize
 from ..core.layouts import Layout, microbatches
 from ..core.moe import AuxAccumulator, LayoutAux, carried_aux
 from ..paths.base import AuditContext, Label, Outcome, StepPath, Unavailable
-from .passes import budget_bytes
+from .passes import budget_bytes, param_blocks
 from .precision import PrecisionReference
 from ..core.aggregation import SequenceMean, TokenMean
 from ..core.objective import Objective
@@ -105,6 +107,7 @@ class Judge:
         # other_objectives' references kept for the run: without a budget (--max-memory, a CUDA
         # device); the harness decides again where the default memory target has room for one
         self.keep_others = budget_bytes(getattr(ctx.config, "max_memory", None), ctx.device) is None
+        self.other_blocks = 1  # not kept: blocks of parameters each is taken in (harness.run_paths sets it)
 
     # --- targets -----------------------------------------------------------------------
     def learn(self, layout: Layout, shares: list[float] | None, aux: LayoutAux | None) -> None:
@@ -184,9 +187,38 @@ class Judge:
         cap = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[1]
         if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > cap:
             return []
+        if self.other_blocks > 1 and not self.keep_others and not self.ctx.reference.aux:
+            return [Alternative(objective, *self._in_blocks(objective, outcome)) for objective in self.undeclared()]
         return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
                                                                      factor=outcome.gradient_factor, norms=norms))
                 for objective, reference, norms in self.other_objectives()]
+
+    def _in_blocks(self, objective: Objective, outcome: Outcome) -> tuple[float, GradDiff]:
+        """``objective``'s reference loss and the step's gradient against its reference, taken
+        in ``other_blocks`` blocks of parameters (passes.Footprint.other_blocks): each block's
+        reference gradient compared and freed before the next, as harness.run_layout compares
+        its sums, so that only a block of it stands beside the declared reference and the
+        step's gradient. One forward and backward a block."""
+        ctx, gradient, factor = self.ctx, dict(outcome.gradient), outcome.gradient_factor
+        names, rows, far, loss = [], [], [0.0, 0.0], math.nan
+        for block in param_blocks(ctx.params, self.other_blocks):
+            params = [ctx.params[i] for i in block]
+            reference = compute_reference(ctx.model, ctx.batch, params, ctx.device, objective=objective)
+            items = [(n, gradient.get(n)) for n, _ in params]
+            rows.append(difference_rows(reference.grads, items, factor))
+            g2, g_r = raw_products(reference.grads, items, factor)
+            far = [far[0] + g2, far[1] + g_r]
+            names += [n for n, _ in params]
+            loss, reference = reference.loss, None  # freed before the next block's
+        return loss, summarize(names, torch.cat(rows), lambda: tuple(far))
+
+    def undeclared(self) -> list[Objective]:
+        """The token aggregations the run does not declare (none for a pair objective)."""
+        declared = self.ctx.objective
+        if declared.pairwise or self.ctx.reference is None:
+            return []
+        return [o for o in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean()))
+                if o.aggregation != declared.aggregation]
 
     def other_objectives(self) -> Iterator[tuple[Objective, Reference, dict]]:
         """The token aggregations the run does not declare, each with its float64 reference,
@@ -197,18 +229,14 @@ class Judge:
         if self._others is not None:
             yield from self._others
             return
-        declared, ctx = self.ctx.objective, self.ctx
-        if declared.pairwise or ctx.reference is None:
-            return
-        keep = self.keep_others
+        ctx, keep = self.ctx, self.keep_others
         others = []
-        for other in (dataclasses.replace(declared, aggregation=a) for a in (TokenMean(), SequenceMean())):
-            if other.aggregation != declared.aggregation:
-                reference = compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other)
-                if keep:
-                    others.append((other, reference, {}))
-                yield other, reference, {}
-                reference = None  # before the next one is computed
+        for other in self.undeclared():
+            reference = compute_reference(ctx.model, ctx.batch, ctx.params, ctx.device, objective=other)
+            if keep:
+                others.append((other, reference, {}))
+            yield other, reference, {}
+            reference = None  # before the next one is computed
         if keep:
             self._others = others
 

@@ -224,6 +224,19 @@ class Footprint:
         (paths/probe.py: lossaudit's step paths step plain SGD), no tensor beyond it."""
         return self.base + self.pb + self.transient
 
+    def other_bytes(self, ctx, blocks: int = 1) -> int:
+        """While another objective's reference is taken for a step that missed its target
+        (Judge.other_objectives): the reference's peak with a block's gradient instead of the
+        whole, beside the declared reference and the step's gradient."""
+        held = self.pb if blocks <= 1 else block_bytes(ctx.params, blocks)
+        return self.base + self.pb + held + self.transient
+
+    def other_blocks(self, ctx) -> int:
+        """The fewest blocks of parameters another objective's reference fits the budget in
+        (where none does, one a tensor: the least there is)."""
+        most = len(ctx.params)
+        return next((n for n in range(1, most + 1) if self.other_bytes(ctx, n) <= self.budget), max(most, 1))
+
     def describe(self) -> str:
         """What the budget is, for the run's stderr."""
         if not self.default:
