@@ -222,8 +222,9 @@ OPTIONS: tuple[Option, ...] = (
            parse=parse_int, check=seed_check, metavar="N"),
     Option("device", "str", "cpu", "torch device: cpu, cuda, cuda:N or mps", "--device", metavar="DEVICE"),
     Option("dtype", "str", "float32", "model dtype: float32, float64, bfloat16 or float16", "--dtype", metavar="DTYPE"),
-    Option("max_memory", "float | None", None, "GiB the audit may hold on the device (default on CUDA: 94 %% of its "
-           "memory); logit paths whose gradient sums would not fit together run in more passes", "--max-memory",
+    Option("max_memory", "float | None", None, "GiB the audit may hold on the device (on the CPU what the process holds; "
+           "default: the logit paths planned within 1.4x the reference's measured peak, on CUDA within 94 %% of "
+           "its memory); logit paths whose gradient sums would not fit run in more passes or blocks of parameters", "--max-memory",
            parse=parse_float, check=memory_gib, metavar="GIB"),
     Option("trainer_args", "tuple[tuple[str, str], ...]", (), "KEY=VALUE for TrainingArguments (repeatable)",
            "--trainer-arg", "pairs", parse_key_value, metavar="KEY=VALUE"),
