@@ -532,8 +532,9 @@ def parse_args(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="every mode in one process on one model, the allocator emptied between modes "
                         "(no start-up per mode; no per-mode timeout)")
-    p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; default on "
-                   "CUDA 94 %% of the device): 74.5 is an 80 GB card's")
+    p.add_argument("--max-memory", type=float, help="GiB the audit may hold (lossaudit's --max-memory; without it "
+                   "lossaudit plans within 1.4x the reference's peak, on CUDA within 94 %% of the device): 74.5 is an "
+                   "80 GB card's")
     p.add_argument("--max-memory-train", type=float, help="give the default mode a --max-memory of this many times "
                    "the train mode's measured peak (1.9: issue 28's bar); the train mode must run before it")
     p.add_argument("--max-memory-audit", type=float, help="give the audit and audit3 modes a --max-memory of this "

@@ -187,7 +187,7 @@ class Judge:
         cap = BOUNDS["grad"].get(self.dtype, BOUNDS["grad"]["float32"])[1]
         if outcome.weights is not None or isinstance(outcome.gradient, Iterator) or not grads.rel_err > cap:
             return []
-        if self.other_blocks > 1 and not self.keep_others and not self.ctx.reference.aux:
+        if self.other_blocks > 1 and not self.keep_others and not getattr(self.ctx.reference, "aux", None):
             return [Alternative(objective, *self._in_blocks(objective, outcome)) for objective in self.undeclared()]
         return [Alternative(objective, reference.loss, compare_grads(reference.grads, outcome.gradient,
                                                                      factor=outcome.gradient_factor, norms=norms))

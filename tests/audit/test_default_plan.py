@@ -165,3 +165,12 @@ def test_the_tiny_default_check_runs_in_one_pass_and_one_block():
     f = Footprint.of(ctx, steps)
     assert f.default and f.pass_bytes(ctx, logit) <= f.budget
     assert plan_for(ctx, logit, steps) == ([logit], 1)
+
+
+def test_the_help_names_the_constants_the_planner_uses():
+    from lossaudit.audit.options import OPTIONS
+    from lossaudit.audit.passes import DEVICE_SHARE
+
+    (option,) = [o for o in OPTIONS if o.name == "max_memory"]
+    text = option.help % ()  # argparse's %% escapes
+    assert f"{DEFAULT_HEADROOM}x" in text and f"{DEVICE_SHARE:.0%}".replace("%", " %") in text
