@@ -27,6 +27,11 @@ DEFAULT_HEADROOM = 1.4
 # passes again, and on the CPU a small model's resident peak is the allocator's noise (the tiny
 # llama's reference measured 20 MiB in a fresh process, 6 MiB in a warm one)
 DEFAULT_SLACK = 256 * 2 ** 20
+# the float64 reference's loss, at the start of its backward: its float64 logits, log-softmax
+# and their gradients, about this many tensors of the token losses' size (B x T x V x 8 bytes):
+# measured at issue 28's CPU shape, another objective's reference in blocks took 296 MiB above
+# the declared reference and a step's gradient, 4.7 of them (62.5 MiB each)
+REFERENCE_LOSS_TENSORS = 5
 
 
 def sum_groups(paths: list[LogitPath]) -> list[list[LogitPath]]:
@@ -198,7 +203,7 @@ class Footprint:
         # no --max-memory: DEFAULT_HEADROOM x the reference's peak (at least DEFAULT_SLACK above
         # it), never below what a step path (which cannot be split) needs, within the device's
         # share on CUDA
-        target = max(int(DEFAULT_HEADROOM * base), base + DEFAULT_SLACK, f.step_bytes() if step_paths else 0)
+        target = max(int(DEFAULT_HEADROOM * base), base + DEFAULT_SLACK, f.step_need(ctx) if step_paths else 0)
         return cls(target if limit is None else min(target, limit), base, pb, transient, losses, default=True,
                    limit=limit)
 
@@ -226,16 +231,27 @@ class Footprint:
 
     def other_bytes(self, ctx, blocks: int = 1) -> int:
         """While another objective's reference is taken for a step that missed its target
-        (Judge.other_objectives): the reference's peak with a block's gradient instead of the
-        whole, beside the declared reference and the step's gradient."""
+        (Judge.other_objectives), beside the declared reference and the step's gradient: the
+        reference's peak with a block's gradient instead of the whole, or, where that is more,
+        its float64 loss's transients at the start of its backward (which the measured peak,
+        taken at the end of a whole gradient's backward, does not show)."""
         held = self.pb if blocks <= 1 else block_bytes(ctx.params, blocks)
-        return self.base + self.pb + held + self.transient
+        return self.base + self.pb + max(held, int(REFERENCE_LOSS_TENSORS * self.losses)) + self.transient
 
     def other_blocks(self, ctx) -> int:
-        """The fewest blocks of parameters another objective's reference fits the budget in
-        (where none does, one a tensor: the least there is)."""
-        most = len(ctx.params)
-        return next((n for n in range(1, most + 1) if self.other_bytes(ctx, n) <= self.budget), max(most, 1))
+        """The fewest blocks of parameters another objective's reference fits the budget in;
+        where none does, the fewest that hold the least."""
+        counts = range(1, max(len(ctx.params), 1) + 1)
+        fits = next((n for n in counts if self.other_bytes(ctx, n) <= self.budget), None)
+        if fits is not None:
+            return fits
+        least = min(self.other_bytes(ctx, n) for n in counts)
+        return next(n for n in counts if self.other_bytes(ctx, n) == least)
+
+    def step_need(self, ctx) -> int:
+        """What a step path cannot do without: its step beside the reference, and, should it
+        miss its target, another objective's reference in the fewest blocks that hold the least."""
+        return max(self.step_bytes(), min(self.other_bytes(ctx, n) for n in range(1, max(len(ctx.params), 1) + 1)))
 
     def describe(self) -> str:
         """What the budget is, for the run's stderr."""
@@ -255,12 +271,13 @@ def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool, blocks: int | Non
     if f is None or f.limit is None:
         return None
     fewest = len(ctx.params) if blocks is None else blocks
-    least = [f.pass_bytes(ctx, paths, fewest) for paths in runs if paths] + ([f.step_bytes()] if step_paths else [])
+    least = [f.pass_bytes(ctx, paths, fewest) for paths in runs if paths] + ([f.step_need(ctx)] if step_paths else [])
     need = max(least, default=0)
     if need <= f.limit:
         return None
     what = "--max-memory" if not f.default else f"{DEVICE_SHARE:.0%} of the device's memory; --max-memory"
+    steps = "; a step path holds one beside that peak, and where it misses another objective's reference" \
+        if step_paths else ""
     return (f"the memory budget of {f.limit / GIB:.2f} GiB ({what}) cannot hold this audit: it needs at least "
             f"{need / GIB:.2f} GiB (the reference's peak {f.base / GIB:.2f} GiB and parameter-sized tensors of "
-            f"{f.pb / GIB:.2f} GiB{'; a step path holds one beside that peak' if step_paths else ''}): raise "
-            f"--max-memory, or lower --batch-size or --num-layers")
+            f"{f.pb / GIB:.2f} GiB{steps}): raise --max-memory, or lower --batch-size or --num-layers")
