@@ -47,7 +47,8 @@ def ctx():
 
 @pytest.mark.parametrize("cls, expected", [
     (Trainer, TrainingArguments), (tc.PlainTrainer, TrainingArguments), (tc.PassThroughTrainer, TrainingArguments),
-    (own.AnnotatedTrainer, own.OwnArguments)], ids=["Trainer", "plain", "pass-through", "annotated"])
+    (own.AnnotatedTrainer, own.OwnArguments), (own.StatedTrainer, own.OwnArguments)],
+    ids=["Trainer", "plain", "pass-through", "annotated", "class-annotation"])
 def test_the_arguments_class_is_found_from_the_class(cls, expected):
     assert arguments_class(cls) is expected
     assert framework_of(cls) is PLAIN and rows_problem(cls, prompt_masking=True) is None
