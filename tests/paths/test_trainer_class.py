@@ -69,6 +69,15 @@ def test_a_class_needing_what_the_audit_cannot_give_is_named():
                                                      own.AnnotatedTrainer))
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("swift") is not None, reason="ms-swift is installed")
+def test_ms_swifts_trainer_without_ms_swift_names_the_extra():
+    """Where it is installed, tests/stacks/test_frameworks_swift.py audits it (tests/stacks/test_swift_lean.py in CI)."""
+    from lossaudit.core.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match=r"pip install 'lossaudit\[swift\]'"):
+        resolve_trainer_class("swift.trainers:Seq2SeqTrainer")
+
+
 def test_a_plain_subclass_gets_a_collator_that_pads_labels_with_minus_100():
     made = collator(tc.PlainTrainer, tokenizer(16, 0, 1))
     out = made([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
