@@ -78,8 +78,9 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict, inputs=Non
         data = rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
                     labels=given_collator is not None or framework.labels)
     if inputs is not None:  # what the framework's trainers take besides (ms-swift: its Template), its rows
-        kwargs.update(inputs.build(layout, words, out))
+        kwargs.update(inputs.build(layout, words, out, settings))
         data = inputs.encoded(data)
+        args = inputs.arguments(args)  # --swift-args: the arguments ms-swift builds from the user's file
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)
@@ -105,14 +106,15 @@ def _quieter(inputs):
         yield
 
 
-def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StepResult:
+def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict, source=None) -> StepResult:
     """One step of ``cls`` on ``layout``, as the stock Trainer path's StepResult (so its notes
-    and report fields apply); the model's weights are restored afterwards."""
+    and report fields apply); the model's weights are restored afterwards. ``source``: the
+    framework's own arguments file the trainer is built from (``stacks.swift.SwiftArgs``)."""
     require("datasets", f"--trainer-class {cls.__name__}")
     per_device_batch(layout)
     framework = framework_of(cls)
     if framework.inputs is None:
         return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args), _no_progress_bars)
-    with load(framework.inputs)(ctx) as inputs:  # undoes what it set on the audited model
+    with load(framework.inputs)(ctx, source) as inputs:  # undoes what it set on the audited model
         return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args, inputs),
                               lambda: _quieter(inputs))

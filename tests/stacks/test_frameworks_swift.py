@@ -82,7 +82,7 @@ def test_ms_swift_builds_the_template_and_its_collator_pads_the_layouts_way(ctx,
 
     words = tokenizer(ctx.loaded.vocab_size, ctx.batch.pad_id, ctx.loaded.eos_id)
     with SwiftInputs(ctx) as inputs:
-        template = inputs.build(layout_of(ctx.batch, 2, padding=padding), words, str(tmp_path))["template"]
+        template = inputs.build(layout_of(ctx.batch, 2, padding=padding), words, str(tmp_path), {})["template"]
         assert type(template) is Template and template.mode == "train" and template.padding_side == padding
         assert ctx.model.model_info.model_type == "llama" and ctx.model.model_meta is not None
         rows = inputs.encoded([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
@@ -161,3 +161,54 @@ def test_cli_as_a_user_types_it_is_clean_and_the_planted_bug_is_named(tmp_path):
                  "--out", str(tmp_path / "found"))
     assert found.returncode == 1, found.stdout[-3000:] + found.stderr[-2000:]
     assert "each microbatch's token mean, summed over k microbatches: num_items_in_batch ignored" in found.stdout
+
+
+DATA = ROOT / "tests" / "data"
+
+
+@pytest.mark.parametrize("loss_type, planted", [(True, False), (True, True), (False, True)],
+                         ids=["as-shipped", "planted-with-loss-type", "planted"])
+def test_from_the_users_file_ms_swift_builds_the_trainer_and_the_audit_judges_it(ctx, cls, monkeypatch, tmp_path,
+                                                                                   loss_type, planted):
+    """--swift-args tests/data/swift-full.yaml (tuner_type full, loss_type cross_entropy, its own
+    learning rate, warm-up and accumulation, replaced by the audit's step): ms-swift's SftArguments
+    build the arguments and the template. The planted template flag (model_accepts_loss_kwargs =
+    False) is the mean of means, except under loss_type cross_entropy: a compute_loss_func makes
+    transformers 5.19 pass num_items_in_batch anyway, and ms-swift's CustomCrossEntropyLoss divides
+    by it (measured: the token mean, 81 counted at each of k=4 microbatches)."""
+    from swift.template import Template
+
+    from lossaudit.stacks.swift import SwiftArgs
+
+    text = (DATA / "swift-full.yaml").read_text()
+    path = tmp_path / "args.yaml"
+    path.write_text(text if loss_type else text.replace("loss_type: cross_entropy\n", ""))
+    source = SwiftArgs.read(str(path), None)
+    layout = layout_of(ctx.batch, 4)
+    if planted:
+        monkeypatch.setattr(Template, "model_accepts_loss_kwargs", False)
+    step = run_trainer_class(ctx, layout, cls, user_args={}, source=source)
+    assert step.accepts_loss_kwargs is (not planted)
+    if planted and not loss_type:
+        assert step.num_items == [None] * 4
+        assert rel_err(dict(mean_of_means_gradient(ctx.model, ctx.batch, layout)), step.update.items()) < 1e-5
+    else:
+        assert step.num_items == [ctx.reference.count] * 4
+        assert rel_err(ctx.reference.grads, step.update.items()) < 1e-5
+
+
+def test_cli_from_the_users_lora_file(tmp_path):
+    """ms-swift's default tuner, LoRA: the audit's --peft adapter must be the one the file builds
+    (rank, alpha, the modules ms-swift's own get_target_modules resolves all-linear to)."""
+    common = ("check", "llama", "--path", "trainer", "--swift-args", str(DATA / "swift-lora.yaml"), "--peft", "lora",
+              "--microbatches", "1,2", "--groupings", "imbalanced")
+    same = _cli(*common, "--peft-arg", "r=8", "--peft-arg", "lora_alpha=32", "--peft-arg", "target_modules=all-linear",
+                "--out", str(tmp_path / "same"))
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-2000:]
+    cases = json.loads((tmp_path / "same" / "report.json").read_text())["cases"]
+    assert cases and all(c["verdict"] == "match" for c in cases)
+    assert "gradient_accumulation_steps (8 -> k)" in cases[0]["swift_args_owned"]
+    other = _cli(*common, "--out", str(tmp_path / "other"))
+    assert other.returncode == 2, other.stdout[-3000:] + other.stderr[-2000:]
+    line = [x for x in other.stderr.splitlines() if x.startswith("lossaudit")]
+    assert len(line) == 1 and "its LoRA differs from the audit's --peft adapter (lora_alpha: file 32, --peft 8" in line[0]
