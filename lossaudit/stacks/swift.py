@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import warnings
 from pathlib import Path
+
+import yaml
 
 from ..core.errors import UsageError
 from ..core.layouts import Layout
@@ -249,8 +252,6 @@ class SwiftArgs:
 
     @classmethod
     def read(cls, path: str, peft: str | None) -> "SwiftArgs":
-        import yaml
-
         file = Path(path)
         if not file.is_file():
             raise UsageError(f"--swift-args {path}: no such file")
@@ -286,8 +287,6 @@ class SwiftArgs:
     def sft_arguments(self, folder: Path, layout: Layout, settings: dict, kind: str | None, dtype):
         """ms-swift's ``SftArguments`` from the file, the audit's ``settings`` (the Trainer step's) in
         place of what it owns."""
-        import dataclasses
-
         from swift.arguments import SftArguments
 
         fields = {f.name for f in dataclasses.fields(SftArguments) if f.init}
