@@ -2,9 +2,9 @@
 environment layered over the current one (a .pth line puts the current site-packages behind its
 own) holding only tests/data/ms-swift-4.6.0-lean.txt (ms-swift, the releases it pins, and what its
 trainer path imports: 19 distributions), installed with --no-deps. In it the ms-swift tests run
-(tests/stacks/test_frameworks_swift.py: its template and arguments, clean, two planted mean-of-means
-bugs found) and the CLI as a user types it. Skipped where ms-swift is installed (those tests run
-directly)."""
+(tests/stacks/test_frameworks_swift.py: by class and from the user's --swift-args, its template and
+arguments, clean, planted mean-of-means bugs found) and the CLI as a user types it. Skipped where
+ms-swift is installed (those tests run directly)."""
 
 import importlib.util
 import subprocess
