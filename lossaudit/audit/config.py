@@ -70,6 +70,8 @@ class _Config:
             p.append(f"--world-size {self.world_size}: more ranks than sequences in the batch ({self.batch_size})")
         if ok("max_length", "min_length") and self.max_length < self.min_length:
             p.append("need 2 <= --min-length <= --max-length")
+        if ok("prompt_masking", "every_prompt") and self.every_prompt and not self.prompt_masking:
+            p.append("--mask-every-prompt and --no-prompt-masking contradict each other: choose one")
         if ok("empty_sequences", "batch_size") and self.empty_sequences >= self.batch_size:
             p.append("--empty-sequences must leave at least one sequence with targets")
         if self.dtype not in DTYPES:
@@ -102,7 +104,7 @@ class _Config:
     @property
     def batch_spec(self) -> BatchSpec:
         return BatchSpec(self.batch_size, self.max_length, self.min_length, self.prompt_masking,
-                         self.empty_sequences, self.seed)
+                         self.empty_sequences, self.seed, self.every_prompt)
 
     @property
     def trainer_values(self) -> dict:

@@ -218,6 +218,8 @@ OPTIONS: tuple[Option, ...] = (
            parse=parse_int, check=at_least(0), metavar="N"),
     Option("prompt_masking", "bool", True, "do not mask a prompt prefix on every other sequence",
            "--no-prompt-masking", "off"),
+    Option("every_prompt", "bool", False, "mask a prompt prefix on every sequence, as a chat template's rows "
+           "(default: every other sequence; the others' first token is a target)", "--mask-every-prompt", "on"),
     Option("seed", "int", 0, "seed for the model weights and the batch (0 to 2**32-1)", "--seed",
            parse=parse_int, check=seed_check, metavar="N"),
     Option("device", "str", "cpu", "torch device: cpu, cuda, cuda:N or mps", "--device", metavar="DEVICE"),

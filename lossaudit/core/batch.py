@@ -37,6 +37,7 @@ class BatchSpec:
     prompt_masking: bool = True  # every other sequence gets a masked prompt (SFT style); False: no masking at all
     empty_sequences: int = 0  # sequences with no target at all, placed last
     seed: int = 0
+    every_prompt: bool = False  # every sequence gets a masked prompt (a chat template's rows), not every other one
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,7 @@ def make_batch(spec: BatchSpec, *, vocab_size: int, pad_id: int, task: str = "ca
     samples = []
     for i in range(spec.batch_size):
         empty = i >= spec.batch_size - spec.empty_sequences
-        masked = spec.prompt_masking and i % 2 == 1
+        masked = spec.prompt_masking and (spec.every_prompt or i % 2 == 1)
         samples.append(draw(spec, vocab, g, empty=empty, masked=masked))
     return Batch(tuple(samples), task, pad_id)
 

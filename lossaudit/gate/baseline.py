@@ -28,10 +28,12 @@ from ..core.errors import DivergenceError, UsageError
 from .comparable import differences, refusal
 from .text import failures_text
 from .thresholds import MOVED, Gate
+from ..report.environment import STACKS
 from ..report.report import Report, findings_table
 
 CASE_KEY = ["path", "reduction", "microbatches", "padding", "grouping", "world_size"]
 ENVIRONMENT_KEYS = ("python", "torch", "transformers", "accelerate", "trl", "device", "dtype", "seed")
+UNRECORDED = "not recorded"  # a stack's release in a report made before lossaudit recorded it
 METRICS = ("verdict", "expected", "loss_rel_err", "grad_rel_err", "detail", "tokens")
 DEFAULT_FLOOR = 1e-5  # float32's, for a report that does not state its tolerance
 RANK = {"error": 0, "diverge": 1, "match": 2}  # a verdict's rank: higher is better
@@ -95,15 +97,20 @@ def compare(old: Report | str | Path, new: Report | str | Path, gate: Gate | Non
 
 
 def environment_diff(old: Report, new: Report) -> pd.DataFrame:
-    """The versions, device and dtype of both runs, plus the model and tolerance they used."""
+    """The versions, device and dtype of both runs, plus the model and tolerance they used. A
+    training stack's release (peft, deepspeed, ...) is shown where either report names one; a
+    report from before lossaudit recorded them says nothing of it ("not recorded", no change)."""
+    stacks = [k for k in STACKS if old.environment.get(k) or new.environment.get(k)]
+
     def fields(report: Report) -> dict:
         env = report.environment
-        return {**{k: env.get(k) for k in ENVIRONMENT_KEYS},
+        return {**{k: env.get(k) for k in ENVIRONMENT_KEYS}, **{k: env.get(k, UNRECORDED) for k in stacks},
                 "model": report.model.get("name"), "task": report.model.get("task"),
                 "parameters": report.model.get("parameters"), "tolerance": report.tolerance.get("rtol")}
 
     a, b = fields(old), fields(new)
-    rows = [{"field": k, "old": a[k], "new": b[k], "changed": a[k] != b[k]} for k in a]
+    rows = [{"field": k, "old": a[k], "new": b[k], "changed": UNRECORDED not in (a[k], b[k]) and a[k] != b[k]}
+            for k in a]
     return pd.DataFrame(rows, columns=["field", "old", "new", "changed"])
 
 

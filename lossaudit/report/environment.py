@@ -13,6 +13,10 @@ def _version(package: str) -> str | None:
         return None
 
 
+# the training stacks whose releases decide what a step path trains (None: not installed)
+STACKS = ("peft", "lightning", "deepspeed", "axolotl", "ms-swift")
+
+
 def environment(*, device: str, dtype: str, seed: int) -> dict:
     return {
         "python": platform.python_version(),
@@ -20,6 +24,7 @@ def environment(*, device: str, dtype: str, seed: int) -> dict:
         "transformers": _version("transformers"),
         "accelerate": _version("accelerate"),
         "trl": _version("trl"),
+        **{package: _version(package) for package in STACKS},
         "lossaudit": _version("lossaudit"),
         "platform": platform.platform(),
         "device": device,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.errors import DivergenceError, UsageError
+from .environment import STACKS
 from .objective_line import objective_line, says_it_whole
 
 SCHEMA = "lossaudit.report/1"
@@ -192,6 +193,7 @@ SECTIONS = {"environment": dict, "model": dict, "tolerance": dict, "batch": dict
 # the fields of each section that compare, a baseline or a renderer reads: field -> kind
 SECTION_FIELDS = {
     "environment": {"python": "text", "torch": "text", "transformers": "text", "accelerate": "text", "trl": "text",
+                    **{package: "text" for package in STACKS},
                     "device": "text", "dtype": "text", "seed": "count"},
     "model": {"name": "text", "task": "text", "parameters": "count"},
     "tolerance": {"rtol": "number", "floor": "number", "noise_floor": "number", "cap": "number", "dtype": "text"},

@@ -72,6 +72,7 @@ def test_default_out_goes_beside_an_earlier_report(tmp_path):
         (["check", "llama", "--paddings", "middle"], "unknown padding 'middle'"),
         (["check", "llama", "--reductions", "mean_of_mean"], "did you mean 'mean_of_means'"),
         (["check", "llama", "--world-size", "0"], "--world-size"),
+        (["check", "llama", "--mask-every-prompt", "--no-prompt-masking"], "contradict each other"),
         (["frobnicate"], "invalid choice"),
         ([], "missing command"),
     ],

@@ -73,6 +73,17 @@ def test_no_prompt_masking_masks_nothing():
     assert all(torch.equal(s.labels, s.input_ids) for s in batch.samples)
 
 
+def test_every_prompt_masks_a_prompt_on_every_sequence():
+    """--mask-every-prompt: a chat template's rows, each with a prompt of 1 to T-1 tokens, so no
+    sequence's first label is a target (a packed row then has no target at a boundary)."""
+    spec = BatchSpec(batch_size=8, max_length=12, min_length=3, every_prompt=True)
+    batch = make_batch(spec, vocab_size=VOCAB, pad_id=PAD)
+    prompts = [prompt_length(s.labels) for s in batch.samples]
+    assert all(1 <= p < len(s.input_ids) for s, p in zip(batch.samples, prompts))
+    assert all(torch.equal(s.labels[p:], s.input_ids[p:]) for s, p in zip(batch.samples, prompts))
+    assert batch.targets == [len(s.input_ids) - p for s, p in zip(batch.samples, prompts)]
+
+
 def test_text_never_holds_the_pad_id():
     pad = 5
     spec = BatchSpec(batch_size=8, max_length=32, min_length=16, prompt_masking=False)

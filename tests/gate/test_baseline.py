@@ -136,6 +136,24 @@ def test_the_environment_diff_comes_first_and_names_what_changed():
     assert line.split() == ["*", "transformers", "4.45.2", "4.46.0"]
 
 
+def test_a_training_stacks_release_is_diffed_and_an_older_report_says_nothing_of_it():
+    """peft, deepspeed, ...: recorded by environment(); a report from before they were recorded
+    has no key, which is no change; a report that records one as not installed (None) is."""
+    from lossaudit.report.environment import environment
+
+    here = environment(device="cpu", dtype="float32", seed=0)
+    assert {"peft", "lightning", "deepspeed", "axolotl", "ms-swift"} <= set(here)
+    rows = lambda c: c.environment.set_index("field")  # noqa: E731
+    upgraded = rows(compare(report(*BASE, peft="0.20.0"), report(*BASE, peft="0.21.2")))
+    assert upgraded.loc["peft", "changed"] and upgraded.loc["peft", "new"] == "0.21.2"
+    older = rows(compare(report(*BASE), report(*BASE, peft="0.21.2")))
+    assert older.loc["peft", "old"] == "not recorded" and not older["changed"].any()
+    installed = rows(compare(report(*BASE, deepspeed=None), report(*BASE, deepspeed="0.19.8")))
+    assert installed.loc["deepspeed", "changed"] and "axolotl" not in installed.index
+    assert "environment changes: deepspeed None -> 0.19.8" in render_comparison(
+        compare(report(*BASE, deepspeed=None), report(*BASE, deepspeed="0.19.8")))
+
+
 def test_a_report_read_back_from_json_compares_like_the_one_in_memory(tmp_path):
     new = list(BASE)
     new[0] = case(2, verdict="diverge", grad=0.1)
