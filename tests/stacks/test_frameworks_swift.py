@@ -4,7 +4,9 @@ own ``get_processor``/``get_template`` build for the model (its collator, its ``
 the audit's rows as its ``encode`` makes them, its dataloader in the layout's order; the stock
 trainer measured against the float64 reference, and two planted mean-of-means bugs found with
 their cause: a template saying ``model_accepts_loss_kwargs = False`` (ms-swift's own switch, which
-its Seq2SeqTrainer copies onto the Trainer) and a subclass dropping ``num_items_in_batch``.
+its Seq2SeqTrainer copies onto the Trainer) and a subclass dropping ``num_items_in_batch``; and the
+trainer ms-swift builds from the user's own ``swift sft`` arguments (``--swift-args``: its
+SftArguments, full fine-tune and LoRA against ``--peft``).
 
 Skipped without ms-swift (``pip install 'lossaudit[swift]'``: it needs transformers<5.20 and
 trl<1.0, an environment of its own; tests/stacks/test_swift_lean.py builds one in CI). Heavy:
