@@ -11,7 +11,7 @@ import lossaudit
 PACKAGE = Path(lossaudit.__file__).parent
 HEAVY = {"torch", "transformers", "accelerate", "matplotlib", "rich", "pandas", "numpy", "safetensors",
          "huggingface_hub", "peft", "trl", "lightning", "datasets", "tokenizers", "axolotl",
-         "deepspeed"}
+         "deepspeed", "swift"}
 # entry points that must import without torch: their own-module imports wait for the call
 LIGHT = {"lossaudit", "lossaudit.cli.app", "lossaudit.pytest_plugin", "lossaudit.__main__"}
 

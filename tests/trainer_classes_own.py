@@ -29,3 +29,13 @@ class UnannotatedTrainer(Trainer):
 
     def __init__(self, model=None, args=None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
+
+
+class StatedTrainer(Trainer):
+    """Says what ``self.args`` is by a class annotation (as ms-swift's trainers do: ``args:
+    Seq2SeqTrainingArguments``), its ``__init__`` naming only the base class: the class's own wins."""
+
+    args: OwnArguments
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)

@@ -248,6 +248,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("axolotl_config", "str | None", None, "an axolotl config: --path trainer runs the trainer axolotl builds "
            "from it (its validation, model loader, LoRA, trainer builder) on the audit's batch and step",
            "--axolotl-config", check=not_blank, metavar="FILE.yml"),
+    Option("swift_args", "str | None", None, "ms-swift's arguments (the JSON or YAML of what you give swift sft): "
+           "--path trainer runs the trainer ms-swift builds from them (its SftArguments, template, trainer class) on "
+           "the audit's batch and step", "--swift-args", check=not_blank, metavar="FILE"),
     Option("adapter", "str | None", None, "a PEFT adapter folder (save_pretrained) to audit on MODEL",
            "--adapter", check=not_blank, metavar="DIR"),
     Option("peft", "str | None", None, "a fresh PEFT adapter of this method on MODEL: lora, prompt_tuning, ...",

@@ -30,6 +30,7 @@ from .grpo import GRPOPath
 from .loss_fn import resolve_loss_fn
 from ..stacks.grpo import grpo_problems, is_grpo
 from ..stacks.axolotl import checked as checked_axolotl
+from ..stacks.swift import checked as checked_swift
 from ..stacks.deepspeed import ZERO_STAGES, stage_of, zero_config
 from ..stacks.frameworks import arguments_class, required_problem, rows_problem
 from ..stacks.trl import check_arguments, resolve_trainer_class
@@ -101,7 +102,7 @@ class TrainerPath(StepPath):
     name = "trainer"
 
     def __init__(self, user_args: dict, spec: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 trainer_class: type | None = None, axolotl=None, data_parallel: str = "ddp"):
+                 trainer_class: type | None = None, axolotl=None, swift=None, data_parallel: str = "ddp"):
         self.user_args, self.spec, self.timeout_s = user_args, spec, timeout_s
         self.data_parallel = data_parallel  # on N ranks: the Trainer's DDP or its own FSDP2
         self.fn = resolve_loss_fn(spec) if spec else None
@@ -109,6 +110,7 @@ class TrainerPath(StepPath):
         # reduction column; judged as cross entropy: whether it trains a MoE aux loss is its own)
         self.trainer_class = trainer_class
         self.axolotl = axolotl  # --axolotl-config: stacks.axolotl.AxolotlConfig
+        self.swift = swift  # --swift-args: stacks.swift.SwiftArgs (trainer_class: ms-swift's Seq2SeqTrainer)
         own = trainer_class.__name__ if trainer_class else ("axolotl" if axolotl is not None else None)
         self.label = Label("trainer", spec or own, trains_aux=spec is None and own is None)
 
@@ -119,6 +121,9 @@ class TrainerPath(StepPath):
             user_args["deepspeed"] = zero_config(ZERO_STAGES[config.data_parallel])
         if getattr(config, "axolotl_config", None):
             return [cls(user_args, axolotl=checked_axolotl(config))]
+        if getattr(config, "swift_args", None):  # swift sft's trainer for a causal LM (TrainerFactory)
+            source = checked_swift(config)
+            return [cls(user_args, trainer_class=resolve_trainer_class("swift.trainers:Seq2SeqTrainer"), swift=source)]
         if config.trainer_class:
             trainer_class = resolve_trainer_class(config.trainer_class)
             arguments_class(trainer_class)  # first: one line when its arguments class cannot be told
@@ -146,7 +151,7 @@ class TrainerPath(StepPath):
         if self.axolotl is not None:
             return run_axolotl_config(ctx, layout, self.axolotl)
         if self.trainer_class is not None:
-            return run_trainer_class(ctx, layout, self.trainer_class, user_args=self.user_args)
+            return run_trainer_class(ctx, layout, self.trainer_class, user_args=self.user_args, source=self.swift)
         return trainer_step(ctx, layout, user_args=self.user_args, compute_loss_func=self.fn)
 
     def with_full_batch(self, ctx, layouts: list[Layout]) -> list[Layout]:
@@ -163,9 +168,12 @@ class TrainerPath(StepPath):
         if world_size == 1:
             if self.axolotl is not None and self.axolotl.owned_in():
                 say("axolotl: the audit sets what the config sets for " + ", ".join(self.axolotl.owned_in()))
+            if self.swift is not None and self.swift.owned_in():
+                say("ms-swift: the audit sets what the file sets for " + ", ".join(self.swift.owned_in()))
             return super().run_layouts(ctx, self.with_full_batch(ctx, layouts), guard, say)
         if self.trainer_class is not None or self.axolotl is not None:
-            what = "--axolotl-config" if self.axolotl is not None else f"--trainer-class {self.trainer_class.__name__}"
+            what = ("--axolotl-config" if self.axolotl is not None else "--swift-args" if self.swift is not None
+                    else f"--trainer-class {self.trainer_class.__name__}")
             reason = f"{what} runs in one process (--world-size 1)"
             return [guard.judge.failed(self.label, layout, reason) for layout in self.with_full_batch(ctx, layouts)]
         steps = [(layout, self.spec) for layout in self.with_full_batch(ctx, layouts)]
@@ -195,6 +203,8 @@ class TrainerPath(StepPath):
         }
         if self.axolotl is not None:  # the config's settings the audit replaced, as "key (value -> audit's)"
             extra["axolotl_config_owned"] = self.axolotl.owned_in()
+        if self.swift is not None:  # the same for --swift-args
+            extra["swift_args_owned"] = self.swift.owned_in()
         if "deepspeed" in self.user_args:  # the gradient read before DeepSpeed's step (stacks/deepspeed.py)
             extra["deepspeed_zero_stage"] = stage_of(self.user_args["deepspeed"])
         if layout.world_size > 1:

@@ -15,7 +15,7 @@ import torch
 
 from ..core.layouts import Layout
 from ..stacks import dpo, require
-from ..stacks.frameworks import collator
+from ..stacks.frameworks import collator, framework_of, load
 from ..stacks.trl import arguments, rows, tokenizer
 from .trainer_step import StepResult, _common_settings, given, per_device_batch, prepared, train_one_step
 
@@ -47,10 +47,11 @@ def _takes(cls: type) -> set[str]:
     return names
 
 
-def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
+def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict, inputs=None):
     from datasets import Dataset
 
     pairwise = dpo.trains_pairs(cls)  # DPO: rows of pairs, batches counted in pairs, a frozen reference model
+    framework = framework_of(cls)
     settings = {**_common_settings(ctx, layout, out), "logging_strategy": "no"}
     if pairwise:
         settings = dpo.pair_settings(settings)
@@ -75,7 +76,11 @@ def _build(ctx, layout: Layout, cls: type, out: str, user_args: dict):
         if given_collator is not None:
             kwargs["data_collator"] = given_collator
         data = rows(ctx, layout, completion_mask=user_args.get("completion_only_loss") is True,
-                    labels=given_collator is not None)
+                    labels=given_collator is not None or framework.labels)
+    if inputs is not None:  # what the framework's trainers take besides (ms-swift: its Template), its rows
+        kwargs.update(inputs.build(layout, words, out, settings))
+        data = inputs.encoded(data)
+        args = inputs.arguments(args)  # --swift-args: the arguments ms-swift builds from the user's file
     trainer = layout_subclass(cls)(model=ctx.model, args=args, train_dataset=Dataset.from_list(data),
                                    optimizers=(optimizer, schedule), **kwargs)
     return prepared(trainer)
@@ -94,9 +99,22 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
-def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict) -> StepResult:
+@contextlib.contextmanager
+def _quieter(inputs):
+    """No progress bars, and the framework's own chatter off while its trainer trains."""
+    with _no_progress_bars(), inputs.quiet():
+        yield
+
+
+def run_trainer_class(ctx, layout: Layout, cls: type, *, user_args: dict, source=None) -> StepResult:
     """One step of ``cls`` on ``layout``, as the stock Trainer path's StepResult (so its notes
-    and report fields apply); the model's weights are restored afterwards."""
+    and report fields apply); the model's weights are restored afterwards. ``source``: the
+    framework's own arguments file the trainer is built from (``stacks.swift.SwiftArgs``)."""
     require("datasets", f"--trainer-class {cls.__name__}")
     per_device_batch(layout)
-    return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args), _no_progress_bars)
+    framework = framework_of(cls)
+    if framework.inputs is None:
+        return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args), _no_progress_bars)
+    with load(framework.inputs)(ctx, source) as inputs:  # undoes what it set on the audited model
+        return train_one_step(ctx, lambda out: _build(ctx, layout, cls, out, user_args, inputs),
+                              lambda: _quieter(inputs))

@@ -19,7 +19,8 @@ import torch
 from ..core.errors import EnvironmentProblem
 
 # optional package -> the extra that installs it
-EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl", "axolotl": "axolotl", "deepspeed": "deepspeed"}
+EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl", "axolotl": "axolotl", "deepspeed": "deepspeed",
+          "swift": "swift"}
 
 
 @dataclass

@@ -20,14 +20,16 @@ from . import require
 from .grpo import grpo_problems, is_grpo
 from .peft import peft_config, read_adapter
 from .axolotl import checked as checked_axolotl
+from .swift import checked as checked_swift
 from .deepspeed import problems as zero_problems
 from .frameworks import required_problem, rows_problem
 from .trl import arguments_class, check_arguments, resolve_trainer_class
 
 # (flag, config field, the path it drives); ONE_PROCESS: the flags whose path runs in one process only
 PATH_OPTIONS = (("--step", "step", "step"), ("--trainer-class", "trainer_class", "trainer"),
-                ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"))
-ONE_PROCESS = ("--trainer-class", "--axolotl-config")  # --step runs on ranks (stacks/ranks.py)
+                ("--lightning-module", "lightning_module", "lightning"), ("--axolotl-config", "axolotl_config", "trainer"),
+                ("--swift-args", "swift_args", "trainer"))
+ONE_PROCESS = ("--trainer-class", "--axolotl-config", "--swift-args")  # --step runs on ranks (stacks/ranks.py)
 RANKED_PATHS = ("accelerate", "trainer", "lightning")  # step paths other than step that run on ranks
 SHARDED_PATHS = ("step", "trainer", "accelerate")  # what --data-parallel fsdp2 runs (stacks/ranks.py, paths/fsdp2.py)
 
@@ -82,6 +84,8 @@ def _loadable(config, value_problems) -> list[str]:
         problems += _trainer_class_problems(config, value_problems)
     if config.axolotl_config:
         problems += _problems(checked_axolotl, config)
+    if config.swift_args:
+        problems += _problems(checked_swift, config)
     if config.peft:
         task = config.task if config.task in TASKS else TASKS[0]  # the model's, when known, is tried again later
         problems += _problems(peft_config, config.peft, config.peft_values, task)

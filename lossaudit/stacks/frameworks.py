@@ -2,6 +2,8 @@
 the data collator its own builder would give it, found from the class itself.
 
 The arguments class, in order:
+0. the annotation of the ``args`` attribute on the class or a base below ``Trainer`` (ms-swift's
+   ``Seq2SeqTrainer``: ``args: Seq2SeqTrainingArguments``, the class's own statement of what it reads);
 1. the annotation of ``args`` on the first ``__init__`` in the class's MRO below
    ``transformers.Trainer`` that names one (TRL's ``SFTTrainer``: ``SFTConfig | TrainingArguments``,
    the most derived wins); an ``__init__`` that passes ``*args``/``**kwargs`` on is looked through;
@@ -15,7 +17,8 @@ annotation, cannot be told: one UsageError naming the class (exit 2), not an err
 
 The collator: a class that builds its own (TRL's trainers) gets none; a framework whose builder
 hands one in gets the same one (axolotl: its ``DataCollatorForSeq2Seq``, padding labels with
--100); any other class gets ``transformers.DataCollatorForSeq2Seq`` padding labels with -100,
+-100); ms-swift's trainers build theirs from the ``Template`` the audit gives them (``stacks/swift.py``);
+any other class gets ``transformers.DataCollatorForSeq2Seq`` padding labels with -100,
 what a stock Trainer user passes for pre-tokenized rows with masked prompts (the Trainer's own
 default, ``DataCollatorWithPadding``, does not pad labels: "Unable to create tensor").
 """
@@ -40,17 +43,28 @@ class Framework:
     package: str  # top-level module name
     arguments: str | None  # MODULE:CLASS of its arguments class (None: from the class's annotation)
     collator: str | None  # MODULE:CLASS of the collator its builder gives (None: the class builds its own)
+    # what the audit builds for the framework's trainers beyond the Trainer's own arguments: the
+    # parameter names it gives, and MODULE:CLASS of the lossaudit class building them (``inputs``)
+    gives: tuple[str, ...] = ()
+    inputs: str | None = None
+    labels: bool = False  # its collator takes labels and makes none: rows always carry them
+    settings: tuple[tuple[str, object], ...] = ()  # arguments the audit owns for its trainers
 
 
 KNOWN = {
     "trl": Framework("trl", None, None),
     "axolotl": Framework("axolotl", "axolotl.core.training_args:AxolotlTrainingArguments",
                          "axolotl.utils.collators:DataCollatorForSeq2Seq"),
+    # ms-swift: its trainers take the Template ``swift sft`` builds for the model and collate with it
+    # (stacks/swift.py); its own dataloader shuffles unless told not to (the layout's order is the
+    # audit's); check_model would ask the hub about the model folder
+    "swift": Framework("swift", None, None, gives=("template",), inputs="lossaudit.stacks.swift:SwiftInputs",
+                       labels=True, settings=(("train_dataloader_shuffle", False), ("check_model", False))),
 }
 PLAIN = Framework("transformers", "transformers:TrainingArguments", "transformers:DataCollatorForSeq2Seq")
 
 
-def _load(spec: str):
+def load(spec: str):
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -127,6 +141,13 @@ def arguments_class(cls: type) -> type:
     from transformers import TrainingArguments
 
     for base in _below_trainer(cls):
+        try:
+            stated = inspect.get_annotations(base, eval_str=True).get("args")
+        except Exception:  # a name only imported under TYPE_CHECKING
+            stated = None
+        if _is_arguments(stated):
+            return stated
+    for base in _below_trainer(cls):
         init = base.__dict__.get("__init__")
         if init is None:
             continue
@@ -141,7 +162,7 @@ def arguments_class(cls: type) -> type:
     framework = framework_of(cls)
     if framework is not PLAIN:
         if framework.arguments is not None:
-            return _load(framework.arguments)
+            return load(framework.arguments)
         return TrainingArguments
     found = _from_module(cls)
     if len(found) == 1:
@@ -158,17 +179,19 @@ GIVEN = ("model", "args", "train_dataset", "data_collator", "processing_class", 
 
 def required_problem(cls: type) -> str | None:
     """A required ``__init__`` parameter the audit cannot give (LlamaFactory's trainers take
-    ``finetuning_args``), as one line; None when every required one is given."""
+    ``finetuning_args``), as one line; None when every required one is given (by the audit, or by
+    what it builds for the class's framework: ms-swift's ``template``)."""
+    given = GIVEN + framework_of(cls).gives
     for base in _below_trainer(cls):
         init = base.__dict__.get("__init__")
         if init is None:
             continue
         params = list(inspect.signature(init).parameters.values())[1:]
         needed = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                  and p.name not in GIVEN]
+                  and p.name not in given]
         if needed:
             return (f"--trainer-class {cls.__module__}:{cls.__qualname__}: {base.__qualname__}.__init__ requires "
-                    f"{', '.join(needed)}, which lossaudit cannot give (it gives {', '.join(GIVEN)})")
+                    f"{', '.join(needed)}, which lossaudit cannot give (it gives {', '.join(given)})")
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return None  # this __init__ decides what reaches the ones above it
     return None
@@ -180,7 +203,7 @@ def collator(cls: type, tokenizer):
     framework = framework_of(cls)
     if framework.collator is None:
         return None
-    made = _load(framework.collator)
+    made = load(framework.collator)
     return made(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 

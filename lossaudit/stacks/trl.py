@@ -30,7 +30,7 @@ from ..core.errors import UsageError
 from ..core.layouts import Layout
 from ..core.registry import load_callable
 from . import EXTRAS, dpo, require
-from .frameworks import arguments_class  # noqa: F401  (found from the class itself)
+from .frameworks import arguments_class, framework_of  # noqa: F401  (found from the class itself)
 
 # Trainer classes (by name, anywhere in the class's MRO) whose loss is not a token mean
 OTHER_OBJECTIVES = {
@@ -89,11 +89,13 @@ def declared_aggregation(cls: type, user_args: dict):
 
 def arguments(cls: type, settings: dict, user: dict):
     """``arguments_class(cls)`` from the audit's settings (newest names, left out where the
-    release lacks them) and the user's values (taken as given; they win over CLASS_DEFAULTS)."""
+    release lacks them), its framework's (``frameworks.Framework.settings``) and the user's values
+    (taken as given; they win over CLASS_DEFAULTS)."""
     args_cls = arguments_class(cls)
     names = {f.name for f in dataclasses.fields(args_cls) if f.init}
     kwargs = {installed_name(k): v for k, v in settings.items() if installed_name(k)}
     kwargs.update({k: v for k, v in CLASS_DEFAULTS.items() if k in names and k not in user})
+    kwargs.update({k: v for k, v in framework_of(cls).settings if k in names})  # ms-swift's: no shuffling
     try:
         return args_cls(**kwargs, **user)
     except (TypeError, ValueError) as exc:
@@ -104,11 +106,15 @@ def arguments(cls: type, settings: dict, user: dict):
 def check_arguments(cls: type, user: dict) -> None:
     """The user's --trainer-arg values, tried on the class's arguments class before any step;
     a setting the audit owns (learning rate, batch sizes, ...) is refused as for the stock Trainer."""
+    framework = dict(framework_of(cls).settings)  # ms-swift's shuffling: the layout's order is the audit's
     owned = [f"--trainer-arg {key}: {AUDIT_OWNED[key]}" for key in user if key in AUDIT_OWNED]
+    owned += [f"--trainer-arg {key}: set by the audit ({key}={framework[key]!r} for {cls.__name__})"
+              for key in user if key in framework]
     if owned:
         raise UsageError(*owned)
     with tempfile.TemporaryDirectory(prefix="lossaudit-args-") as out:
-        arguments(cls, {"output_dir": out, "use_cpu": True, "report_to": "none"}, user)
+        arguments(cls, {"output_dir": out, "use_cpu": True, "report_to": "none", "gradient_accumulation_steps": 1,
+                        "dataloader_num_workers": 0}, user)
 
 
 def tokenizer(vocab_size: int, pad_id: int, eos_id: int | None):

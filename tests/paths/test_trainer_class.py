@@ -47,7 +47,8 @@ def ctx():
 
 @pytest.mark.parametrize("cls, expected", [
     (Trainer, TrainingArguments), (tc.PlainTrainer, TrainingArguments), (tc.PassThroughTrainer, TrainingArguments),
-    (own.AnnotatedTrainer, own.OwnArguments)], ids=["Trainer", "plain", "pass-through", "annotated"])
+    (own.AnnotatedTrainer, own.OwnArguments), (own.StatedTrainer, own.OwnArguments)],
+    ids=["Trainer", "plain", "pass-through", "annotated", "class-annotation"])
 def test_the_arguments_class_is_found_from_the_class(cls, expected):
     assert arguments_class(cls) is expected
     assert framework_of(cls) is PLAIN and rows_problem(cls, prompt_masking=True) is None
@@ -66,6 +67,15 @@ def test_a_class_needing_what_the_audit_cannot_give_is_named():
     assert "TemplateMixin.__init__ requires template, which" in required_problem(tc.MixinTrainer)  # a mixin too
     assert all(required_problem(c) is None for c in (Trainer, tc.PlainTrainer, tc.PassThroughTrainer,
                                                      own.AnnotatedTrainer))
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("swift") is not None, reason="ms-swift is installed")
+def test_ms_swifts_trainer_without_ms_swift_names_the_extra():
+    """Where it is installed, tests/stacks/test_frameworks_swift.py audits it (tests/stacks/test_swift_lean.py in CI)."""
+    from lossaudit.core.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match=r"pip install 'lossaudit\[swift\]'"):
+        resolve_trainer_class("swift.trainers:Seq2SeqTrainer")
 
 
 def test_a_plain_subclass_gets_a_collator_that_pads_labels_with_minus_100():
