@@ -1,6 +1,8 @@
 """paths/probe.UpdateProbe: the update an optimizer applied, read exactly, on the model's device,
 without a copy of the weights; the weights come back bit for bit, as the very same tensors."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -101,15 +103,22 @@ def test_restore_unwatches_the_optimizer():
     assert all(torch.equal(p.detach(), weights[n] - grads[n]) for n, p in model.named_parameters())
 
 
+@contextlib.contextmanager
+def metered(model, grads):
+    """A LiveTensorBytes meter counting the model and the gradients made before it."""
+    with LiveTensorBytes() as meter:
+        meter.count_existing(model)
+        for g in grads.values():
+            meter.count_existing(g)
+        yield meter
+
+
 def test_the_probe_holds_one_update_beyond_the_weights_and_no_copy_of_them():
     """The old probe cloned the weights before the step and copied the update after it (to the
     host): two weight-sized tensors. This one allocates the update only, at the step."""
     model, grads = model_and_grads()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    with LiveTensorBytes() as meter:
-        meter.count_existing(model)
-        for g in grads.values():
-            meter.count_existing(g)
+    with metered(model, grads) as meter:
         start = meter.live
         probe = UpdateProbe(model)
         assert meter.live == start  # nothing copied when the probe is made
@@ -196,10 +205,7 @@ def test_plain_sgd_takes_the_gradient_and_allocates_nothing():
     opt = torch.optim.SGD([{"params": list(model.parameters())[:1]}, {"params": list(model.parameters())[1:]}],
                           lr=torch.tensor(1.0))
     assert plain_sgd(opt, list(model.named_parameters()))
-    with LiveTensorBytes() as meter:
-        meter.count_existing(model)
-        for g in grads.values():
-            meter.count_existing(g)
+    with metered(model, grads) as meter:
         start = meter.live
         probe = UpdateProbe(model)
         probe.watch(opt)
