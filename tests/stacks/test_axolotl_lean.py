@@ -8,14 +8,12 @@ tests, building included (wheels in pip's cache; 644 MB installed). Skipped wher
 directly)."""
 
 import importlib.util
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from lean_env import ROOT, lean_env, run_in
+
 PINS = ROOT / "tests" / "data" / "axolotl-0.21.0-lean.txt"
 
 pytestmark = [pytest.mark.heavy,
@@ -26,32 +24,11 @@ pytestmark = [pytest.mark.heavy,
 @pytest.fixture(scope="module")
 def lean(env_cache) -> Path:
     """The environment's interpreter (built once per cache, kept between runs)."""
-    from lossaudit.releases.environments import isolated_environ
-
-    env = env_cache / f"axolotl-0.21.0-lean-py{sys.version_info.major}{sys.version_info.minor}"
-    python = env / "bin" / "python"
-    if not (env / "built").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        (Path(purelib) / "zz_lossaudit_base.pth").write_text(
-            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-requires-python",
-                               "-r", str(PINS)], capture_output=True, text=True, env=isolated_environ(env), timeout=1200)
-        assert done.returncode == 0, done.stderr[-3000:]
-        (env / "built").write_text("ok\n")
-    return python
-
-
-def _run(python: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    from lossaudit.releases.environments import isolated_environ
-
-    environ = {**isolated_environ(python.parent.parent), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([str(python), *args], capture_output=True, text=True, cwd=ROOT, env=environ, timeout=timeout)
+    return lean_env(env_cache, PINS, "--ignore-requires-python")
 
 
 def test_the_environment_imports_its_own_release(lean):
-    out = _run(lean, "-c", "import axolotl, transformers, lossaudit; print(axolotl.__version__, transformers.__version__, "
+    out = run_in(lean, "-c", "import axolotl, transformers, lossaudit; print(axolotl.__version__, transformers.__version__, "
                            "lossaudit.__file__)")
     assert out.returncode == 0, out.stderr[-3000:]
     release, transformers, where = out.stdout.split()[-3:]
@@ -59,13 +36,13 @@ def test_the_environment_imports_its_own_release(lean):
 
 
 def test_the_axolotl_tests_pass_on_0_21_0(lean):
-    out = _run(lean, "-m", "pytest", "-q", "-m", "heavy", "-p", "no:cacheprovider", "tests/stacks/test_stacks_axolotl.py")
+    out = run_in(lean, "-m", "pytest", "-q", "-m", "heavy", "-p", "no:cacheprovider", "tests/stacks/test_stacks_axolotl.py")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
 
 
 def test_the_cli_as_a_user_types_it_is_clean_on_0_21_0(lean, tmp_path):
-    out = _run(lean, "-m", "lossaudit", "check", "llama", "--path", "trainer", "--trainer-class",
+    out = run_in(lean, "-m", "lossaudit", "check", "llama", "--path", "trainer", "--trainer-class",
                "axolotl.core.trainers.base:AxolotlTrainer", "--microbatches", "1,2", "--out", str(tmp_path / "r"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "no findings" in out.stdout
