@@ -24,7 +24,8 @@ the backward. ``audit_peak_bytes`` predicts the audit's peak from a measured T; 
   the CPU): a few of those;
 - while a step path runs (``trainer``, ``accelerate``): the reference beside the step's own
   peak. The update the probe reads is the step's gradient itself (``paths/probe.py``: lossaudit's
-  step paths step plain SGD, whose update is -grad), no tensor beyond it.
+  step paths step plain SGD, whose update is -grad), no tensor beyond it; where a step misses its
+  target, another objective's reference beside both (whole, or in ``blocks`` one block's).
 
 The model path's own loss adds its float32 logits and their softmax (``logits_bytes``) to a
 microbatch's forward: with k=1 that microbatch is the full batch.
@@ -101,10 +102,14 @@ def arriving_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
 
 def step_phase_bytes(s: AuditShape, train_step_peak: int | None = None) -> int:
     """Beyond the training step while a step path runs: the reference (the logit paths' sums are
-    freed by then; the update the probe reads is the step's own gradient)."""
+    freed by then; the update the probe reads is the step's own gradient), and, where the step
+    misses its target (an expected recipe such as accelerate's ``naive`` does), another
+    objective's reference taken beside both (``Judge.other_objectives``): a whole gradient, or,
+    in ``blocks``, one block's."""
     if not s.step_path:
         return 0
-    return s.parameters * s.param_bytes + arriving_bytes(s, train_step_peak) + comparison_bytes(s)
+    pb = s.parameters * s.param_bytes
+    return pb + pb // max(s.blocks, 1) + arriving_bytes(s, train_step_peak) + comparison_bytes(s)
 
 
 def comparison_bytes(s: AuditShape) -> int:
