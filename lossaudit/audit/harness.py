@@ -406,18 +406,18 @@ def run_paths(ctx: AuditContext, layouts: list[Layout], paths: list, say: Progre
     hidden = [] if any(p.label.calibrates for p in logit_paths) else [calibration(ctx.objective)]
     guard = Guard(Judge(ctx))
     # more than one pass, or blocks of parameters, where the sums would not fit the memory
-    runs, blocks = plan_for(ctx, logit_paths + hidden, bool(step_paths))
+    footprint = Footprint.of(ctx, bool(step_paths))  # measured once: the plan, the refusal, the judge's references
+    runs, blocks = plan_for(ctx, logit_paths + hidden, bool(step_paths), footprint)
     order = {id(p.label): i for i, p in enumerate(logit_paths + hidden)}
     if len(runs) > 1:
         say(f"the logit paths' gradient sums run in {len(runs)} passes over each layout, to fit the memory")
-    if (over := unheld(ctx, runs, bool(step_paths), blocks)) is not None:
+    if (over := unheld(ctx, runs, bool(step_paths), blocks, footprint)) is not None:
         raise UsageError(over)
-    footprint = Footprint.of(ctx, bool(step_paths))
     if blocks and blocks > 1:
         say(f"the parameters run in {blocks} blocks to fit {footprint.describe()}: each layout's microbatches run "
             f"{blocks} times, one block's gradient sums held at a time")
     if footprint is not None and footprint.default:  # keep another objective's reference where the target has room
-        guard.judge.keep_others = footprint.step_bytes() + footprint.pb <= footprint.budget
+        guard.judge.keep_others = footprint.other_bytes(ctx) <= footprint.budget
     if footprint is not None and not guard.judge.keep_others:  # else take it in blocks where a whole one does not fit
         guard.judge.other_blocks = footprint.other_blocks(ctx)
     measured: list[Measured] = []

@@ -116,15 +116,17 @@ def blocks_for(ctx, runs: list[list[LogitPath]], budget: int | None = None, f: "
     return None
 
 
-def plan_for(ctx, paths: list[LogitPath], step_paths: bool = False) -> tuple[list[list[LogitPath]], int | None]:
+def plan_for(ctx, paths: list[LogitPath], step_paths: bool = False,
+             f: "Footprint | None | bool" = False) -> tuple[list[list[LogitPath]], int | None]:
     """The run's passes and blocks of parameters: the plan that fits the budget with the fewest
     runs over each layout (passes x blocks; fewer passes first where two tie). Blocks None:
     nothing fits (the smallest pass in the smallest blocks is then what ``unheld`` says).
 
     Without --max-memory the budget is a target (``Footprint.of``): where no plan meets it, the
     plan that fits the device's share on CUDA, and on the CPU, where nothing else bounds it, the
-    fastest (one pass, one block)."""
-    f = Footprint.of(ctx, step_paths)
+    fastest (one pass, one block). ``f``: the run's Footprint where the caller measured it (False:
+    measure it here)."""
+    f = Footprint.of(ctx, step_paths) if f is False else f
     if f is None or not paths:
         return [paths], 1
     best = _fewest_runs(ctx, paths, f, f.budget)
@@ -261,13 +263,14 @@ class Footprint:
                 f"measured peak of {self.base / GIB:.2f} GiB, or what a step path needs; --max-memory sets another)")
 
 
-def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool, blocks: int | None = 1) -> str | None:
+def unheld(ctx, runs: list[list[LogitPath]], step_paths: bool, blocks: int | None = 1,
+           f: "Footprint | None | bool" = False) -> str | None:
     """A line saying that the memory the run may hold (--max-memory; without it on CUDA the
     device's share) cannot hold this audit and the least it needs (None where every pass fits,
     or nothing limits the run): the smallest pass is one sum (and a kept gradient) of the
     smallest block of parameters to be had (``blocks`` None: none fits), and a step path cannot
-    be split."""
-    f = Footprint.of(ctx, step_paths)
+    be split. ``f`` as ``plan_for``'s."""
+    f = Footprint.of(ctx, step_paths) if f is False else f
     if f is None or f.limit is None:
         return None
     fewest = len(ctx.params) if blocks is None else blocks

@@ -36,3 +36,9 @@ class DivergenceError(LossauditError, AssertionError):
 
 class RankFailure(EnvironmentProblem):
     """A data-parallel rank raised, died or hung. Paths turn it into ``error`` cases."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line for a user: its first line, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

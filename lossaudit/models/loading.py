@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import Trust, load_weights, read_config_json, refuse_untrusted, remote_code_message, snapshot_dir
-from ..core.errors import EnvironmentProblem, UsageError
+from ..core.errors import EnvironmentProblem, first_line, UsageError
 from ..audit.faults import must_propagate
 from ..core.registry import did_you_mean
 from .tiny import depth_kwargs, tiny_config, tiny_keys
@@ -158,7 +158,7 @@ def resolve_task(name: str, *, task: str | None = None, allow_pickle: bool = Fal
     try:
         config = _load_config(path, trust)
     except (OSError, ValueError) as exc:
-        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {_first(exc)}") from None
+        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {first_line(exc)}") from None
     return _choose_task(config, task, name)
 
 
@@ -180,10 +180,6 @@ def _load_config(path: Path, trust: Trust, **kwargs):
 
     return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust.trust_remote_code,
                                       **kwargs)
-
-
-def _first(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _bare_type_over_other_dir(name: str) -> bool:
@@ -230,7 +226,7 @@ def _from_pretrained(path: Path, name: str, source: str, task, overrides: dict, 
     except UsageError:
         raise
     except (OSError, ValueError) as exc:
-        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {_first(exc)}") from None
+        raise UsageError(remote_code_message(path, exc) or f"cannot load {name!r} ({source}): {first_line(exc)}") from None
     except ImportError as exc:
         raise EnvironmentProblem(f"cannot load {name!r}: {exc}") from None
     return LoadedModel(model, name, task, source, overrides)

@@ -21,7 +21,7 @@ from ..core.batch import Batch
 from ..models.compat import GA_FIX_RELEASE, release_has_ga_fix, training_arguments, transformers_version
 from ..audit.config import CheckConfig, parse_value
 from ..audit.distributed import DEFAULT_TIMEOUT_S, PortableModel, fresh, run_ranks
-from ..core.errors import UsageError
+from ..core.errors import first_line, UsageError
 from ..core.grads import trainable
 from ..core.layouts import Layout, group
 from ..core.tokens import TASKS
@@ -47,7 +47,7 @@ def _check_values(user_args: dict) -> None:
         try:
             training_arguments({"output_dir": out, "use_cpu": True, "report_to": "none"}, user_args)
         except (ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UsageError(f"--trainer-arg: TrainingArguments refused the values: {first}") from None
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 
-from ..core.errors import EnvironmentProblem
+from ..core.errors import EnvironmentProblem, UsageError, first_line
 
 # optional package -> the extra that installs it
 EXTRAS = {"peft": "peft", "trl": "trl", "lightning": "lightning", "datasets": "trl", "axolotl": "axolotl", "deepspeed": "deepspeed",
@@ -46,3 +48,17 @@ def require(package: str, what: str) -> None:
     if missing(package):
         raise EnvironmentProblem(f"{what} needs {package}: {pip_command(package)}")
 
+
+def read_mapping(flag: str, path: str, syntax: str, holds: str) -> tuple[Path, dict]:
+    """A framework's config file given as ``flag PATH`` (axolotl's YAML, ms-swift's arguments): the
+    file and its mapping, or one UsageError (no such file, not ``syntax``, not a mapping of ``holds``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag} {path}: {syntax}: {first_line(exc)}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{flag} {path}: expected a mapping of {holds}")
+    return file, values

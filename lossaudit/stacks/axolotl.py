@@ -26,11 +26,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..core.errors import EnvironmentProblem, UsageError
 from ..core.layouts import Layout
-from . import missing, require
+from . import missing, read_mapping, require
 from .packing import longest_pack
 from .trl import rows, tokenizer
 
@@ -144,16 +143,7 @@ class AxolotlConfig:
 
     @classmethod
     def read(cls, path: str, peft: str | None) -> "AxolotlConfig":
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"--axolotl-config {path}: no such file")
-        try:
-            values = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--axolotl-config {path}: not YAML: {first}") from None
-        if not isinstance(values, dict):
-            raise UsageError(f"--axolotl-config {path}: expected a mapping of axolotl settings")
+        file, values = read_mapping("--axolotl-config", path, "not YAML", "axolotl settings")
         problems = [f"--axolotl-config {path}: {key}: {values[key]!r} trains another objective than a token mean "
                     "of cross entropy" for key in NOT_A_TOKEN_MEAN if values.get(key)]
         adapter = values.get("adapter") or None

@@ -36,10 +36,10 @@ import logging
 import warnings
 from pathlib import Path
 
-import yaml
-
-from ..core.errors import UsageError
+from ..core.errors import first_line, UsageError
 from ..core.layouts import Layout
+from ..core.wrapped import base_model
+from . import read_mapping
 
 
 def model_type(config, architecture: str, name: str) -> str | None:
@@ -73,7 +73,7 @@ def template_type(model_meta) -> str | None:
 
 def _folder(ctx, words, out: Path) -> Path:
     """The audited model's config and a tokenizer over its ids, where ms-swift's loader reads them."""
-    model = ctx.model.get_base_model() if hasattr(ctx.model, "get_base_model") else ctx.model
+    model = base_model(ctx.model)
     name = ctx.loaded.name if ctx.loaded is not None else type(model).__name__
     folder = out / (Path(name).name or "model")
     config = copy.deepcopy(model.config)
@@ -89,7 +89,7 @@ class SwiftInputs:
 
     def __init__(self, ctx, source: "SwiftArgs | None" = None):
         self.ctx, self.source = ctx, source  # source: the user's --swift-args
-        self.model = ctx.model.get_base_model() if hasattr(ctx.model, "get_base_model") else ctx.model
+        self.model = base_model(ctx.model)
         self.template = None
         self.training_args = None
 
@@ -252,16 +252,7 @@ class SwiftArgs:
 
     @classmethod
     def read(cls, path: str, peft: str | None) -> "SwiftArgs":
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"--swift-args {path}: no such file")
-        try:
-            values = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--swift-args {path}: neither JSON nor YAML: {first}") from None
-        if not isinstance(values, dict):
-            raise UsageError(f"--swift-args {path}: expected a mapping of ms-swift arguments")
+        file, values = read_mapping("--swift-args", path, "neither JSON nor YAML", "ms-swift arguments")
         problems = [f"--swift-args {path}: {key}: {values[key]!r}: {why}" for key, why in NOT_AUDITED.items()
                     if values.get(key) and not (key == "sequence_parallel_size" and values[key] == 1)]
         if values.get("task_type") not in (None, "causal_lm"):
@@ -306,7 +297,7 @@ class SwiftArgs:
         try:
             return SftArguments(**values)
         except (TypeError, ValueError, AssertionError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UsageError(f"--swift-args {self.path}: ms-swift refused it: {first}") from None
 
     def same_adapter(self, args, ctx) -> None:

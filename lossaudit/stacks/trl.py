@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 
 from ..models.compat import AUDIT_OWNED, installed_name
-from ..core.errors import UsageError
+from ..core.errors import first_line, UsageError
 from ..core.layouts import Layout
 from ..core.registry import load_callable
 from . import EXTRAS, dpo, require
@@ -99,7 +99,7 @@ def arguments(cls: type, settings: dict, user: dict):
     try:
         return args_cls(**kwargs, **user)
     except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"--trainer-arg: {args_cls.__name__} refused the values: {first}") from None
 
 
