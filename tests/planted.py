@@ -131,3 +131,17 @@ def one_process_count(model, inputs, labels, task, counts):
     target count, passed to accelerator.backward as it is. accelerate's backward divides by k (under
     DeepSpeed the engine does: scale_wrt_gas) and the ranks are averaged: 1/(k x world size)."""
     return _token_sum(model, inputs, labels, task) / counts.total
+
+
+class Reweighted1pct:
+    """Mixin for a Trainer subclass (a framework's, by class: tests/trainer_classes_*.py), planted
+    bug, small: 1 % of the step's weight moved from its last microbatch to its first (the step's
+    total unchanged where the two hold as many targets): what bf16 must still find."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        k = self.args.gradient_accumulation_steps
+        index = getattr(self, "_planted_index", 0) % k
+        self._planted_index = index + 1
+        scale = 1.01 if (k > 1 and index == 0) else 0.99 if (k > 1 and index == k - 1) else 1.0
+        return (out[0] * scale, out[1]) if return_outputs else out * scale

@@ -3,6 +3,8 @@ where ms-swift is installed)."""
 
 from swift.trainers import Seq2SeqTrainer
 
+from planted import Reweighted1pct
+
 
 class MeanOfMeansTrainer(Seq2SeqTrainer):
     """Planted bug: ms-swift's loss computed as if the Trainer gave no num_items_in_batch (the
@@ -13,16 +15,6 @@ class MeanOfMeansTrainer(Seq2SeqTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
 
 
-class Reweighted1pctTrainer(Seq2SeqTrainer):
-    """Planted bug, small: 1 % of the step's weight moved from its last microbatch to its first
-    (the step's total unchanged where the two hold as many targets): what bf16 must still find."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        k = self.args.gradient_accumulation_steps
-        index = getattr(self, "_planted_index", 0) % k
-        self._planted_index = index + 1
-        scale = 1.01 if (k > 1 and index == 0) else 0.99 if (k > 1 and index == k - 1) else 1.0
-        if return_outputs:
-            return out[0] * scale, out[1]
-        return out * scale
+class Reweighted1pctTrainer(Reweighted1pct, Seq2SeqTrainer):
+    """ms-swift's trainer with 1 % of the step's weight moved between microbatches (planted.Reweighted1pct)."""
